@@ -1,0 +1,1380 @@
+"""Stable Diffusion (LDM, Rombach et al. 2022, arXiv:2112.10752) in one file: SD 1.x, SD 2.x and SDXL.
+
+Read it top to bottom: configs, tokenizer, CLIP towers, UNet, hooks, VAE, schedules and samplers,
+the `StableDiffusion` wrapper, training utilities shared by the method files, and the CLI.
+
+Checkpoint-naming rule: every module is named after the key it has in the original checkpoint,
+so a CompVis/Stability single file loads with `strict=True` after its prefixes are stripped
+(`weights_convert.py`). The UNet and VAE use the LDM names (`input_blocks.1.1.transformer_blocks.0
+.attn2.to_k`, `encoder.down.0.block.1.conv1`, `mid.attn_1.q`); the CLIP towers use the Hugging Face
+names (`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`, sic).
+Names that look odd are the checkpoint's, e.g. `in_layers.2` is a ResBlock's first 3x3 conv
+because `in_layers` = (GroupNorm, SiLU, conv), and `to_out.0` is a Linear inside a Sequential
+that once also held a Dropout.
+
+Notation (used in every file of the project): x / z latents, x_t the noisy latent at step t,
+a_t = ᾱ_t (cumulative product of 1 - β), eps the noise, x0 the clean latent, ctx the text
+context the UNet cross-attends to, emb the timestep embedding, y SDXL's vector condition.
+
+Extension points for the method files (DESIGN.md): `Attention.processor`, the three slots of
+`BasicTransformerBlock` (`after_attn1`, `after_attn2`, `after_block`), `attention_probs`, the
+`hooked` context manager and `attention_layers`. Methods keep their own parameters in their own
+modules, so `unet.state_dict()` always equals the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import html
+import json
+import math
+import os
+import random
+import sys
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+ROOT = Path(__file__).resolve().parent
+VOCAB_PATH = ROOT / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's BPE merges (MIT)
+TOY_MODEL_PATH = ROOT / "assets" / "toy" / "sd"  # the project's own small pretrained model
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Configs. Frozen dataclasses; presets below; `infer_config` reads a variant off the weights.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
+    transformer_depth: tuple = (1, 1, 1, 0)  # blocks per SpatialTransformer, per level (0: no attention there)
+    transformer_depth_middle: int = 1  # SDXL: 10
+    num_heads: int | None = 8  # SD1: a fixed head count, so d_head = 40/80/160 ...
+    num_head_channels: int | None = None  # ... SD2/XL: a fixed d_head = 64 instead
+    context_dim: int = 768  # CLIP ViT-L/14 width (SD1); 1024 SD2; 2048 SDXL (768 + 1280)
+    use_linear_in_transformer: bool = False  # SD2/XL: Linear proj_in/out instead of 1x1 convs
+    adm_in_channels: int | None = None  # SDXL: pooled text (1280) + 6 size/crop numbers x 256 = 2816
+    norm_groups: int = 32  # LDM hard-codes 32; the tiny configs need fewer
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)  # len(ch_mult) - 1 downsamplings: f = 8
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    in_channels: int = 3
+    scale_factor: float = 0.18215  # makes the latents roughly unit variance (LDM Sec. 4.3.2); SDXL 0.13025
+    norm_groups: int = 32
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP models use exact "gelu"
+    projection_dim: int | None = None  # SDXL's second encoder projects its pooled output to 1280
+    pad_id: int = 49407  # SD1 pads with <|endoftext|>; OpenCLIP (SD2, SDXL's 2nd) pads with "!" = 0
+    penultimate: bool = False  # SDXL feeds the UNet the penultimate layer, without the final LayerNorm
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    act: str = "quick_gelu"
+    projection_dim: int = 768
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction: str = "eps"  # "eps" or "v" (Salimans & Ho 2022, the SD 2.x 768-v models)
+    steps_offset: int = 1  # "leading" spacing + 1, as in SD's scheduler configs: 981, 961, ..., 1
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    name: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text: CLIPTextConfig
+    text2: CLIPTextConfig | None = None  # SDXL only
+    schedule: ScheduleConfig = ScheduleConfig()
+    image_size: int = 512  # default sampling resolution
+
+
+CLIP_L = CLIPTextConfig()  # openai/clip-vit-large-patch14, 123,060,480 parameters
+OPENCLIP_H = CLIPTextConfig(width=1024, layers=23, heads=16, mlp_dim=4096, act="gelu", pad_id=0)  # SD2 drops layer 24
+OPENCLIP_BIGG = CLIPTextConfig(
+    width=1280, layers=32, heads=20, mlp_dim=5120, act="gelu", projection_dim=1280, pad_id=0, penultimate=True
+)
+SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+SD15 = SDConfig("sd15", UNetConfig(), VAEConfig(), CLIP_L)
+SD21 = SDConfig("sd21", SD2_UNET, VAEConfig(), OPENCLIP_H, schedule=ScheduleConfig(prediction="v"), image_size=768)
+SD21_BASE = SDConfig("sd21-base", SD2_UNET, VAEConfig(), OPENCLIP_H)
+SDXL = SDConfig(
+    "sdxl",
+    UNetConfig(
+        channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+        num_heads=None,
+        num_head_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+    ),
+    VAEConfig(scale_factor=0.13025),
+    replace(CLIP_L, penultimate=True),
+    OPENCLIP_BIGG,
+    image_size=1024,
+)
+# For tests: the SD1 layout at toy widths. It follows the SD1 rules the weights cannot show
+# (8 heads, 32 GroupNorm groups, 64-wide text heads), so it also survives a trip through a single file.
+TINY = SDConfig(
+    "tiny",
+    UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2, 1), num_res_blocks=1,
+               transformer_depth=(1, 1), context_dim=64),
+    VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=128),
+    image_size=32,
+)
+PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": SD21_BASE,
+           "sd21-base": SD21_BASE, "sdxl": SDXL, "tiny": TINY}
+
+
+def config_to_dict(cfg: SDConfig) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict) -> SDConfig:
+    """Inverse of `config_to_dict` (JSON turns tuples into lists; turn them back)."""
+    def build(cls, v):
+        if v is None:
+            return None
+        return cls(**{f.name: tuple(v[f.name]) if isinstance(v[f.name], list) else v[f.name]
+                      for f in fields(cls) if f.name in v})
+    return SDConfig(d["name"], build(UNetConfig, d["unet"]), build(VAEConfig, d["vae"]),
+                    build(CLIPTextConfig, d["text"]), build(CLIPTextConfig, d.get("text2")),
+                    build(ScheduleConfig, d.get("schedule", {})), d.get("image_size", 512))
+
+
+def _count(sd: dict, prefix: str) -> int:
+    """How many numbered children `prefix` has (e.g. the transformer blocks of one SpatialTransformer)."""
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def unet_config_from_weights(sd: dict, **heads) -> UNetConfig:
+    """Read a UNet's architecture off its LDM-named weights (openai/CLIP `build_model` style).
+    Head counts and GroupNorm groups leave no trace in the shapes: `heads` gives num_heads or
+    num_head_channels, and norm_groups stays 32 as in every released model."""
+    w = sd["input_blocks.0.0.weight"]
+    mc = w.shape[0]
+    downs = _count({k: 0 for k in sd if ".0.op." in k}, "input_blocks.")
+    levels = downs + 1
+    n = (_count(sd, "input_blocks.") - 1 - downs) // levels
+    first = [1 + lvl * (n + 1) for lvl in range(levels)]  # the first input block of each level
+    depth = tuple(_count(sd, f"input_blocks.{i}.1.transformer_blocks.") for i in first)
+    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
+    return UNetConfig(
+        in_channels=w.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+        channel_mult=tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first),
+        num_res_blocks=n, attention_resolutions=tuple(2**lvl for lvl in reversed(range(levels)) if depth[lvl]),
+        transformer_depth=depth, transformer_depth_middle=_count(sd, "middle_block.1.transformer_blocks."),
+        context_dim=0 if to_k is None else to_k.shape[1], use_linear_in_transformer=proj_in is not None and proj_in.ndim == 2,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
+        **({"num_heads": None, **heads} if "num_head_channels" in heads else heads),
+    )
+
+
+def vae_config_from_weights(sd: dict, scale_factor: float) -> VAEConfig:
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _count(sd, "encoder.down.")
+    return VAEConfig(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                     num_res_blocks=_count(sd, "encoder.down.0.block."), z_channels=sd["post_quant_conv.weight"].shape[0],
+                     in_channels=sd["encoder.conv_in.weight"].shape[1], scale_factor=scale_factor)
+
+
+def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool = False) -> CLIPTextConfig:
+    """Every CLIP text tower released has 64-wide heads, so the head count is width / 64."""
+    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
+    proj = sd.get("text_projection.weight")
+    return CLIPTextConfig(vocab_size=vocab, max_positions=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+                          width=width, layers=_count(sd, "text_model.encoder.layers."), heads=width // 64,
+                          mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], act=act,
+                          projection_dim=None if proj is None else proj.shape[0], pad_id=pad_id, penultimate=penultimate)
+
+
+def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig:
+    """The SDConfig of weights in this project's layout (`parts`: unet, vae, text_encoder[, text_encoder_2]).
+
+    The family is read off the text towers (SDXL has two; SD2's is 1024 wide), the architecture
+    off the shapes; a preset with the same architecture gives the name, and a `variant` the
+    weights contradict is refused. SD 2.x 768-v and 2.x-base share every shape, so for SD2 the
+    prediction type must come from `variant` ("sd21": v, "sd21-base": eps).
+    """
+    if "input_blocks.0.0.weight" not in parts.get("unet", {}):
+        raise ValueError("these weights hold no Stable Diffusion UNet (no input_blocks.0.0.weight).")
+    if "text_encoder_2" in parts:
+        family, heads = "sdxl", {"num_head_channels": 64}
+        text = text_config_from_weights(parts["text_encoder"], "quick_gelu", 49407, penultimate=True)
+        text2 = text_config_from_weights(parts["text_encoder_2"], "gelu", 0, penultimate=True)
+    else:
+        te = parts["text_encoder"]["text_model.embeddings.token_embedding.weight"]
+        family = "sd2" if te.shape[1] == 1024 else "sd1"
+        heads = {"num_head_channels": 64} if family == "sd2" else {"num_heads": 8}
+        text = text_config_from_weights(parts["text_encoder"], *(("gelu", 0) if family == "sd2" else ("quick_gelu", 49407)))
+        text2 = None
+    scale = 0.13025 if family == "sdxl" else 0.18215
+    cfg = SDConfig("custom-" + family, unet_config_from_weights(parts["unet"], **heads),
+                   vae_config_from_weights(parts["vae"], scale), text, text2,
+                   image_size={"sd1": 512, "sd2": 768, "sdxl": 1024}[family])
+    same = lambda p: (p.unet, p.vae, p.text, p.text2) == (cfg.unet, cfg.vae, cfg.text, cfg.text2)
+    fits = [name for name, p in PRESETS.items() if same(p)]
+    if variant is not None:
+        if variant not in PRESETS:
+            raise ValueError(f"unknown variant '{variant}'; known: {', '.join(PRESETS)}.")
+        if variant not in fits:
+            raise ValueError(f"these weights are not a '{variant}' model (they look like {', '.join(fits) or cfg.name}).")
+        return PRESETS[variant]
+    if family == "sd2" and fits:
+        raise ValueError("SD 2.x weights do not record whether the model predicts v (768-v) or eps (base); "
+                         "pass the variant: 'sd21' (v, 768 px) or 'sd21-base' (eps, 512 px).")
+    return PRESETS[fits[0]] if fits else cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Tokenizer: CLIP's byte-level BPE (Radford et al. 2021) on the `tokenizers` package.
+# ---------------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable character map: BPE merges work on strings without control
+    characters or spaces, so the 68 bytes that are not printable are moved to code points 256+."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+class CLIPTokenizer:
+    """Text -> 77 token ids: <|startoftext|>, BPE pieces (words end in '</w>'), <|endoftext|>, padding.
+
+    The vocabulary is rebuilt from CLIP's merge list exactly as openai/CLIP's simple_tokenizer does:
+    256 byte characters, the same with '</w>', one entry per merge, then the two specials (49,408).
+    Text is cleaned as CLIP does (HTML entities, whitespace, lower case; ftfy's mojibake repair is
+    left out). New tokens (placeholders such as "S*") are matched verbatim, case included.
+    """
+
+    bos_id, eos_id, length = 49406, 49407, 77
+
+    def __init__(self, vocab_path: Path = VOCAB_PATH):
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+        lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")
+        merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]  # the 48,894 merges CLIP uses
+        chars = list(bytes_to_unicode().values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self._tok = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, end_of_word_suffix="</w>"))
+        self._tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # CLIP's word pattern: contractions, letter runs, single digits, runs of other symbols.
+        words = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+        self._tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(words, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        self._tok.decoder = decoders.ByteLevel()
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in vocab[-2:]])
+        self._added: list[str] = []
+        self._AddedToken = AddedToken
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Append new tokens (placeholders); they get ids 49408, 49409, ... Refuses existing tokens."""
+        for t in tokens:
+            if self._tok.token_to_id(t) is not None or self._tok.token_to_id(t + "</w>") is not None or t in self._added:
+                raise ValueError(f"'{t}' is already a token of the vocabulary; choose a new placeholder string.")
+        self._tok.add_tokens([self._AddedToken(t, normalized=False) for t in tokens])
+        self._added += tokens
+        return [self._tok.token_to_id(t) for t in tokens]
+
+    def tokenize(self, text: str) -> list[int]:
+        """BPE ids without the start/end tokens and without padding."""
+        text = html.unescape(html.unescape(text)).strip()
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_id(self, word: str) -> int:
+        """The id of `word` if it is exactly one token; otherwise one clear error."""
+        ids = self.tokenize(word)
+        if len(ids) != 1:
+            pieces = [self._tok.id_to_token(i) for i in ids]
+            raise ValueError(f"'{word}' is {len(ids)} CLIP tokens {pieces}, not one; "
+                             "choose a word that is a single token (or add it as a new token).")
+        return ids[0]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([i for i in ids if i not in (self.bos_id, self.eos_id)]).replace("</w>", " ").strip()
+
+    def __call__(self, prompts: str | list[str], pad_id: int = 49407) -> torch.Tensor:
+        """(b, 77) ids; a prompt over 75 tokens is cut (with a warning saying what was cut)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = []
+        for p in prompts:
+            ids = self.tokenize(p)
+            if len(ids) > self.length - 2:
+                warnings.warn(f"prompt is {len(ids) + 2} tokens, over CLIP's {self.length}; "
+                              f"cut: '{self.decode(ids[self.length - 2:])}'", stacklevel=2)
+                ids = ids[: self.length - 2]
+            ids = [self.bos_id, *ids, self.eos_id]
+            rows.append(ids + [pad_id] * (self.length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. CLIP transformers (text and vision share the encoder layer). Hugging Face key names.
+# ---------------------------------------------------------------------------------------------
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's GELU approximation; its weights expect it
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x, causal: bool):
+        q, k, v = (rearrange(p(x), "b n (h d) -> b h n d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(rearrange(F.scaled_dot_product_attention(q, k, v, is_causal=causal), "b h n d -> b n (h d)"))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN transformer layer (Radford et al. 2019 ordering)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, act: str):
+        super().__init__()
+        self.self_attn, self.layer_norm1 = CLIPAttention(width, heads), nn.LayerNorm(width)
+        self.mlp, self.layer_norm2 = CLIPMLP(width, hidden, act), nn.LayerNorm(width)
+
+    def forward(self, x, causal: bool = False):
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, n: int, width: int, heads: int, hidden: int, act: str):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, hidden, act) for _ in range(n))
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act)
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text encoder (Radford et al. 2021, Sec. 2.4): causal transformer over 77 tokens.
+
+    forward -> (hidden, pooled). hidden is what SD cross-attends to: the last layer after the final
+    LayerNorm (SD1, SD2), or the penultimate layer without it (SDXL, `cfg.penultimate`). pooled is
+    the final-LayerNorm state at the first <|endoftext|>, projected if the model has a projection.
+    `token_embeds` replaces the token-embedding lookup (before position embeddings are added): the
+    entry point for textual inversion, ViCo's S*, and Subject-Diffusion's image tokens.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
+
+    def resize_token_embeddings(self, n: int) -> None:
+        """Grow the token table to n rows for newly added tokens (new rows start as copies of row 0
+        and are meant to be overwritten by the caller's initialisation)."""
+        old = self.token_embedding
+        if n <= old.num_embeddings:
+            return
+        new = nn.Embedding(n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings :] = old.weight[0]
+        self.text_model.embeddings.token_embedding = new
+
+    def forward(self, input_ids, token_embeds=None):
+        tm = self.text_model
+        x = tm.embeddings.token_embedding(input_ids) if token_embeds is None else token_embeds
+        x = x + tm.embeddings.position_embedding.weight[: input_ids.shape[1]]
+        for i, layer in enumerate(tm.encoder.layers):
+            if self.cfg.penultimate and i == len(tm.encoder.layers) - 1:
+                penultimate = x
+            x = layer(x, causal=True)
+        last = tm.final_layer_norm(x)
+        eot = (input_ids == CLIPTokenizer.eos_id).int().argmax(dim=-1)  # first <|endoftext|>, also with added tokens
+        pooled = last[torch.arange(len(last), device=last.device), eot]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return (penultimate if self.cfg.penultimate else last), pooled
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.width)
+
+    def forward(self, pixels):
+        x = rearrange(self.patch_embedding(pixels), "b c h w -> b (h w) c")
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+        return x + self.position_embedding.weight
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.width)  # sic: the checkpoint's spelling
+        self.encoder = CLIPEncoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act)
+        self.post_layernorm = nn.LayerNorm(cfg.width)
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP image encoder (ViT, Dosovitskiy et al. 2021): pixels -> (patch tokens, image embedding).
+
+    patch tokens: the last layer's outputs without the class token, before `post_layernorm` and
+    unprojected (what OpenCLIP returns with `output_tokens=True`); image embedding: post-LN class
+    token through `visual_projection`. Inputs are CLIP-normalised pixels (see `preprocess`).
+    """
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = CLIPVisionTransformer(cfg)
+        self.visual_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+
+    def preprocess(self, images):
+        """[-1, 1] images (b, 3, h, w) -> CLIP input: bicubic resize of the short side, centre crop."""
+        s = self.cfg.image_size
+        h, w = images.shape[-2:]
+        images = F.interpolate(images.float(), scale_factor=s / min(h, w), mode="bicubic", align_corners=False, antialias=True)
+        top, left = (images.shape[-2] - s) // 2, (images.shape[-1] - s) // 2
+        images = (images[..., top : top + s, left : left + s] + 1) / 2
+        mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+        return (images - mean) / std
+
+    def forward(self, pixels):
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixels))
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return x[:, 1:], self.visual_projection(vm.post_layernorm(x[:, 0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. UNet (LDM's openaimodel.py, Ronneberger et al. 2015 + Ho et al. 2020 + LDM Sec. 3.3).
+# ---------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, Sec. 3.5), [cos | sin] as in LDM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep embedding added in between (DDPM's residual block)."""
+
+    def __init__(self, ch: int, emb_dim: int, out_ch: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if out_ch == ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """softmax(QK^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1); cross-attention to text as in LDM Sec. 3.3.
+
+    `processor(attn, q, k, v) -> out` (all `b h n d`, q/k/v already projected) replaces the fused
+    SDPA call; it is the hook methods use to read or edit attention. `name` is the module path.
+    """
+
+    def __init__(self, dim: int, ctx_dim: int | None = None, heads: int = 8, dim_head: int = 64):
+        super().__init__()
+        inner, ctx_dim = heads * dim_head, ctx_dim or dim
+        self.heads, self.scale = heads, dim_head**-0.5
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(ctx_dim, inner, bias=False)
+        self.to_v = nn.Linear(ctx_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim))  # Sequential only to keep the "to_out.0" key
+        self.processor: Callable | None = None
+        self.name = ""
+
+    def forward(self, x, ctx=None):
+        ctx = x if ctx is None else ctx
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.to_k(ctx), "b n (h d) -> b h n d", h=self.heads)
+        v = rearrange(self.to_v(ctx), "b n (h d) -> b h n d", h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v) if self.processor is None else self.processor(self, q, k, v)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020, Eq. 6): one Linear makes both the value and the gate."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals.
+
+    Three hook slots, each `fn(block, x, ctx) -> x` or None: after_attn1 (GLIGEN-style adapters),
+    after_attn2, after_block (ViCo's image cross-attention). `ctx_dim=None` makes attn2 attend
+    to `dim`-wide tokens (ViCo's image block is this class with that setting).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ctx_dim: int | None = None):
+        super().__init__()
+        self.attn1 = Attention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, ctx_dim, heads, dim_head)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.after_attn1 = self.after_attn2 = self.after_block = None
+        self.name = ""
+
+    def forward(self, x, ctx=None):
+        x = x + self.attn1(self.norm1(x))
+        if self.after_attn1 is not None:
+            x = self.after_attn1(self, x, ctx)
+        x = x + self.attn2(self.norm2(x), ctx)
+        if self.after_attn2 is not None:
+            x = self.after_attn2(self, x, ctx)
+        x = x + self.ff(self.norm3(x))
+        if self.after_block is not None:
+            x = self.after_block(self, x, ctx)
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map -> tokens -> transformer blocks -> feature map, with a residual (LDM Sec. 3.3)."""
+
+    def __init__(self, ch: int, heads: int, dim_head: int, depth: int, ctx_dim: int, linear: bool, groups: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, ctx_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+        self.linear = linear
+
+    def forward(self, x, ctx):
+        h, w = x.shape[-2:]
+        t = self.norm(x)
+        if self.linear:  # SD2/XL project tokens, SD1 projects the map; the weights differ only in shape
+            t = self.proj_in(rearrange(t, "b c h w -> b (h w) c"))
+        else:
+            t = rearrange(self.proj_in(t), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            t = block(t, ctx)
+        if self.linear:
+            return x + rearrange(self.proj_out(t), "b (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj_out(rearrange(t, "b (h w) c -> b c h w", h=h, w=w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential whose ResBlocks also get the timestep embedding and transformers the context."""
+
+    def forward(self, x, emb, ctx):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x, ctx) if isinstance(layer, SpatialTransformer) else layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """eps_theta(x_t, t, ctx[, y]) (LDM Eq. 2): a UNet with skip connections, ResBlocks and SpatialTransformers."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg, mc, g = cfg, cfg.model_channels, cfg.norm_groups
+        emb_dim = 4 * mc
+        self.gradient_checkpointing = False
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:  # SDXL: key label_emb.0.0 (a Sequential inside a Sequential in sgm)
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        else:
+            self.label_emb = None
+
+        def transformer(ch, depth, ds):
+            d_head = ch // cfg.num_heads if cfg.num_heads else cfg.num_head_channels
+            st = SpatialTransformer(ch, ch // d_head, d_head, depth, cfg.context_dim, cfg.use_linear_in_transformer, g)
+            st.ds = ds
+            return st
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * mc, g)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch, cfg.transformer_depth[level], ds))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, g), transformer(ch, cfg.transformer_depth_middle, ds), ResBlock(ch, emb_dim, ch, g))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + chans.pop(), emb_dim, mult * mc, g)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch, cfg.transformer_depth[level], ds))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        for name, m in self.named_modules():
+            if isinstance(m, (Attention, BasicTransformerBlock)):
+                m.name = name
+
+    def _run(self, block, h, emb, ctx):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, ctx, use_reentrant=False)
+        return block(h, emb, ctx)
+
+    def forward(self, x, t, context, y=None):
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype))
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError("this UNet (SDXL) needs the vector condition y (pooled text + size/crop ids).")
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        h, skips = x.to(emb.dtype), []
+        context = context.to(emb.dtype)
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Hooks: the only extension surface (DESIGN.md). Always installed through `hooked`.
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_probs(attn: Attention, q, k):
+    """The softmax SDPA never returns: (b, h, n_q, n_k), computed in fp32. Self-attention at 64x64
+    is 4096^2 per head, so ask for it on cross-attention (attn2) where you can."""
+    return (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)
+
+
+def attention_with_probs(attn: Attention, q, k, v):
+    """(out, probs): the explicit-softmax path, for processors that read the maps."""
+    p = attention_probs(attn, q, k)
+    return (p @ v.float()).to(v.dtype), p
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, *, processor=None, attn: str = "attn2", after_attn1=None, after_attn2=None,
+           after_block=None, where: Callable[[str], bool] = lambda name: True):
+    """Install hooks on every BasicTransformerBlock of `model` whose name passes `where`, and
+    restore the previous values on exit, also when the body raises.
+
+    processor goes on the block's `attn` ("attn1", "attn2" or "both"); `where` gets the
+    attention's name for processors (`...transformer_blocks.0.attn2`) and the block's for slots.
+    """
+    saved = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, BasicTransformerBlock):
+                continue
+            if processor is not None:
+                for a in (m.attn1, m.attn2) if attn == "both" else (getattr(m, attn),):
+                    if where(a.name):
+                        saved.append((a, "processor", a.processor))
+                        a.processor = processor
+            if where(m.name):
+                for slot, fn in (("after_attn1", after_attn1), ("after_attn2", after_attn2), ("after_block", after_block)):
+                    if fn is not None:
+                        saved.append((m, slot, getattr(m, slot)))
+                        setattr(m, slot, fn)
+        yield model
+    finally:
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
+
+
+class AttentionLayer(NamedTuple):
+    name: str
+    module: Attention
+    place: str  # "down", "mid" or "up", as in Prompt-to-Prompt
+    res: int  # side of the token grid for a latent of side `latent_size`
+
+
+def attention_layers(unet: UNetModel, which: str = "attn2", latent_size: int = 64) -> list[AttentionLayer]:
+    """Every attention layer of the UNet, in forward order, with its place and resolution."""
+    out = []
+    for name, st in unet.named_modules():
+        if isinstance(st, SpatialTransformer):
+            place = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}[name.split(".")[0]]
+            for block in st.transformer_blocks:
+                for a in (block.attn1, block.attn2) if which == "both" else (getattr(block, which),):
+                    out.append(AttentionLayer(a.name, a, place, latent_size // st.ds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. VAE: KL-regularised autoencoder, f = 2^(len(ch_mult)-1) (LDM Sec. 3.1, App. G). LDM names.
+# ---------------------------------------------------------------------------------------------
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, ch, eps=1e-6), nn.Conv2d(ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, out_ch, eps=1e-6), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over pixels; q/k/v are 1x1 convs, as stored in the checkpoint."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        t = self.norm(x)
+        q, k, v = (rearrange(f(t), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj_out(out)
+
+
+class VAEDownsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only, then a valid conv
+
+
+class VAEMid(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class VAELevel(nn.Module):
+    """One resolution: `block` ResnetBlocks, then `downsample` (encoder) or `upsample` (decoder)."""
+
+    def __init__(self, chs: list[tuple[int, int]], groups: int, down: bool = False, up: bool = False):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(i, o, groups) for i, o in chs)
+        if down:
+            self.downsample = VAEDownsample(chs[-1][1])
+        if up:
+            self.upsample = Upsample(chs[-1][1])
+
+    def forward(self, x):
+        for b in self.block:
+            x = b(x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, n = cfg.norm_groups, cfg.num_res_blocks
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        ins = [cfg.ch, *widths[:-1]]
+        self.down = nn.ModuleList(
+            VAELevel([(ins[i], w)] + [(w, w)] * (n - 1), g, down=i < len(widths) - 1) for i, w in enumerate(widths))
+        self.mid = VAEMid(widths[-1], g)
+        self.norm_out = nn.GroupNorm(g, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, n = cfg.norm_groups, cfg.num_res_blocks
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = VAEMid(widths[-1], g)
+        # up[i] works at the resolution of down[i]; the decoder runs them from the last to the first.
+        outs = [*widths[1:], widths[-1]]
+        self.up = nn.ModuleList(VAELevel([(outs[i], w)] + [(w, w)] * n, g, up=i > 0) for i, w in enumerate(widths))
+        self.norm_out = nn.GroupNorm(g, widths[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, exp(logvar)) (Kingma & Welling 2014); logvar clamped as in LDM."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+
+class AutoencoderKL(nn.Module):
+    """images in [-1, 1] <-> latents (unscaled; multiply by `scale_factor` before the UNet)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg, self.scale_factor = cfg, cfg.scale_factor
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    def encode(self, images) -> DiagonalGaussian:
+        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Noise schedule and samplers. Everything runs in the DDPM ("variance preserving") variables:
+#    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps. Samplers that live in sigma space convert on the fly.
+# ---------------------------------------------------------------------------------------------
+
+
+class NoiseSchedule:
+    """SD's "scaled_linear" betas: sqrt(beta) linear from sqrt(0.00085) to sqrt(0.012), in float64.
+    a_0 = 0.99915, a_999 = 0.00466 (a good test constant)."""
+
+    def __init__(self, cfg: ScheduleConfig = ScheduleConfig()):
+        self.cfg = cfg
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def _a(self, t, like):
+        return self.alphas_cumprod.to(like.device)[torch.as_tensor(t, device=like.device).long()].float().reshape(-1, *[1] * (like.ndim - 1))
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x0) (DDPM Eq. 4)."""
+        a = self._a(t, x0).to(x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0, noise, t):
+        """What the network is trained to predict: eps, or v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, Sec. 4)."""
+        if self.cfg.prediction == "eps":
+            return noise
+        a = self._a(t, x0).to(x0.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def eps_x0(self, out, x_t, t):
+        """Model output -> (eps, x0), for either parametrisation."""
+        a = self._a(t, x_t)
+        out, x_t = out.float(), x_t.float()
+        if self.cfg.prediction == "eps":
+            return out, (x_t - (1 - a).sqrt() * out) / a.sqrt()
+        return a.sqrt() * out + (1 - a).sqrt() * x_t, a.sqrt() * x_t - (1 - a).sqrt() * out
+
+    def timesteps(self, steps: int) -> list[int]:
+        """'leading' spacing + offset, as SD's scheduler configs set it: 981, 961, ..., 1 at 50 steps."""
+        ratio = self.cfg.num_train_timesteps // steps
+        return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
+
+
+def ddim_step(x_t, eps, x0, a_t, a_prev, eta=0.0, noise=None):
+    """One DDIM update (Song et al. 2021, arXiv:2010.02502, Eq. 12); eta = 1 is DDPM-like."""
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5  # Eq. 16
+    x_prev = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps  # "direction pointing to x_t"
+    return x_prev + sigma * noise if eta > 0 else x_prev
+
+
+def ddpm_step(x_t, eps, x0, a_t, a_prev, noise=None):
+    """Ancestral step from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, Eqs. 6-7), fixed small variance."""
+    alpha, beta = a_t / a_prev, 1 - a_t / a_prev
+    mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * x_t
+    var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+    return mean + var**0.5 * noise if noise is not None else mean
+
+
+def euler_step(x_t, eps, x0, a_t, a_prev):
+    """Euler step of the probability-flow ODE in sigma space, x/sqrt(a) = x0 + sigma eps
+    (Karras et al. 2022, Alg. 2 without churn): d(x/sqrt(a))/d(sigma) = eps."""
+    sigma, sigma_prev = ((1 - a_t) / a_t) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
+    return (x_t / a_t**0.5 + (sigma_prev - sigma) * eps) * a_prev**0.5
+
+
+def dpmpp_2m_step(x_t, x0, x0_last, a_t, a_prev, a_last):
+    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2, midpoint form as in diffusers).
+    lambda = log(alpha/sigma); first order when there is no previous x0 (or at the final step)."""
+    lam = lambda a: 0.5 * math.log(a) - 0.5 * math.log(1 - a) if a < 1 else math.inf
+    alpha_prev, sigma_prev, sigma_t = a_prev**0.5, (1 - a_prev) ** 0.5, (1 - a_t) ** 0.5
+    h = lam(a_prev) - lam(a_t)
+    phi = -math.expm1(-h)  # 1 - e^{-h}
+    d = x0
+    if x0_last is not None:
+        r = (lam(a_t) - lam(a_last)) / h
+        d = x0 + 0.5 / r * (x0 - x0_last)
+    return (sigma_prev / sigma_t) * x_t + alpha_prev * phi * d
+
+
+SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m")
+
+
+def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+                generator=None, timesteps: list[int] | None = None, progress: bool = True, callback=None):
+    """Run a sampler from x = x_T. `model_fn(x, t, i)` returns the network output at step i
+    (guidance included); `callback(i, t, x, x0)` sees every step."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    ts = schedule.timesteps(steps) if timesteps is None else list(timesteps)
+    ac = schedule.alphas_cumprod.tolist()
+    # DDIM's last step lands on a_0 (SD's set_alpha_to_one=False); the others end at a = 1 (x0 itself).
+    final = ac[0] if sampler == "ddim" else 1.0
+    x = x.float()
+    x0_last = a_last = None
+    for i, t in enumerate(_progress(ts, progress, desc=sampler)):
+        eps, x0 = schedule.eps_x0(model_fn(x, t, i), x, t)
+        a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else final)
+        if sampler == "ddim":
+            noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
+            x_new = ddim_step(x, eps, x0, a_t, a_prev, eta, noise)
+        elif sampler == "ddpm":
+            noise = torch.randn(x.shape, generator=generator, device=x.device) if i + 1 < len(ts) else None
+            x_new = ddpm_step(x, eps, x0, a_t, a_prev, noise)
+        elif sampler == "euler":
+            x_new = euler_step(x, eps, x0, a_t, a_prev)
+        else:
+            last = i + 1 == len(ts) and a_prev == 1.0
+            x_new = dpmpp_2m_step(x, x0, None if last else x0_last, a_t, a_prev, a_last)
+            x0_last, a_last = x0, a_t
+        if callback is not None:
+            callback(i, t, x_new, x0)
+        x = x_new
+    return x
+
+
+def _progress(it, enabled=True, **kw):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. StableDiffusion: load, encode prompts and images, sample.
+# ---------------------------------------------------------------------------------------------
+
+
+class Cond(NamedTuple):
+    context: torch.Tensor  # (b, 77, context_dim): what attn2 attends to
+    y: torch.Tensor | None = None  # (b, adm_in_channels): SDXL only
+
+
+class StableDiffusion(nn.Module):
+    """The whole text-to-image model: `unet`, `vae`, `text_encoder` (+ `text_encoder_2` on SDXL), `tokenizer`."""
+
+    def __init__(self, cfg: SDConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet, self.vae = UNetModel(cfg.unet), AutoencoderKL(cfg.vae)
+        self.text_encoder = CLIPTextModel(cfg.text)
+        self.text_encoder_2 = CLIPTextModel(cfg.text2) if cfg.text2 else None
+        self.tokenizer = CLIPTokenizer()
+        self.schedule = NoiseSchedule(cfg.schedule)
+
+    @property
+    def device(self):
+        return self.unet.out[2].weight.device
+
+    @classmethod
+    def from_pretrained(cls, path=None, device="cpu", dtype=torch.float32, vae_dtype=None, variant=None) -> "StableDiffusion":
+        """Load a directory written by weights_convert.py, a diffusers folder, or an original single
+        file (.ckpt/.safetensors). No path: the project's toy model (assets/toy/sd)."""
+        import weights_convert
+
+        path = Path(path) if path is not None else TOY_MODEL_PATH
+        cfg, parts = weights_convert.load_any(path, variant=variant)
+        with torch.device("meta"):
+            model = cls(cfg)
+        for name, sd in parts.items():
+            module = getattr(model, name)
+            weights_convert.check_keys(module.state_dict(), sd, what=f"{name} of {path}")
+            module.load_state_dict(sd, strict=True, assign=True)
+        model.schedule = NoiseSchedule(cfg.schedule)
+        model.to(device=device, dtype=dtype)
+        if vae_dtype is not None:
+            model.vae.to(vae_dtype)
+        return model.eval().requires_grad_(False)
+
+    def tokenize(self, prompts, second: bool = False):
+        cfg = self.cfg.text2 if second else self.cfg.text
+        return self.tokenizer(prompts, pad_id=cfg.pad_id).to(self.device)
+
+    def encode_prompt(self, prompts, size: tuple[int, int] | None = None, token_embeds=None) -> Cond:
+        """Exactly what the UNet receives for these prompts. SDXL: both encoders' hidden states side
+        by side, and y = [pooled text of encoder 2, embeddings of (orig h, w, crop top, left, target h, w)]
+        (Podell et al. 2023, Sec. 2.2), with no cropping and original size = target size."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = self.tokenize(prompts)
+        context, _ = self.text_encoder(ids, token_embeds)
+        if self.text_encoder_2 is None:
+            return Cond(context)
+        ctx2, pooled = self.text_encoder_2(self.tokenize(prompts, second=True))
+        h, w = size or (self.cfg.image_size, self.cfg.image_size)
+        ids6 = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=torch.float32).repeat(len(prompts))
+        per_id = (self.cfg.unet.adm_in_channels - pooled.shape[-1]) // 6  # 256 on SDXL
+        size_emb = rearrange(timestep_embedding(ids6, per_id), "(b k) d -> b (k d)", b=len(prompts))
+        return Cond(torch.cat([context, ctx2], dim=-1), torch.cat([pooled, size_emb.to(pooled.dtype)], dim=-1))
+
+    def uncond(self, negative_prompts, size=None) -> Cond:
+        """The unconditional (or negative) condition. SDXL uses zeros for an empty negative prompt
+        (its pipelines' `force_zeros_for_empty_prompt`); SD1/SD2 encode ""."""
+        c = self.encode_prompt(negative_prompts, size)
+        if self.text_encoder_2 is not None and all(p == "" for p in negative_prompts):
+            pooled = self.cfg.text2.projection_dim
+            return Cond(torch.zeros_like(c.context), torch.cat([torch.zeros_like(c.y[:, :pooled]), c.y[:, pooled:]], -1))
+        return c
+
+    @torch.no_grad()
+    def encode_images(self, images, generator=None, sample: bool = True):
+        """[-1, 1] images -> scaled latents, a posterior sample as LDM trains on (or its mean)."""
+        dist = self.vae.encode(images.to(self.vae.quant_conv.weight.dtype))
+        z = dist.sample(generator) if sample else dist.mean
+        return (z * self.vae.scale_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, z):
+        """Scaled latents -> images in [-1, 1]."""
+        return self.vae.decode((z / self.vae.scale_factor).to(self.vae.quant_conv.weight.dtype)).float().clamp(-1, 1)
+
+    def cfg_model_fn(self, cond: Cond, uncond: Cond | None, guidance_scale: float):
+        """model_fn for `sample_loop` with classifier-free guidance (Ho & Salimans 2022, Eq. 6 with
+        w = s - 1: out = out_u + s (out_c - out_u))."""
+        def fn(x, t, i):
+            if uncond is None or guidance_scale == 1.0:
+                return self.unet(x, t, cond.context, cond.y)
+            y = None if cond.y is None else torch.cat([uncond.y, cond.y])
+            out_u, out_c = self.unet(torch.cat([x, x]), t, torch.cat([uncond.context, cond.context]), y).chunk(2)
+            return out_u + guidance_scale * (out_c - out_u)
+        return fn
+
+    @torch.no_grad()
+    def sample(self, prompts, negative_prompt: str | list[str] = "", steps: int = 50, guidance_scale: float = 7.5,
+               sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
+               generator=None, latents=None, progress: bool = True):
+        """Text -> images in [-1, 1], (b, 3, h, w)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        h, w = height or self.cfg.image_size, width or self.cfg.image_size
+        f = self.vae.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"height and width must be multiples of {f} (got {h}x{w}).")
+        cond = self.encode_prompt(prompts, (h, w))
+        uncond = self.uncond(negative, (h, w)) if guidance_scale != 1.0 else None
+        if latents is None:
+            shape = (len(prompts), self.cfg.unet.in_channels, h // f, w // f)
+            latents = torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(self.device)
+        z = sample_loop(self.cfg_model_fn(cond, uncond, guidance_scale), latents, self.schedule, steps, sampler, eta,
+                        generator, progress=progress)
+        return self.decode_latents(z)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Utilities shared by the method files: images, safetensors, precision.
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def load_image(path) -> "Image.Image":
+    """Any readable image as 8-bit RGB: grayscale, palette, 16-bit and RGBA (on white) are converted."""
+    from PIL import Image
+
+    img = Image.open(path)
+    img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits instead of clipping
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / (65535 if img.mode != "I" else max(1, np.asarray(img).max())) * 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.split()[-1])
+    return img.convert("RGB")
+
+
+def load_image_folder(folder) -> list[tuple[str, "Image.Image"]]:
+    """(file name, RGB image) for every readable image in `folder`, sorted; others are skipped with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' does not exist or is not a directory.")
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            out.append((p.name, load_image(p)))
+        except Exception as e:  # PIL raises several kinds; all mean "not an image we can read"
+            warnings.warn(f"skipping '{p.name}': not a readable image ({type(e).__name__}).", stacklevel=2)
+    if not out:
+        raise ValueError(f"no readable images in '{folder}'; put .png/.jpg files there.")
+    return out
+
+
+def image_to_tensor(img, size: int | tuple[int, int] | None = None):
+    """PIL RGB -> (3, h, w) in [-1, 1]; `size` resizes with bicubic filtering (squashing, as LDM does)."""
+    from PIL import Image
+
+    if size is not None:
+        img = img.resize((size, size) if isinstance(size, int) else (size[1], size[0]), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def tensor_to_images(x) -> list:
+    """(b, 3, h, w) in [-1, 1] -> PIL images."""
+    from PIL import Image
+
+    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(images: list, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)`, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Atomic safetensors write; metadata values become strings (non-strings as JSON)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def save_image(img, path) -> None:
+    atomic_write(path, lambda tmp: img.save(tmp, format=Path(path).suffix[1:].upper().replace("JPG", "JPEG")))
+
+
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prepare_output_dir(path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory '{path}' exists and is not empty; pass --overwrite or choose another.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Command line: python sd_model.py sample --prompt "..." [--pretrained-model PATH] ...
+# ---------------------------------------------------------------------------------------------
+
+
+def random_tiny_model(seed: int = 0) -> StableDiffusion:
+    torch.manual_seed(seed)
+    return StableDiffusion(TINY).eval().requires_grad_(False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Stable Diffusion text-to-image sampling.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sample", help="generate images from a prompt")
+    s.add_argument("--pretrained-model", "--pretrained_model_name_or_path", default=None,
+                   help="converted dir, diffusers dir or single file; default: the project's toy model")
+    s.add_argument("--variant", default=None, help="for SD 2.x single files: sd21 (v) or sd21-base (eps)")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--output-dir", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--guidance-scale", type=float, default=7.5)
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    s.add_argument("--vae-precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: --precision")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--random-tiny", action="store_true", help="use an untrained tiny model built on the spot")
+    s.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        out = prepare_output_dir(args.output_dir, args.overwrite)
+        if args.random_tiny or (args.pretrained_model is None and not (TOY_MODEL_PATH / "config.json").exists()):
+            print("note: using a tiny Stable Diffusion with random weights, built on the spot "
+                  "(its images are noise; pass --pretrained-model for a real model).", file=sys.stderr)
+            model = random_tiny_model(args.seed).to(args.device)
+        else:
+            model = StableDiffusion.from_pretrained(args.pretrained_model, args.device, DTYPES[args.precision],
+                                                    DTYPES[args.vae_precision or args.precision], args.variant)
+        gen = torch.Generator(args.device).manual_seed(args.seed)
+        images = model.sample([args.prompt] * args.batch_size, args.negative_prompt, args.steps, args.guidance_scale,
+                              args.sampler, args.eta, args.height, args.width, gen)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    for i, img in enumerate(tensor_to_images(images)):
+        save_image(img, out / f"{args.seed:04d}_{i:02d}.png")
+    print(f"wrote {len(images)} image(s) to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Placeholder for torchvision.transforms.functional (see ../../__init__.py)."""
