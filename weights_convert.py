@@ -195,7 +195,7 @@ def read_state_dict(path: Path) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"'{path}' is not a readable checkpoint (truncated or another format): {type(e).__name__}: {e}".split("\n")[0]) from None
+        raise ValueError(f"'{path}' is not a readable checkpoint (truncated, or not a .ckpt/.safetensors file; {type(e).__name__}).") from None
     while isinstance(sd, dict) and len(sd) <= 4 and isinstance(sd.get("state_dict", sd.get("model")), dict):
         sd = sd.get("state_dict", sd.get("model"))  # Lightning's wrapper, or {"model": ...}
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -305,19 +305,21 @@ def hf_clip_layout(sd: dict, root: str) -> dict:
 
 def _pad_id(tok_folder: Path) -> int:
     """SD1's tokenizer pads with <|endoftext|>; SD2's and SDXL's second with "!" (id 0)."""
-    f = tok_folder / "special_tokens_map.json"
-    pad = json.loads(f.read_text()).get("pad_token", "<|endoftext|>") if f.exists() else "<|endoftext|>"
+    pad = "<|endoftext|>"
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (tok_folder / name).exists():
+            pad = json.loads((tok_folder / name).read_text()).get("pad_token") or pad
+            break
     pad = pad["content"] if isinstance(pad, dict) else pad
     return {"<|endoftext|>": 49407, "!": 0}.get(pad, 49407)
 
 
 def load_diffusers(folder: Path) -> tuple[sdm.SDConfig, dict]:
-    def need(sub):
-        if not (folder / sub).is_dir():
-            raise FileNotFoundError(f"diffusers folder '{folder}' has no '{sub}/' part.")
-        return folder / sub
-
+    for sub, f in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")):
+        if not (folder / sub / f).exists():
+            raise FileNotFoundError(f"diffusers folder '{folder}' has no '{sub}/' part (missing {sub}/{f}).")
     js = lambda p: json.loads(p.read_text())
+    need = lambda sub: folder / sub
     ucfg = diffusers_unet_config(js(need("unet") / "config.json"))
     vc = js(need("vae") / "config.json")
     vcfg = sdm.VAEConfig(vc["block_out_channels"][0], tuple(b // vc["block_out_channels"][0] for b in vc["block_out_channels"]),

@@ -75,7 +75,7 @@ def hf_tokenizer_dir(tmp_path_factory):
 def hf_tokenizer(folder, pad="<|endoftext|>"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad, model_max_length=77)
 
 
 # Small diffusers UNet configs with the block layout of each family (heads given the way diffusers

@@ -1,0 +1,196 @@
+"""weights_convert.py: full-size configs, key sets, round trips, and bad input."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import sd_model as sdm
+import weights_convert as wc
+
+# The published diffusers configs of the released models (only the fields that shape the UNet).
+SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], in_channels=4, out_channels=4,
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32, sample_size=64)
+SD21_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True,
+             "sample_size": 96}
+SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4, out_channels=4,
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32, sample_size=128)
+VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+TEXT = {"sd15": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu"),
+        "sd21": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, hidden_act="gelu"),
+        "sdxl2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, hidden_act="gelu",
+                      projection_dim=1280)}
+PUBLISHED = {"sd15": (859_520_964, 83_653_863, 123_060_480, None), "sd21": (865_910_724, 83_653_863, 340_387_840, None),
+             "sdxl": (2_567_463_684, 83_653_863, 123_060_480, 694_659_840)}
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return sdm.StableDiffusion(cfg)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_full_size_configs_match_published_counts_and_diffusers_keys(name):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = sdm.PRESETS[name]
+    ours = meta_model(cfg)
+    counts = (n_params(ours.unet), n_params(ours.vae), n_params(ours.text_encoder),
+              n_params(ours.text_encoder_2) if ours.text_encoder_2 else None)
+    assert counts == PUBLISHED[name]
+    ucfg = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET}[name]
+    assert wc.diffusers_unet_config(ucfg) == cfg.unet, "the diffusers config reads back as our preset"
+    with torch.device("meta"):
+        ref = {"unet": wc.diffusers_unet_to_ldm(UNet2DConditionModel(**ucfg).state_dict(), cfg.unet),
+               "vae": wc.diffusers_vae_to_ldm(AutoencoderKL(**VAE).state_dict(), cfg.vae),
+               "text_encoder": wc.hf_clip_layout(CLIPTextModel(CLIPTextConfig(**TEXT["sd21" if name == "sd21" else "sd15"])).state_dict(), "text_model.")}
+        if name == "sdxl":
+            ref["text_encoder_2"] = wc.hf_clip_layout(CLIPTextModelWithProjection(CLIPTextConfig(**TEXT["sdxl2"])).state_dict(), "text_model.")
+    for part, sd in ref.items():
+        wc.check_keys(getattr(ours, part).state_dict(), sd, f"{name} {part}")  # same keys and shapes
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_single_file_layout_is_what_diffusers_reads(name):
+    """Independent check of the original-checkpoint naming at full size: diffusers' own single-file
+    converters consume our `to_ldm` output and produce exactly their models' key sets."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    ours = meta_model(sdm.PRESETS[name])
+    parts = {p: getattr(ours, p).state_dict() for p in wc.PARTS[:4] if getattr(ours, p, None) is not None}
+    ldm = wc.to_ldm(ours.cfg, parts)
+    ucfg = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sdxl": SDXL_UNET}[name]
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**ucfg), AutoencoderKL(**VAE)
+        text = CLIPTextModel(CLIPTextConfig(**TEXT["sd21" if name == "sd21" else "sd15"]))
+        text2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT["sdxl2"]))
+    assert set(sfu.convert_ldm_unet_checkpoint(ldm, ucfg)) == set(unet.state_dict())
+    assert set(sfu.convert_ldm_vae_checkpoint(ldm, VAE)) == set(vae.state_dict())
+    hf = lambda sd: set(wc.hf_clip_layout(sd, "text_model."))  # transformers 5 drops the text_model. level
+    if name == "sd21":
+        assert hf(sfu.convert_open_clip_checkpoint(text, ldm, "cond_stage_model.model.")) == hf(text.state_dict())
+    else:
+        te = {k: v for k, v in ldm.items() if not k.startswith("conditioner.embedders.1.")}
+        assert hf(sfu.convert_ldm_clip_checkpoint(te)) == hf(text.state_dict())
+    if name == "sdxl":
+        assert set(sfu.convert_open_clip_checkpoint(text2, ldm, "conditioner.embedders.1.model.")) == set(text2.state_dict())
+    # and the LDM -> ours split recovers every part bit for bit (key names and shapes)
+    back, family = wc.split_single_file(ldm, quiet=True)
+    assert family == {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[name]
+    for p in parts:
+        wc.check_keys(parts[p], back[p], p)
+
+
+def test_infer_config_names_presets_and_refuses_mismatches():
+    for name in ("sd15", "sdxl", "tiny"):
+        m = meta_model(sdm.PRESETS[name])
+        parts = {p: getattr(m, p).state_dict() for p in wc.PARTS[:4] if getattr(m, p, None) is not None}
+        assert sdm.infer_config(parts) == sdm.PRESETS[name]
+    sd21 = meta_model(sdm.SD21)
+    parts = {p: getattr(sd21, p).state_dict() for p in ("unet", "vae", "text_encoder")}
+    with pytest.raises(ValueError, match="v \\(768-v\\) or eps"):
+        sdm.infer_config(parts)
+    assert sdm.infer_config(parts, "sd21").schedule.prediction == "v"
+    assert sdm.infer_config(parts, "sd21-base").schedule.prediction == "eps"
+    with pytest.raises(ValueError, match="not a 'sd15' model"):
+        sdm.infer_config(parts, "sd15")
+    with pytest.raises(ValueError, match="unknown variant"):
+        sdm.infer_config(parts, "sd3")
+
+
+@pytest.fixture
+def tiny_ldm(tmp_path):
+    """A TINY model as an original single file, with the extras real files carry."""
+    torch.manual_seed(0)
+    model = sdm.StableDiffusion(sdm.TINY)
+    parts = {p: getattr(model, p).state_dict() for p in ("unet", "vae", "text_encoder")}
+    ldm = wc.to_ldm(sdm.TINY, parts)
+    extras = {"betas": torch.rand(1000), "alphas_cumprod": torch.rand(1000),
+              "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+              **{"model_ema." + k[len("model."):].replace(".", ""): v + 1 for k, v in ldm.items() if k.startswith("model.diffusion_model.")}}
+    torch.save({"state_dict": {**ldm, **extras}, "global_step": 1}, tmp_path / "tiny.ckpt")
+    return model, parts, tmp_path / "tiny.ckpt"
+
+
+def test_single_file_round_trip_is_bit_exact(tiny_ldm, tmp_path, capsys):
+    model, parts, ckpt = tiny_ldm
+    wc.main([str(ckpt), str(tmp_path / "ours")])
+    err = capsys.readouterr().err
+    n_unet = len(parts["unet"])
+    assert f"dropped {n_unet} key(s): EMA copy of the UNet" in err
+    assert "dropped 2 key(s): noise-schedule buffers" in err and "dropped 1 key(s): position-id buffers" in err
+    cfg, back = wc.load_any(tmp_path / "ours")
+    assert cfg == sdm.TINY and back.keys() == parts.keys()
+    assert all(torch.equal(back[p][k], parts[p][k]) for p in parts for k in parts[p])
+    wc.main([str(tmp_path / "ours"), str(tmp_path / "again.safetensors"), "--to", "ldm"])
+    again = wc.read_state_dict(tmp_path / "again.safetensors")
+    original = {k: v for k, v in wc.read_state_dict(ckpt).items() if k.startswith(("model.", "first_stage_model.", "cond_stage_model."))
+                and not k.endswith("position_ids")}
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in again)
+    # the EMA weights instead of the trained ones
+    wc.main([str(ckpt), str(tmp_path / "ema"), "--ema"])
+    _, ema = wc.load_any(tmp_path / "ema")
+    assert all(torch.equal(ema["unet"][k], parts["unet"][k] + 1) for k in parts["unet"])
+    # and the converted folder samples
+    loaded = sdm.StableDiffusion.from_pretrained(tmp_path / "ours")
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(loaded.sample("a cat", steps=2, generator=g(), progress=False),
+                       model.eval().sample("a cat", steps=2, generator=g(), progress=False))
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        wc.main([str(a) for a in args])
+    msg = str(e.value.code)  # sys.exit(message): exit status 1, message on stderr
+    assert msg.startswith("error: ") and msg.count(". ") == 0, msg
+    return msg
+
+
+def test_bad_input_gets_one_clear_sentence_and_nothing_half_written(tiny_ldm, tmp_path, capsys):
+    _, _, ckpt = tiny_ldm
+    out = tmp_path / "out"
+    assert "does not exist" in run_cli([tmp_path / "nope.ckpt", out], capsys)
+    (tmp_path / "notes.ckpt").write_text("these are not weights")
+    assert "not a readable checkpoint" in run_cli([tmp_path / "notes.ckpt", out], capsys)
+    data = (ckpt).read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    assert "not a readable checkpoint" in run_cli([tmp_path / "cut.ckpt", out], capsys)
+    torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    assert "not a Stable Diffusion single-file checkpoint" in run_cli([tmp_path / "other.pt", out], capsys)
+    assert "not a 'sdxl' model" in run_cli([ckpt, out, "--variant", "sdxl"], capsys)
+    sd = wc.read_state_dict(ckpt)
+    torch.save({**sd, "model.diffusion_model.extra.weight": torch.zeros(1)}, tmp_path / "odd.ckpt")
+    assert "0 missing key(s) [], 1 unexpected [extra.weight]" in run_cli([tmp_path / "odd.ckpt", out], capsys)
+    torch.save({**sd, "control_model.zero_convs.0.weight": torch.zeros(1)}, tmp_path / "odd2.ckpt")
+    assert "unexpected key 'control_model.zero_convs.0.weight'" in run_cli([tmp_path / "odd2.ckpt", out], capsys)
+    (tmp_path / "diffusers" / "unet").mkdir(parents=True)
+    (tmp_path / "diffusers" / "unet" / "config.json").write_text("{}")
+    (tmp_path / "diffusers" / "model_index.json").write_text("{}")
+    assert "has no 'vae/' part" in run_cli([tmp_path / "diffusers", out], capsys)
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp*")), "a failed conversion left files behind"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "exists" in run_cli([ckpt, out], capsys)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_long_prompt_warns_and_says_what_was_cut():
+    tok = sdm.CLIPTokenizer()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ids = tok("a photo of " + "red " * 80 + "END")
+    assert ids.shape == (1, 77) and ids[0, -1] == tok.eos_id
+    assert len(w) == 1 and "over CLIP's 77" in str(w[0].message) and "end" in str(w[0].message)
