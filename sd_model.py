@@ -32,9 +32,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -51,9 +52,7 @@ VOCAB_PATH = ROOT / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLI
 TOY_MODEL_PATH = ROOT / "assets" / "toy" / "sd"  # the project's own small pretrained model
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Configs. Frozen dataclasses; presets below; `infer_config` reads a variant off the weights.
-# ---------------------------------------------------------------------------------------------
+# ---- 1. Configs. Frozen dataclasses; presets below; `infer_config` reads a variant off the weights.
 
 
 @dataclass(frozen=True)
@@ -143,16 +142,9 @@ SD21 = SDConfig("sd21", SD2_UNET, VAEConfig(), OPENCLIP_H, schedule=ScheduleConf
 SD21_BASE = SDConfig("sd21-base", SD2_UNET, VAEConfig(), OPENCLIP_H)
 SDXL = SDConfig(
     "sdxl",
-    UNetConfig(
-        channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
-        num_heads=None,
-        num_head_channels=64, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
-    ),
-    VAEConfig(scale_factor=0.13025),
-    replace(CLIP_L, penultimate=True),
-    OPENCLIP_BIGG,
-    image_size=1024,
-)
+    replace(SD2_UNET, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10),
+            transformer_depth_middle=10, context_dim=2048, adm_in_channels=2816),
+    VAEConfig(scale_factor=0.13025), replace(CLIP_L, penultimate=True), OPENCLIP_BIGG, image_size=1024)
 # For tests: the SD1 layout at toy widths. It follows the SD1 rules the weights cannot show
 # (8 heads, 32 GroupNorm groups, 64-wide text heads), so it also survives a trip through a single file.
 TINY = SDConfig(
@@ -167,12 +159,8 @@ PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": 
            "sd21-base": SD21_BASE, "sdxl": SDXL, "tiny": TINY}
 
 
-def config_to_dict(cfg: SDConfig) -> dict:
-    return asdict(cfg)
-
-
 def config_from_dict(d: dict) -> SDConfig:
-    """Inverse of `config_to_dict` (JSON turns tuples into lists; turn them back)."""
+    """Inverse of `dataclasses.asdict` (JSON turns tuples into lists; turn them back)."""
     def build(cls, v):
         if v is None:
             return None
@@ -183,53 +171,6 @@ def config_from_dict(d: dict) -> SDConfig:
                     build(ScheduleConfig, d.get("schedule", {})), d.get("image_size", 512))
 
 
-def _count(sd: dict, prefix: str) -> int:
-    """How many numbered children `prefix` has (e.g. the transformer blocks of one SpatialTransformer)."""
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-
-def unet_config_from_weights(sd: dict, **heads) -> UNetConfig:
-    """Read a UNet's architecture off its LDM-named weights (openai/CLIP `build_model` style).
-    Head counts and GroupNorm groups leave no trace in the shapes: `heads` gives num_heads or
-    num_head_channels, and norm_groups stays 32 as in every released model."""
-    w = sd["input_blocks.0.0.weight"]
-    mc = w.shape[0]
-    downs = _count({k: 0 for k in sd if ".0.op." in k}, "input_blocks.")
-    levels = downs + 1
-    n = (_count(sd, "input_blocks.") - 1 - downs) // levels
-    first = [1 + lvl * (n + 1) for lvl in range(levels)]  # the first input block of each level
-    depth = tuple(_count(sd, f"input_blocks.{i}.1.transformer_blocks.") for i in first)
-    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
-    proj_in = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
-    return UNetConfig(
-        in_channels=w.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
-        channel_mult=tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first),
-        num_res_blocks=n, attention_resolutions=tuple(2**lvl for lvl in reversed(range(levels)) if depth[lvl]),
-        transformer_depth=depth, transformer_depth_middle=_count(sd, "middle_block.1.transformer_blocks."),
-        context_dim=0 if to_k is None else to_k.shape[1], use_linear_in_transformer=proj_in is not None and proj_in.ndim == 2,
-        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
-        **({"num_heads": None, **heads} if "num_head_channels" in heads else heads),
-    )
-
-
-def vae_config_from_weights(sd: dict, scale_factor: float) -> VAEConfig:
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _count(sd, "encoder.down.")
-    return VAEConfig(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-                     num_res_blocks=_count(sd, "encoder.down.0.block."), z_channels=sd["post_quant_conv.weight"].shape[0],
-                     in_channels=sd["encoder.conv_in.weight"].shape[1], scale_factor=scale_factor)
-
-
-def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool = False) -> CLIPTextConfig:
-    """Every CLIP text tower released has 64-wide heads, so the head count is width / 64."""
-    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
-    proj = sd.get("text_projection.weight")
-    return CLIPTextConfig(vocab_size=vocab, max_positions=sd["text_model.embeddings.position_embedding.weight"].shape[0],
-                          width=width, layers=_count(sd, "text_model.encoder.layers."), heads=width // 64,
-                          mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], act=act,
-                          projection_dim=None if proj is None else proj.shape[0], pad_id=pad_id, penultimate=penultimate)
-
-
 def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig:
     """The SDConfig of weights in this project's layout (`parts`: unet, vae, text_encoder[, text_encoder_2]).
 
@@ -238,6 +179,8 @@ def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig
     weights contradict is refused. SD 2.x 768-v and 2.x-base share every shape, so for SD2 the
     prediction type must come from `variant` ("sd21": v, "sd21-base": eps).
     """
+    from weights_convert import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
+
     if "input_blocks.0.0.weight" not in parts.get("unet", {}):
         raise ValueError("these weights hold no Stable Diffusion UNet (no input_blocks.0.0.weight).")
     if "text_encoder_2" in parts:
@@ -268,9 +211,7 @@ def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig
     return PRESETS[fits[0]] if fits else cfg
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Tokenizer: CLIP's byte-level BPE (Radford et al. 2021) on the `tokenizers` package.
-# ---------------------------------------------------------------------------------------------
+# ---- 2. Tokenizer: CLIP's byte-level BPE (Radford et al. 2021) on the `tokenizers` package.
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -355,9 +296,7 @@ class CLIPTokenizer:
         return torch.tensor(rows, dtype=torch.long)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. CLIP transformers (text and vision share the encoder layer). Hugging Face key names.
-# ---------------------------------------------------------------------------------------------
+# ---- 3. CLIP transformers (text and vision share the encoder layer). Hugging Face key names.
 
 
 def quick_gelu(x):
@@ -524,9 +463,7 @@ class CLIPVisionModel(nn.Module):
         return x[:, 1:], self.visual_projection(vm.post_layernorm(x[:, 0]))
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. UNet (LDM's openaimodel.py, Ronneberger et al. 2015 + Ho et al. 2020 + LDM Sec. 3.3).
-# ---------------------------------------------------------------------------------------------
+# ---- 4. UNet (LDM's openaimodel.py, Ronneberger et al. 2015 + Ho et al. 2020 + LDM Sec. 3.3).
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -759,9 +696,7 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Hooks: the only extension surface (DESIGN.md). Always installed through `hooked`.
-# ---------------------------------------------------------------------------------------------
+# ---- 5. Hooks: the only extension surface (DESIGN.md). Always installed through `hooked`.
 
 
 def attention_probs(attn: Attention, q, k):
@@ -825,9 +760,7 @@ def attention_layers(unet: UNetModel, which: str = "attn2", latent_size: int = 6
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. VAE: KL-regularised autoencoder, f = 2^(len(ch_mult)-1) (LDM Sec. 3.1, App. G). LDM names.
-# ---------------------------------------------------------------------------------------------
+# ---- 6. VAE: KL-regularised autoencoder, f = 2^(len(ch_mult)-1) (LDM Sec. 3.1, App. G). LDM names.
 
 
 class ResnetBlock(nn.Module):
@@ -949,9 +882,6 @@ class DiagonalGaussian:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
-    def mode(self):
-        return self.mean
-
 
 class AutoencoderKL(nn.Module):
     """images in [-1, 1] <-> latents (unscaled; multiply by `scale_factor` before the UNet)."""
@@ -974,10 +904,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-# ---------------------------------------------------------------------------------------------
-# 7. Noise schedule and samplers. Everything runs in the DDPM ("variance preserving") variables:
-#    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps. Samplers that live in sigma space convert on the fly.
-# ---------------------------------------------------------------------------------------------
+# ---- 7. Noise schedule and samplers, all in the DDPM variables x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+#      (samplers that live in sigma space convert on the fly).
 
 
 class NoiseSchedule:
@@ -1098,9 +1026,7 @@ def _progress(it, enabled=True, **kw):
     return tqdm(it, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. StableDiffusion: load, encode prompts and images, sample.
-# ---------------------------------------------------------------------------------------------
+# ---- 8. StableDiffusion: load, encode prompts and images, sample.
 
 
 class Cond(NamedTuple):
@@ -1217,12 +1143,7 @@ class StableDiffusion(nn.Module):
         return self.decode_latents(z)
 
 
-# ---------------------------------------------------------------------------------------------
-# 9. Utilities shared by the method files: images, safetensors, precision.
-# ---------------------------------------------------------------------------------------------
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-
+# ---- 9. Utilities shared by the method files: images, safetensors, precision.
 
 def load_image(path) -> "Image.Image":
     """Any readable image as 8-bit RGB: grayscale, palette, 16-bit and RGBA (on white) are converted."""
@@ -1323,9 +1244,205 @@ def prepare_output_dir(path, overwrite: bool) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# 10. Command line: python sd_model.py sample --prompt "..." [--pretrained-model PATH] ...
-# ---------------------------------------------------------------------------------------------
+# ---- 9b. Training: the flags, checkpoints and loop every method shares (diffusers-script conventions).
+
+
+@dataclass
+class TrainArgs:
+    """The project's standard training flags; a method's own config subclasses this, and
+    `parse_args` turns every field into a dashed flag (`max_train_steps` -> --max-train-steps)."""
+
+    pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
+    output_dir: str = "outputs/run"
+    resolution: int = 0  # 0 = the model's native size
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 400
+    learning_rate: float = 1e-4
+    scale_lr: bool = False  # multiply the learning rates by batch size x accumulation steps
+    lr_scheduler: str = "constant"  # constant | linear | cosine (after lr_warmup_steps of linear warm-up)
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 0.0  # 0 = no clipping
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights in half precision, trainables in fp32
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 50
+    checkpoints_total_limit: int = 0  # 0 = keep every checkpoint
+    resume: str = ""  # "latest" or a checkpoint directory
+    validation_prompt: str = ""
+    validation_steps: int = 50
+    num_validation_images: int = 4
+    device: str = ""  # "" = cuda when available
+    overwrite: bool = False
+
+
+def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
+    """Dataclass fields -> dashed argparse flags with the same defaults; bools get --x / --no-x."""
+    import types
+    import typing
+
+    parser = parser or argparse.ArgumentParser()
+    for f, typ in ((f, typing.get_type_hints(cls)[f.name]) for f in fields(cls)):
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            if typing.get_origin(typ) in (typing.Union, types.UnionType):  # "int | None" -> int
+                typ = next(t for t in typing.get_args(typ) if t is not type(None))
+            nargs = "+" if typing.get_origin(typ) in (list, tuple) else None
+            base = typing.get_args(typ)[0] if nargs else typ
+            default = f.default_factory() if f.default is MISSING else f.default
+            parser.add_argument(flag, type=base, nargs=nargs, default=default)
+    ns = parser.parse_args(argv)
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None) -> None:
+    """Everything `--resume` needs to continue bit for bit: trainable tensors, optimizer and LR
+    schedule state, the gradient scaler, the data/noise generator and the global RNGs."""
+    state = {f"param.{k}": v for k, v in tensors.items()}
+    osd, extra = optimizer.state_dict(), {}
+    for i, st in osd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                state[f"optim.{i}.{name}"] = v
+            else:
+                extra[f"{i}.{name}"] = v
+    state["rng.torch"] = torch.get_rng_state()
+    if generator is not None:
+        state["rng.generator"] = generator.get_state()
+    if torch.cuda.is_available():
+        state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    meta = {"step": step, "param_groups": osd["param_groups"], "optim_extra": extra, "numpy": [kind, pos, has_gauss, gauss],
+            "random": random.getstate(), "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    save_safetensors(state, Path(folder) / "training_state.safetensors", {k: json.dumps(v, default=lambda o: None) for k, v in meta.items()})
+
+
+def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None) -> int:
+    """Restore what `save_checkpoint` wrote (tensors in place); returns the step to continue from."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "training_state.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no training checkpoint in '{folder}' (training_state.safetensors is missing).")
+    state = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    with torch.no_grad():
+        for k, v in tensors.items():
+            v.copy_(state[f"param.{k}"])
+    osd = {"state": {}, "param_groups": meta["param_groups"]}
+    for k, v in state.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            osd["state"].setdefault(int(i), {})[name] = v
+    for k, v in meta["optim_extra"].items():
+        i, name = k.split(".", 1)
+        osd["state"].setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict(osd)
+    if scheduler is not None and meta["scheduler"]:
+        scheduler.load_state_dict(meta["scheduler"])
+    if scaler is not None and meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    torch.set_rng_state(state["rng.torch"])
+    if generator is not None:
+        generator.set_state(state["rng.generator"])
+    if torch.cuda.is_available() and "rng.cuda.0" in state:
+        torch.cuda.set_rng_state_all([state[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, state["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((meta["random"][0], tuple(meta["random"][1]), meta["random"][2]))
+    return int(meta["step"])
+
+
+def find_checkpoint(output_dir, resume: str) -> Path | None:
+    """--resume latest -> the newest checkpoint-N in output_dir (None if there is none yet)."""
+    if not resume:
+        return None
+    if resume != "latest":
+        return Path(resume)
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def lr_lambda(args: TrainArgs):
+    def f(step):
+        if step < args.lr_warmup_steps:
+            return (step + 1) / args.lr_warmup_steps
+        frac = (step - args.lr_warmup_steps) / max(1, args.max_train_steps - args.lr_warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[args.lr_scheduler]
+    return f
+
+
+def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, generator, validate_fn=None, after_step=None,
+               device="cpu", metadata: dict | None = None) -> Path:
+    """The loop every method shares: gradient accumulation, mixed precision (fp16 with a gradient
+    scaler, bf16 without), clipping, LR schedule, a progress bar with the loss, JSONL logs,
+    validation grids, checkpoints every `checkpointing_steps` and exact `--resume`.
+
+    loss_fn(generator) -> (loss, logs) for one micro-batch, drawing all randomness from `generator`;
+    save_fn(folder) writes the method's outputs; after_step() runs after each optimizer step
+    (e.g. renormalising token rows); validate_fn() -> PIL images. `tensors` are the trainables
+    to checkpoint, by name.
+    """
+    out = Path(args.output_dir)
+    resume_from = find_checkpoint(out, args.resume)
+    if not args.resume:
+        prepare_output_dir(out, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
+    print("config: " + json.dumps(asdict(args)), file=sys.stderr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
+    step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler) if resume_from else 0
+    if resume_from:
+        print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+    amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    bar = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps)
+    last_good = resume_from
+    for step in bar:
+        logs = {}
+        for _ in range(args.gradient_accumulation_steps):
+            with amp:
+                loss, logs = loss_fn(generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss.item()} at step {step}; the last good checkpoint is "
+                                         f"{last_good or 'none'}. Try --mixed-precision bf16 or no, or a lower learning rate.")
+            scaler.scale(loss / args.gradient_accumulation_steps).backward()
+        if args.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        logs = {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **logs}
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(logs) + "\n")
+        done = step + 1 == args.max_train_steps
+        if args.checkpointing_steps and ((step + 1) % args.checkpointing_steps == 0 or done):
+            ckpt = out / f"checkpoint-{step + 1}"
+            save_fn(ckpt)
+            save_checkpoint(ckpt, step + 1, tensors, optimizer, scheduler, generator, scaler)
+            last_good = ckpt
+            old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in old[: -args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
+                shutil.rmtree(p)
+        if validate_fn is not None and args.validation_prompt and ((step + 1) % args.validation_steps == 0 or done):
+            save_image(image_grid(validate_fn()), out / "validation" / f"step-{step + 1:06d}.png")
+    save_fn(out)
+    return out
+
+
+# ---- 10. Command line: python sd_model.py sample --prompt "..." [--pretrained-model PATH] ...
 
 
 def random_tiny_model(seed: int = 0) -> StableDiffusion:

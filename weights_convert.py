@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -178,6 +178,56 @@ def diffusers_vae_to_ldm(sd: dict, cfg: sdm.VAEConfig) -> dict:
             v = v[:, :, None, None]  # diffusers stores the 1x1 convs as Linear weights
         out[new] = v
     return out
+
+
+# ---- architectures read off the weights (openai/CLIP `build_model` style) ----
+
+def _count(sd: dict, prefix: str) -> int:
+    """How many numbered children `prefix` has (e.g. the transformer blocks of one SpatialTransformer)."""
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def unet_config_from_weights(sd: dict, **heads) -> sdm.UNetConfig:
+    """Read a UNet's architecture off its LDM-named weights (openai/CLIP `build_model` style).
+    Head counts and GroupNorm groups leave no trace in the shapes: `heads` gives num_heads or
+    num_head_channels, and norm_groups stays 32 as in every released model."""
+    w = sd["input_blocks.0.0.weight"]
+    mc = w.shape[0]
+    downs = _count({k: 0 for k in sd if ".0.op." in k}, "input_blocks.")
+    levels = downs + 1
+    n = (_count(sd, "input_blocks.") - 1 - downs) // levels
+    first = [1 + lvl * (n + 1) for lvl in range(levels)]  # the first input block of each level
+    depth = tuple(_count(sd, f"input_blocks.{i}.1.transformer_blocks.") for i in first)
+    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
+    return sdm.UNetConfig(
+        in_channels=w.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+        channel_mult=tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first),
+        num_res_blocks=n, attention_resolutions=tuple(2**lvl for lvl in reversed(range(levels)) if depth[lvl]),
+        transformer_depth=depth, transformer_depth_middle=_count(sd, "middle_block.1.transformer_blocks."),
+        context_dim=0 if to_k is None else to_k.shape[1], use_linear_in_transformer=proj_in is not None and proj_in.ndim == 2,
+        adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
+        **({"num_heads": None, **heads} if "num_head_channels" in heads else heads),
+    )
+
+
+def vae_config_from_weights(sd: dict, scale_factor: float) -> sdm.VAEConfig:
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _count(sd, "encoder.down.")
+    return sdm.VAEConfig(ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                     num_res_blocks=_count(sd, "encoder.down.0.block."), z_channels=sd["post_quant_conv.weight"].shape[0],
+                     in_channels=sd["encoder.conv_in.weight"].shape[1], scale_factor=scale_factor)
+
+
+def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool = False) -> sdm.CLIPTextConfig:
+    """Every CLIP text tower released has 64-wide heads, so the head count is width / 64."""
+    vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
+    proj = sd.get("text_projection.weight")
+    return sdm.CLIPTextConfig(vocab_size=vocab, max_positions=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+                          width=width, layers=_count(sd, "text_model.encoder.layers."), heads=width // 64,
+                          mlp_dim=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0], act=act,
+                          projection_dim=None if proj is None else proj.shape[0], pad_id=pad_id, penultimate=penultimate)
+
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -364,7 +414,7 @@ def load_clip_vision(path: Path) -> tuple[sdm.CLIPVisionConfig, dict]:
     grid = int((sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5)
     patch = sd["vision_model.embeddings.patch_embedding.weight"].shape[-1]
     # OpenCLIP ViT-B has 12 heads, L/H/g/bigG 16 (head widths 64, 64, 80, 88, 104).
-    cfg = sdm.CLIPVisionConfig(grid * patch, patch, width, sdm._count(sd, "vision_model.encoder.layers."), 12 if width == 768 else 16,
+    cfg = sdm.CLIPVisionConfig(grid * patch, patch, width, _count(sd, "vision_model.encoder.layers."), 12 if width == 768 else 16,
                                sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0], "gelu",
                                sd["visual_projection.weight"].shape[0])
     return cfg, sd
@@ -422,7 +472,7 @@ def save_converted(dst: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=
     try:
         for part, sd in parts.items():
             sdm.save_safetensors(sd, tmp / f"{part}.safetensors", {"format": "pt"})
-        meta = {"format": "sd_model", **({"sd": sdm.config_to_dict(cfg)} if cfg else {}),
+        meta = {"format": "sd_model", **({"sd": asdict(cfg)} if cfg else {}),
                 **({"image_encoder": vars(vision_cfg)} if vision_cfg else {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=1))
         if dst.exists():

@@ -1,0 +1,118 @@
+"""Our UNet against diffusers' on the same SD1.5-size weights and inputs.
+
+    python bench/bench_unet.py                       # CPU: forward at 64x64 latents, fp32
+    python bench/bench_unet.py --device cuda --dtype bf16 --backward --sample-steps 50
+
+Each implementation runs in its own subprocess (so peak memory is its own), builds the SD1.5 UNet
+with the same random weights (diffusers' init, converted to our layout), warms up, and reports the
+median of several timed runs. Prints both times, the ratio ours / diffusers, and peak memory
+(GPU: max allocated; CPU: peak resident set size of the process).
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            in_channels=4, out_channels=4, sample_size=64)
+
+
+def run_one(impl: str, a) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    import sd_model as sdm
+    import weights_convert as wc
+
+    torch.manual_seed(0)
+    dev, dtype = torch.device(a.device), {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    ref = UNet2DConditionModel(**SD15)
+    if impl == "ours":
+        cfg = wc.diffusers_unet_config(SD15)
+        model = sdm.UNetModel(cfg)
+        model.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg))
+        del ref
+        fwd = lambda x, t, c: model(x, t, c)
+    else:
+        model = ref
+        fwd = lambda x, t, c: model(x, t, c).sample
+    model.to(dev, dtype).requires_grad_(a.backward)
+    if a.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if a.compile:
+        fwd = torch.compile(fwd)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(a.batch, 4, a.latent, a.latent, generator=g).to(dev, dtype)
+    ctx = torch.randn(a.batch, 77, 768, generator=g).to(dev, dtype)
+    t = torch.tensor([500] * a.batch, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        if a.sample_steps:  # a plain loop of guided UNet calls (batch doubled for CFG)
+            with torch.no_grad():
+                z = x
+                for i in range(a.sample_steps):
+                    z = z + 0.01 * fwd(torch.cat([z, z]), t.repeat(2), torch.cat([ctx, ctx])).chunk(2)[0]
+        elif a.backward:
+            fwd(x, t, ctx).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                fwd(x, t, ctx)
+        sync()
+
+    for _ in range(a.warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(a.runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"median_s": statistics.median(times), "times": times, "peak_gib": peak, "threads": torch.get_num_threads()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--sample-steps", type=int, default=0, help="time a loop of this many CFG UNet calls")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.impl:
+        print(json.dumps(run_one(a.impl, a)))
+        return
+    res = {}
+    for impl in ("diffusers", "ours"):
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--impl", impl], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr)
+        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    what = "sampling loop" if a.sample_steps else "forward+backward" if a.backward else "forward"
+    mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
+    print(f"SD1.5 UNet {what}, {a.device} {a.dtype}, batch {a.batch}, latent {a.latent}x{a.latent}, "
+          f"{res['ours']['threads']} threads, median of {a.runs}")
+    print(f"| impl | time (s) | {mem} (GiB) |\n|---|---|---|")
+    for impl in ("ours", "diffusers"):
+        print(f"| {impl} | {res[impl]['median_s']:.3f} | {res[impl]['peak_gib']:.2f} |")
+    print(f"ratio ours / diffusers: {res['ours']['median_s'] / res['diffusers']['median_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Tokenizer placeholders, image loading, the sampling command line, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sd_model as sdm
+
+
+def test_placeholder_tokens():
+    tok = sdm.CLIPTokenizer()
+    assert tok.token_id("dog") == 1929 and tok.token_id("*") == 265
+    with pytest.raises(ValueError, match="'sculptures of' is 2 CLIP tokens"):
+        tok.token_id("sculptures of")
+    ids = tok.add_tokens(["S*", "<cat-toy>"])
+    assert ids == [49408, 49409] and len(tok) == 49410
+    row = tok("a photo of S* next to a <cat-toy>")[0].tolist()
+    assert row[:9] == [49406, 320, 1125, 539, 49408, 1131, 531, 320, 49409] and row[9] == tok.eos_id
+    assert tok.token_id("S*") == 49408
+    assert tok("a photo of s*")[0, 4].item() != 49408  # placeholders match verbatim, case included
+    with pytest.raises(ValueError, match="already a token"):
+        tok.add_tokens(["dog"])
+    with pytest.raises(ValueError, match="already a token"):
+        tok.add_tokens(["S*"])
+
+
+def test_text_encoder_grows_for_new_tokens():
+    torch.manual_seed(0)
+    te = sdm.CLIPTextModel(sdm.TINY.text)
+    old = te.token_embedding.weight.clone()
+    te.resize_token_embeddings(49410)
+    assert te.token_embedding.weight.shape == (49410, 64) and torch.equal(te.token_embedding.weight[:49408], old)
+
+
+def test_image_loading_converts_modes_and_skips_non_images(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "b_gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((8, 8), 0, np.uint8)])).save(tmp_path / "c_rgba.png")  # fully transparent
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "d_16bit.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.warns(UserWarning, match="skipping 'broken.jpg'"):
+        images = dict(sdm.load_image_folder(tmp_path))
+    assert sorted(images) == ["a.png", "b_gray.png", "c_rgba.png", "d_16bit.png"]
+    assert all(im.mode == "RGB" and im.size == (8, 8) for im in images.values())
+    assert np.array_equal(np.asarray(images["c_rgba.png"]), np.full((8, 8, 3), 255))  # transparent -> white
+    assert np.array_equal(np.asarray(images["d_16bit.png"])[..., 0], rgb[..., 0])  # 16 bit scaled, not clipped
+    t = sdm.image_to_tensor(images["a.png"], 4)
+    assert t.shape == (3, 4, 4) and t.min() >= -1 and t.max() <= 1
+    assert np.array_equal(np.asarray(sdm.tensor_to_images(sdm.image_to_tensor(images["a.png"])[None])[0]), rgb)
+
+
+def test_empty_or_missing_image_folder(tmp_path):
+    with pytest.raises(ValueError, match="no readable images"):
+        sdm.load_image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sdm.load_image_folder(tmp_path / "missing")
+
+
+def test_safetensors_writes_are_atomic(tmp_path):
+    sdm.save_safetensors({"a": torch.ones(2)}, tmp_path / "x.safetensors", {"method": "test", "steps": 3})
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"method": "test", "steps": "3"}
+    with pytest.raises(RuntimeError):
+        sdm.atomic_write(tmp_path / "y.bin", lambda tmp: (open(tmp, "w").write("half"), (_ for _ in ()).throw(RuntimeError())))
+    assert list(tmp_path.iterdir()) == [tmp_path / "x.safetensors"]
+
+
+def test_sdxl_prompt_encoding_layout():
+    """SDXL: context = [enc1 penultimate | enc2 penultimate]; y = [pooled enc2 | 6 size ids x 256 sinusoids]."""
+    cfg = sdm.SDConfig("xl-tiny", sdm.UNetConfig(), sdm.VAEConfig(), sdm.CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=64, penultimate=True),
+                       sdm.CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=64, projection_dim=32, pad_id=0, penultimate=True),
+                       image_size=64)
+    cfg = sdm.replace(cfg, unet=sdm.replace(cfg.unet, adm_in_channels=32 + 6 * 256))
+    torch.manual_seed(0)
+    te1, te2 = sdm.CLIPTextModel(cfg.text), sdm.CLIPTextModel(cfg.text2)
+    model = sdm.StableDiffusion.__new__(sdm.StableDiffusion)
+    torch.nn.Module.__init__(model)
+    model.cfg, model.text_encoder, model.text_encoder_2, model.tokenizer = cfg, te1, te2, sdm.CLIPTokenizer()
+    model.unet = sdm.UNetModel(sdm.TINY.unet)  # only for .device
+    c = model.encode_prompt(["a cat", "a dog"], size=(48, 64))
+    assert c.context.shape == (2, 77, 128) and c.y.shape == (2, 32 + 1536)
+    ids2 = model.tokenize(["a cat", "a dog"], second=True)
+    assert ids2[0, -1] == 0  # the second tokenizer pads with "!"
+    assert torch.equal(c.context[..., 64:], te2(ids2)[0]) and torch.equal(c.y[:, :32], te2(ids2)[1])
+    assert torch.allclose(c.y[0, 32 : 32 + 256], sdm.timestep_embedding(torch.tensor([48.0]), 256)[0])
+    u = model.uncond(["", ""], size=(48, 64))
+    assert u.context.abs().max() == 0 and u.y[:, :32].abs().max() == 0 and torch.equal(u.y[:, 32:], c.y[:, 32:])
+
+
+def test_sample_cli_on_a_random_tiny_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    sdm.main(["sample", "--random-tiny", "--prompt", "a red star", "--output-dir", str(out), "--steps", "2", "--batch-size", "2",
+              "--sampler", "euler", "--seed", "3"])
+    assert "random weights" in capsys.readouterr().err
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["0003_00.png", "0003_01.png"] and Image.open(out / files[0]).size == (32, 32)
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(out)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        sdm.main(["sample", "--pretrained-model", str(tmp_path / "nope"), "--prompt", "x", "--output-dir", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match="multiples of 2"):
+        sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(tmp_path / "o3"), "--height", "33"])

@@ -1,0 +1,83 @@
+"""The shared training loop: exact resume, non-finite loss, flags from the config dataclass."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import sd_model as sdm
+
+
+@dataclass
+class ToyArgs(sdm.TrainArgs):
+    width: int = 8
+    words: list[str] = field(default_factory=lambda: ["a", "b"])
+
+
+def run(args, interrupt_at=None, nan_at=None):
+    """A small model trained by `train_loop` with every source of randomness drawn from the generator."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, args.width), torch.nn.Tanh(), torch.nn.Linear(args.width, 1))
+    row = torch.nn.Parameter(torch.randn(3))
+    data = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": args.learning_rate},
+                             {"params": [row], "lr": 10 * args.learning_rate, "weight_decay": 0.0}])
+    gen = torch.Generator().manual_seed(args.seed)
+    calls = [0]
+
+    def loss_fn(g):
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        idx = torch.randint(0, 32, (args.train_batch_size,), generator=g)
+        x = data[idx] + 0.1 * torch.randn(args.train_batch_size, 4, generator=g)
+        loss = (model(x).squeeze(-1) - x.sum(-1) * row.sum()).square().mean()
+        return (loss * float("nan") if calls[0] == nan_at else loss), {"row_norm": row.norm().item()}
+
+    def renorm():
+        with torch.no_grad():
+            row.mul_(1.0 / row.norm())
+
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, "row": row}
+    save = lambda folder: sdm.save_safetensors({"row": row}, folder / "row.safetensors", {"method": "toy"})
+    sdm.train_loop(args, opt, tensors, loss_fn, save, gen, after_step=renorm)
+    return tensors
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    base = dict(max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2, train_batch_size=4,
+                learning_rate=1e-2, lr_scheduler="cosine", lr_warmup_steps=2, max_grad_norm=1.0)
+    full = run(ToyArgs(output_dir=str(tmp_path / "a"), **base))
+    with pytest.raises(KeyboardInterrupt):
+        run(ToyArgs(output_dir=str(tmp_path / "b"), **base), interrupt_at=9)  # 2 calls a step: dies in step 5
+    resumed = run(ToyArgs(output_dir=str(tmp_path / "b"), resume="latest", **base))
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    a, b = logs("a"), logs("b")
+    assert [r["step"] for r in a] == list(range(1, 7)) and a[-3:] == b[-3:]
+    assert (tmp_path / "b" / "checkpoint-6" / "row.safetensors").exists() and (tmp_path / "b" / "row.safetensors").exists()
+    assert abs(full["row"].norm().item() - 1) < 1e-6  # after_step ran
+
+
+def test_checkpoint_limit_and_refusing_a_used_output_dir(tmp_path):
+    run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4))
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"at step 3; the last good checkpoint is .*checkpoint-2"):
+        run(ToyArgs(output_dir=str(tmp_path), max_train_steps=6, checkpointing_steps=2), nan_at=4)
+    assert (tmp_path / "checkpoint-2" / "training_state.safetensors").exists()
+
+
+def test_flags_come_from_the_dataclass():
+    a = sdm.parse_args(ToyArgs, ["--max-train-steps", "7", "--gradient-checkpointing", "--words", "x", "y", "z",
+                                 "--mixed-precision", "bf16", "--learning-rate", "3e-4"])
+    assert (a.max_train_steps, a.gradient_checkpointing, a.words, a.mixed_precision, a.learning_rate) == (7, True, ["x", "y", "z"], "bf16", 3e-4)
+    assert sdm.parse_args(ToyArgs, []) == ToyArgs()
+    f = sdm.lr_lambda(sdm.TrainArgs(max_train_steps=10, lr_warmup_steps=2, lr_scheduler="cosine"))
+    assert [round(f(s), 4) for s in (0, 1, 2, 7)] == [0.5, 1.0, 1.0, 0.3087]  # 0.5 (1 + cos(pi 5/8))
