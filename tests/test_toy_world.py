@@ -1,0 +1,184 @@
+"""The toy world: determinism, ground truth, held-out concepts, record round trips, benchmark."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import toy_world as tw  # noqa: E402
+
+PROBES = os.path.join(ROOT, "assets", "toy", "probes.safetensors")
+needs_probes = pytest.mark.skipif(
+    not os.path.isfile(PROBES),
+    reason="assets/toy/probes.safetensors is missing; train it with "
+           "`python toy_world.py train-probes --out assets/toy/probes.safetensors`")
+
+
+def test_sampling_and_rendering_are_deterministic_per_seed():
+    a, b, c = tw.make_sample(3, 17), tw.make_sample(3, 17), tw.make_sample(4, 17)
+    assert a[0] == b[0] and a[3] == b[3]
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert a[0] != c[0]
+    # a scene is resolution-free: the same scene renders at any size, with the same objects
+    image, labels = tw.render(a[0], size=96)
+    assert image.shape == (96, 96, 3) and labels.max() == len(a[0].objects)
+
+
+def test_ground_truth_is_consistent():
+    two = 0
+    for i in range(40):
+        scene, image, labels, rec = tw.make_sample(0, i)
+        h, w = labels.shape
+        assert set(np.unique(labels)) == set(range(len(scene.objects) + 1))
+        words = rec["caption"].replace(",", "").split()
+        assert tw.BG_PHRASE[scene.background] in rec["caption"]
+        assert {s for s in tw.SIZES if s in words} <= {o.size for o in scene.objects}
+        for obj, o in zip(scene.objects, rec["objects"]):
+            x1, y1, x2, y2 = o["box"]
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+            ys, xs = np.nonzero(labels == o["value"])
+            assert xs.min() >= x1 and xs.max() < x2 and ys.min() >= y1 and ys.max() < y2
+            assert o["label"] in words and o["label"] in (obj.shape, tw.GENERIC_NOUN)
+            assert obj.color in words and (obj.pattern == "plain" or obj.color2 in words)
+            pattern_word = "dots" if obj.pattern == "dotted" else obj.pattern
+            assert obj.pattern == "plain" or pattern_word in words
+            # the colours the caption names are the colours in the mask
+            px = image[labels == o["value"]].astype(float)
+            near = lambda c: (np.linalg.norm(px - tw.COLORS[c], axis=1) < 60).mean()  # noqa: E731
+            assert near(obj.color) > 0.1, (i, obj)  # small patterned ones: ~0.17
+            assert obj.pattern == "plain" or near(obj.color2) > 0.02, (i, obj)
+        if len(scene.objects) == 2:
+            two += 1
+            main, other = scene.objects
+            assert tw.SIZES[main.size] > tw.SIZES[other.size]  # "main" is the larger one
+    assert two > 5
+
+
+def test_concepts_and_held_out_shapes_never_appear_in_pretraining():
+    held_out_words = set(tw.HELD_OUT_SHAPES)
+    for i in range(3000):
+        rng = np.random.default_rng((0, i))
+        scene = tw.sample_scene(rng)
+        for o in scene.objects:
+            assert o.key() not in tw.CONCEPT_KEYS and o.shape in tw.SHAPES
+            assert o.color not in tw.CLASHES[scene.background]
+        assert not held_out_words & set(tw.describe(scene, rng)[0].split())
+    # not vacuous: without the hold-out, the same sampler does produce both
+    probe = [o for i in range(3000)
+             for o in tw.sample_scene(np.random.default_rng((0, i)), "probe").objects]
+    assert any(o.key() in tw.CONCEPT_KEYS for o in probe)
+    assert any(o.shape in tw.HELD_OUT_SHAPES for o in probe)
+
+
+def test_concepts_have_references_and_answerable_prompts():
+    assert len(tw.CONCEPTS) >= 6 and sum(c.shape in tw.HELD_OUT_SHAPES for c in tw.CONCEPTS) >= 2
+    for c in tw.CONCEPTS:
+        refs = tw.concept_references(c, n=4)
+        assert all(s.objects[0].key() == c.key() and len(s.objects) == 1 for s, _ in refs)
+        ref_bgs, _ = tw.concept_backgrounds(c)
+        prompts = tw.eval_prompts(c)
+        kinds = {k for p in prompts for k in p["asks"]}
+        assert {"background", "position", "size", "color", "other_object"} <= kinds
+        for p in prompts:
+            assert p["text"].count("{}") == 1
+            if "background" in p["asks"]:  # a new scene, and one where the concept is visible
+                assert p["asks"]["background"] not in ref_bgs
+                assert c.color not in tw.CLASHES[p["asks"]["background"]]
+            scene = tw.scene_for(c, p["asks"], np.random.default_rng(0))
+            labels = tw.probe_labels(scene)
+            for k, v in p["asks"].items():
+                if k == "other_object":
+                    assert tw.PROBE_HEADS["other_shape"][labels["other_shape"]] == v["shape"]
+                else:
+                    assert tw.PROBE_HEADS[k][labels[k]] == v
+
+
+def test_score_follows_the_benchmark_definition():
+    c = tw.CONCEPTS[0]  # red star, white stripes
+    pred = {"shape": "star", "color": "green", "pattern": "striped", "color2": "black",
+            "background": "snow", "position": "center", "size": "large",
+            "other_shape": "none", "other_color": "none"}
+    fidelity, prompt = tw.score(pred, c, {"color": "green"})
+    assert fidelity == {"shape": 1.0, "pattern": 1.0, "color2": 0.0} and prompt == {"color": 1.0}
+    fidelity, prompt = tw.score(pred, c, {"pattern": "plain", "color2": "none"})
+    assert set(fidelity) == {"shape", "color"} and prompt == {"pattern": 0.0, "color2": 0.0}
+    _, prompt = tw.score(pred, c, {"other_object": {"shape": "circle", "color": "blue"}})
+    assert prompt == {"other_shape": 0.0, "other_color": 0.0}
+    assert tw.find_prompt(c, "a sks star in the top left")["id"] == "pos_top_left"
+    with pytest.raises(SystemExit):
+        tw.find_prompt(c, "a {} on the moon")
+
+
+@pytest.mark.parametrize("shard_size", [None, 3])
+def test_records_round_trip(tmp_path, shard_size):
+    out = str(tmp_path / "records")
+    tw.make_records(out, n=7, seed=5, shard_size=shard_size)
+    if shard_size:
+        assert sorted(os.listdir(out)) == ["00000.tar", "00001.tar", "00002.tar"]
+    got = list(tw.read_records(out))
+    assert [key for key, *_ in got] == [f"{i:06d}" for i in range(7)]
+    for key, image, rec, labels in got:
+        _, image2, labels2, rec2 = tw.make_sample(5, int(key))
+        assert rec == rec2 and np.array_equal(image, image2) and np.array_equal(labels, labels2)
+    with pytest.raises(SystemExit, match="not empty"):
+        tw.make_records(out, n=1)
+    if shard_size:  # same seed, same bytes: shards can be checksummed and cached
+        again = str(tmp_path / "again")
+        tw.make_records(again, n=7, seed=5, shard_size=shard_size)
+        for name in os.listdir(out):
+            with open(os.path.join(out, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
+                assert a.read() == b.read()
+
+
+def test_make_data_and_make_concepts_cli(tmp_path):
+    tw.main(["make-data", "--out", str(tmp_path / "data"), "--n", "3", "--seed", "2"])
+    with open(tmp_path / "data" / "captions.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["file"] for r in rows] == ["000000.png", "000001.png", "000002.png"]
+    assert rows[1]["caption"] == tw.make_sample(2, 1)[3]["caption"]
+    tw.main(["make-concepts", "--out", str(tmp_path / "concepts"), "--n-refs", "4"])
+    c = tw.find_concept(str(tmp_path / "concepts" / "hazard_bolt"))
+    assert c == next(x for x in tw.CONCEPTS if x.id == "hazard_bolt")
+    assert len([n for n in os.listdir(tmp_path / "concepts" / c.id) if n.endswith(".png")]) == 4
+
+
+@needs_probes
+def test_probes_read_fresh_ground_truth():
+    model, meta = tw.load_probes(PROBES)
+    assert os.path.getsize(PROBES) < 2 * 2**20
+    x, y = tw.probe_dataset(seed=12345, n=400)
+    acc = tw.probe_accuracy(model, x, y)
+    for head in ("background", "position", "size", "shape", "color", "pattern"):
+        assert acc[head] >= 0.8, (head, acc)
+    for head in ("color2", "other_shape", "other_color"):  # "none" alone would score about 0.7
+        assert acc[head] >= 0.75, (head, acc)
+
+
+@needs_probes
+def test_eval_end_to_end_on_oracle_images(tmp_path, capsys):
+    images = str(tmp_path / "oracle")
+    tw.make_oracle(images, per_prompt=1)
+    with open(os.path.join(images, "manifest.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    # a method that shows the wrong concept: the next concept's image for the same prompt
+    shared = ("pos_top_left", "pos_bottom_right", "size_small", "size_large")
+    files = {(r["concept"], r["prompt"]): r["file"] for r in rows}
+    ids = [c.id for c in tw.CONCEPTS]
+    rows += [{"file": files[(ids[(i + 1) % len(ids)], p)], "concept": cid, "prompt": p,
+              "method": "swapped"} for i, cid in enumerate(ids) for p in shared]
+    tw.write_jsonl(os.path.join(images, "manifest.jsonl"), rows)
+    out = str(tmp_path / "results.json")
+    tw.main(["eval", "--images", images, "--probes", PROBES, "--out", out])
+    assert "| oracle |" in capsys.readouterr().out
+    with open(out) as f:
+        res = json.load(f)
+    oracle, swapped = res["methods"]["oracle"], res["methods"]["swapped"]
+    assert oracle["n"] == len(rows) - len(ids) * len(shared)
+    assert oracle["concept_fidelity"] >= 0.8 and oracle["prompt_fidelity"] >= 0.8, oracle
+    assert swapped["concept_fidelity"] < oracle["concept_fidelity"] - 0.3
+    assert set(res["per_concept"]["oracle"]) == set(ids)

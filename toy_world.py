@@ -1,0 +1,1073 @@
+"""The toy world: a small, procedural, fully labelled image world to pretrain and test on.
+
+Real personalization research needs a pretrained Stable Diffusion, LAION, and DreamBench. This file
+replaces all three with something a CPU can hold: captioned 64x64 pictures of coloured shapes on
+textured backgrounds, where every attribute is known, so a toy SD can be pretrained on them and
+personalization can be *measured* instead of eyeballed.
+
+The world
+---------
+A scene is one or two objects on a background. An object has a shape, a primary colour, a pattern
+(plain / striped / dotted / checkered) with a secondary colour, a size (small / medium / large) and
+a position on a 3x3 grid. Objects never overlap; in a two-object scene the first ("main") object
+is always of a strictly larger size class, so "the main object" is well defined from pixels alone.
+Colours that would vanish into a background (green on grass, white on snow, ...) never meet it
+(CLASHES). Images are drawn at 4x supersampling and box-filtered down, so a 15-pixel star is still
+a star. Every scene is a frozen dataclass; sampling is deterministic in (seed, index), and
+rendering is deterministic in the scene.
+
+Captions come from a few templates ("a small red and white striped star on the snow, in the top
+left", "a blue circle next to a large yellow dotted heart on the grass"); size and position are
+sometimes left out, as real captions leave things out, and now and then the noun is the generic
+"toy" so that the word has a meaning for concepts whose shape the model never saw.
+
+Held out from pretraining (`sample_scene(world="pretrain")` never produces them):
+  - the shapes in HELD_OUT_SHAPES, entirely;
+  - the exact (shape, colour, pattern, secondary colour) of every CONCEPT.
+Each of the 8 CONCEPTS has a class word (its shape, or "toy" for a held-out shape), reference
+images (`make-concepts`) and eval prompts. The probes are evaluators, not the model under test, so
+they train on world="probe", which has everything.
+
+Record format (Subject-Diffusion, `make-records`)
+--------------------------------------------------
+One sample = three files sharing a key (`000123`), either loose in a folder or as members of
+webdataset-style tar shards `00000.tar, 00001.tar, ...`:
+  - `{key}.png`       the RGB image;
+  - `{key}.mask.png`  a palettised label map: 0 = background, k = object k (value of objects[k-1]);
+  - `{key}.json`      {"caption": str, "background": str, "width": int, "height": int,
+                       "objects": [{"value": k, "label": the entity word as it appears in the
+                       caption ("star", or "toy"), "box": [x1, y1, x2, y2] in pixels with x2, y2
+                       exclusive, "attributes": {shape, color, pattern, color2, size, position}}]}.
+This is the original labeller's json ({caption, mask: [{value, label, box}]}, see
+methods/subject_diffusion.md 7.4) with the SAM/GroundingDINO guesses replaced by ground truth.
+`read_records(path)` reads either form back.
+
+Benchmark (`eval`)
+------------------
+Every concept carries eval prompts with a `{}` where the method puts its concept phrase ("a {} on
+the snow" -> "a sks toy on the snow") and a machine-readable `asks` dict of what the prompt
+requests: background / position / size / color / pattern / color2 / other_object {shape, color}.
+The prompts cover a new scene (3 backgrounds never used in the references), a new position, a new
+size, a new colour, a new pattern, and a second object ("next to a small blue circle").
+A folder of generated images with a `manifest.jsonl` ({"file", "concept", "prompt" (id, template,
+or the filled-in text), "method"} per line) is scored with small CNN probes (assets/toy/
+probes.safetensors) that read the background, and the main (largest) object's position, size,
+shape, color, pattern and color2, and the other object's shape and color (or "none"):
+  - concept fidelity = mean agreement of the predicted shape, color, pattern and color2 with the
+    concept, leaving out those the prompt itself changes ("a {} in green" drops color);
+  - prompt fidelity  = mean agreement with everything the prompt asks.
+Both are averaged per image, then per method, per method x concept, per method x concept x prompt.
+`make-oracle` renders ground truth for every prompt: the ceiling of the benchmark. A toy CLIP
+score plugs into `evaluate(clip_score=...)` once the toy CLIP model exists.
+
+    python toy_world.py make-data --out data/toy --n 100000 --seed 0   # ~4 ms an image, 1 core
+    python toy_world.py make-records --out data/records --n 20000 --shard-size 1000
+    python toy_world.py make-concepts --out data/concepts
+    python toy_world.py train-probes      # writes assets/toy/probes.safetensors, ~11 min, 1 core
+    python toy_world.py make-oracle --out outputs/oracle && \
+        python toy_world.py eval --images outputs/oracle   # ~0.97 / 0.99: the ceiling
+"""
+
+import argparse
+import functools
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# 1. Vocabulary
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "hexagon", "moon")
+HELD_OUT_SHAPES = ("arrow", "bolt", "flower")  # only concepts have them; the probes know them too
+ALL_SHAPES = SHAPES + HELD_OUT_SHAPES
+COLORS = {
+    "red": (220, 35, 35), "orange": (245, 135, 20), "yellow": (250, 220, 40),
+    "green": (40, 165, 60), "blue": (35, 80, 220), "purple": (130, 50, 180),
+    "pink": (250, 135, 195), "white": (245, 245, 245), "black": (25, 25, 25),
+    "brown": (120, 70, 30),
+}
+PATTERNS = ("plain", "striped", "dotted", "checkered")
+SIZES = {"small": 0.12, "medium": 0.18, "large": 0.26}  # object radius as a fraction of the side
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")  # row-major 3x3 grid
+POS_PHRASE = {"top left": "in the top left", "top": "at the top", "top right": "in the top right",
+              "left": "on the left", "center": "in the center", "right": "on the right",
+              "bottom left": "in the bottom left", "bottom": "at the bottom",
+              "bottom right": "in the bottom right"}
+BACKGROUNDS = ("sky", "grass", "sand", "snow", "water", "brick", "wood", "night")
+BG_PHRASE = {"sky": "in the sky", "grass": "on the grass", "sand": "on the sand",
+             "snow": "in the snow", "water": "on the water", "brick": "against a brick wall",
+             "wood": "on wood", "night": "at night"}
+# Primary colours too close to a background to be seen on it (white clouds count for the sky).
+CLASHES = {"sky": {"white"}, "grass": {"green"}, "sand": {"yellow"}, "snow": {"white"},
+           "water": {"blue"}, "brick": {"red", "brown"}, "wood": {"brown"}, "night": {"black"}}
+IDENTITY = ("shape", "color", "pattern", "color2")  # what makes a concept that concept
+GENERIC_NOUN = "toy"   # the caption noun for "some object"; class word of held-out-shape concepts
+MARGIN, JITTER, OUTLINE = 0.02, 0.03, 0.016  # fractions of the image side
+SUPERSAMPLE = 4
+PROBES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy",
+                           "probes.safetensors")
+
+
+@functools.lru_cache(maxsize=None)
+def contrasting(color):
+    """Secondary colours that stay visible against `color` (RGB distance > 120)."""
+    c = np.array(COLORS[color])
+    return tuple(n for n, v in COLORS.items() if np.linalg.norm(c - np.array(v)) > 120)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Scenes: frozen specs, sampling, captions
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    pattern: str = "plain"
+    color2: str = "none"      # "none" exactly when the pattern is plain
+    size: str = "medium"
+    position: str = "center"
+    cx: float = 0.5           # placement as fractions of the side, so a scene renders alike at
+    cy: float = 0.5           # every resolution
+    r: float = 0.18
+
+    def key(self):
+        return (self.shape, self.color, self.pattern, self.color2)
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple            # main (largest) object first
+    texture_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Concept:
+    id: str
+    class_word: str           # the noun a user would type: the shape, or "toy" for a new shape
+    shape: str
+    color: str
+    pattern: str = "plain"
+    color2: str = "none"
+
+    def key(self):
+        return (self.shape, self.color, self.pattern, self.color2)
+
+    def attributes(self):
+        return dict(zip(IDENTITY, self.key()))
+
+
+CONCEPTS = (
+    Concept("candy_star", "star", "star", "red", "striped", "white"),
+    Concept("polka_heart", "heart", "heart", "pink", "dotted", "white"),
+    Concept("checker_diamond", "diamond", "diamond", "blue", "checkered", "yellow"),
+    Concept("stripy_moon", "moon", "moon", "green", "striped", "black"),
+    Concept("speckled_hexagon", "hexagon", "hexagon", "orange", "dotted", "purple"),
+    Concept("orange_arrow", GENERIC_NOUN, "arrow", "orange"),
+    Concept("hazard_bolt", GENERIC_NOUN, "bolt", "yellow", "striped", "black"),
+    Concept("berry_flower", GENERIC_NOUN, "flower", "purple", "dotted", "pink"),
+)
+CONCEPT_KEYS = frozenset(c.key() for c in CONCEPTS)
+
+
+def _pick(rng, seq):
+    seq = tuple(seq)
+    return seq[int(rng.integers(len(seq)))]
+
+
+def place(rng, size, position):
+    """Centre and radius for a size class in a grid cell, kept inside the image."""
+    r = SIZES[size] * rng.uniform(0.92, 1.08)
+    row, col = divmod(POSITIONS.index(position), 3)
+    lo, hi = MARGIN + r, 1 - MARGIN - r
+    cx = np.clip(lo + (hi - lo) * col / 2 + rng.uniform(-JITTER, JITTER), lo, hi)
+    cy = np.clip(lo + (hi - lo) * row / 2 + rng.uniform(-JITTER, JITTER), lo, hi)
+    return float(cx), float(cy), float(r)
+
+
+def _overlap(a, b, gap=0.02):
+    # every shape fits in the square [cx - r, cx + r]^2, so disjoint squares never touch
+    return abs(a.cx - b.cx) < a.r + b.r + gap and abs(a.cy - b.cy) < a.r + b.r + gap
+
+
+def sample_attributes(rng, shapes, background, forbid=frozenset(), not_shape=None):
+    """(shape, color, pattern, color2) by rejection: no forbidden combination, no clash."""
+    while True:
+        shape = _pick(rng, [s for s in shapes if s != not_shape])
+        color = _pick(rng, [c for c in COLORS if c not in CLASHES[background]])
+        pattern = _pick(rng, PATTERNS)
+        color2 = "none" if pattern == "plain" else _pick(rng, contrasting(color))
+        if (shape, color, pattern, color2) not in forbid:
+            return shape, color, pattern, color2
+
+
+def sample_scene(rng, world="pretrain", p_two=0.35):
+    """One random scene. world="pretrain" holds out the concepts; world="probe" has everything."""
+    shapes, forbid = (SHAPES, CONCEPT_KEYS) if world == "pretrain" else (ALL_SHAPES, frozenset())
+    bg = _pick(rng, BACKGROUNDS)
+    main = sample_attributes(rng, shapes, bg, forbid)
+    if rng.random() < p_two:
+        other = sample_attributes(rng, shapes, bg, forbid, not_shape=main[0])
+        size_a = _pick(rng, ("medium", "large"))
+        size_b = _pick(rng, [s for s in SIZES if SIZES[s] < SIZES[size_a]])
+        for _ in range(30):  # rejection keeps both objects apart; a crowded draw falls back to one
+            pos_a, pos_b = _pick(rng, POSITIONS), _pick(rng, POSITIONS)
+            a = Obj(*main, size_a, pos_a, *place(rng, size_a, pos_a))
+            b = Obj(*other, size_b, pos_b, *place(rng, size_b, pos_b))
+            if pos_a != pos_b and not _overlap(a, b):
+                return Scene(bg, (a, b), int(rng.integers(2**31)))
+    size, pos = _pick(rng, SIZES), _pick(rng, POSITIONS)
+    return Scene(bg, (Obj(*main, size, pos, *place(rng, size, pos)),), int(rng.integers(2**31)))
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def object_phrase(obj, noun, with_size=True):
+    words = [obj.size] if with_size else []
+    if obj.pattern == "plain":
+        words += [obj.color, noun]
+    elif obj.pattern == "dotted":
+        words += [obj.color, noun, "with", obj.color2, "dots"]
+    else:
+        words += [obj.color, "and", obj.color2, obj.pattern, noun]
+    return _article(words[0]) + " " + " ".join(words)
+
+
+def describe(scene, rng, p_generic=0.1):
+    """A caption and the noun used for each object (the entity words of the records)."""
+    nouns = [o.shape for o in scene.objects]
+    if rng.random() < p_generic:
+        nouns[int(rng.integers(len(nouns)))] = GENERIC_NOUN
+    with_size, with_pos = rng.random() < 0.8, rng.random() < 0.8
+    objs = [object_phrase(o, n, with_size) for o, n in zip(scene.objects, nouns)]
+    pos = [" " + POS_PHRASE[o.position] if with_pos else "" for o in scene.objects]
+    bg, t = BG_PHRASE[scene.background], int(rng.integers(3))
+    if len(objs) == 1:
+        caption = [f"{objs[0]} {bg}" + ("," + pos[0] if with_pos else ""),
+                   f"a photo of {objs[0]}{pos[0]} {bg}",
+                   f"{objs[0]}{pos[0]} {bg}"][t]
+    else:
+        caption = [f"{objs[0]} and {objs[1]} {bg}",
+                   f"{objs[0]}{pos[0]} and {objs[1]}{pos[1]} {bg}",
+                   f"{objs[1]} next to {objs[0]} {bg}"][t]
+    return caption, nouns
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Rendering: shapes as unit polygons/ellipses, procedural backgrounds, 4x supersampling
+
+def _ngon(n, start_deg, radius=1.0, dy=0.0):
+    a = np.deg2rad(start_deg) + 2 * np.pi * np.arange(n) / n
+    return [(radius * math.cos(t), radius * math.sin(t) + dy) for t in a]
+
+
+def _star(points=5, inner=0.45):
+    a = np.deg2rad(-90) + np.pi * np.arange(2 * points) / points
+    rad = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return [(r * math.cos(t), r * math.sin(t) + 0.1) for r, t in zip(rad, a)]
+
+
+def _heart(n=48):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+    return list(zip(x / 17, (y + 2) / 17))
+
+
+# Each shape is a list of parts inside the unit square [-1, 1]^2 (y down): ("poly", points),
+# ("ellipse", (x, y, rx, ry)) or ("erase", (x, y, rx, ry)), drawn in order.
+SHAPE_PARTS = {
+    "circle": [("ellipse", (0, 0, 0.95, 0.95))],
+    "square": [("poly", [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)])],
+    "triangle": [("poly", _ngon(3, -90, 1.1, 0.22))],
+    "star": [("poly", _star())],
+    "heart": [("poly", _heart())],
+    "diamond": [("poly", [(0, -1), (0.68, 0), (0, 1), (-0.68, 0)])],
+    "cross": [("poly", [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3),
+                        (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)])],
+    "hexagon": [("poly", _ngon(6, 0))],
+    "moon": [("ellipse", (0, 0, 0.95, 0.95)), ("erase", (0.45, -0.25, 0.8, 0.8))],
+    "arrow": [("poly", [(-1, -0.28), (0.1, -0.28), (0.1, -0.75), (1, 0), (0.1, 0.75),
+                        (0.1, 0.28), (-1, 0.28)])],
+    "bolt": [("poly", [(0.05, -1), (0.8, -1), (0.3, -0.25), (0.75, -0.25), (-0.5, 1),
+                       (-0.15, 0.12), (-0.6, 0.12)])],
+    "flower": [("ellipse", (0.6 * math.cos(a), 0.6 * math.sin(a), 0.4, 0.4))
+               for a in np.deg2rad(np.arange(5) * 72 - 90)] + [("ellipse", (0, 0.05, 0.35, 0.35))],
+}
+
+
+def shape_mask(shape, cx, cy, r, S):
+    """Coverage mask (uint8 0/255) of a shape centred at (cx, cy) with radius r, in pixels."""
+    img = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(img)
+    for kind, g in SHAPE_PARTS[shape]:
+        if kind == "poly":
+            draw.polygon([(cx + x * r, cy + y * r) for x, y in g], fill=255)
+        else:
+            x, y, rx, ry = g
+            box = [cx + (x - rx) * r, cy + (y - ry) * r, cx + (x + rx) * r, cy + (y + ry) * r]
+            draw.ellipse(box, fill=255 if kind == "ellipse" else 0)
+    return np.asarray(img)
+
+
+def pattern_mask(pattern, u, v):
+    """Where the secondary colour goes; u, v are coordinates from the object centre in periods."""
+    if pattern == "striped":
+        return np.floor(u + v) % 2 == 1                          # diagonal stripes
+    if pattern == "dotted":
+        return (u - np.round(u)) ** 2 + (v - np.round(v)) ** 2 < 0.3 ** 2
+    if pattern == "checkered":
+        return (np.floor(u) + np.floor(v)) % 2 == 1
+    return np.zeros(u.shape, bool)
+
+
+# Pattern period relative to the object radius: big enough that a small object still shows it.
+PERIOD = {"plain": 1.0, "striped": 0.36, "dotted": 0.5, "checkered": 0.45}
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(S):
+    t = (np.arange(S, dtype=np.float32) + 0.5) / S
+    return t[None, :], t[:, None]          # x varies along columns, y along rows
+
+
+def _gradient(S, top, bottom):
+    _, y = _grid(S)
+    top, bottom = np.float32(top), np.float32(bottom)
+    return np.broadcast_to(top + (bottom - top) * y[..., None], (S, S, 3)).copy()
+
+
+def _dots(rng, S, n, rmin, rmax, region=1.0):
+    """A mask of n random round dots (stars, flakes, cloud puffs), radii in fractions of S."""
+    img = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(img)
+    for x, y, r in zip(rng.random(n), rng.random(n) * region, rng.uniform(rmin, rmax, n)):
+        draw.ellipse([(x - r) * S, (y - r) * S, (x + r) * S, (y + r) * S], fill=255)
+    return np.asarray(img, np.float32)[..., None] / 255
+
+
+def _mix(img, mask, color):
+    return img * (1 - mask) + np.float32(color) * mask
+
+
+def bg_sky(rng, S):
+    img = _gradient(S, (70, 140, 225), (175, 210, 245))
+    for _ in range(int(rng.integers(1, 4))):     # a cloud is a cluster of overlapping puffs
+        cx, cy = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.8)
+        puffs = Image.new("L", (S, S), 0)
+        draw = ImageDraw.Draw(puffs)
+        for dx, r in zip(rng.uniform(-0.12, 0.12, 4), rng.uniform(0.05, 0.09, 4)):
+            draw.ellipse([(cx + dx - r) * S, (cy - r) * S, (cx + dx + r) * S, (cy + r * 0.6) * S],
+                         fill=230)
+        img = _mix(img, np.asarray(puffs, np.float32)[..., None] / 255, (255, 255, 255))
+    return img
+
+
+def bg_grass(rng, S):
+    x, y = _grid(S)
+    img = _gradient(S, (100, 175, 65), (45, 110, 35))
+    cols = (x * 96).astype(int)[0]               # one blade per 1/96 of the width
+    height, phase = rng.uniform(0.3, 1.0, 96)[cols], rng.random(96)[cols]
+    blades = 0.75 + 0.45 * height * ((y * 6 + phase) % 1.0)  # sawtooth: dark roots, light tips
+    return img * blades[..., None]
+
+
+def bg_sand(rng, S):
+    x, y = _grid(S)
+    wobble = 0.6 * np.sin(2 * np.pi * x * 1.5 + rng.random() * 6)
+    ripple = 0.06 * np.sin(2 * np.pi * (y * 9 + wobble))
+    speck = 0.05 * (rng.random((S, S), dtype=np.float32) - 0.5)
+    return np.float32((222, 196, 142)) * (1 + ripple + speck)[..., None]
+
+
+def bg_snow(rng, S):
+    x, y = _grid(S)
+    img = _gradient(S, (185, 200, 225), (215, 225, 240))
+    horizon = 0.38 + 0.05 * np.sin(2 * np.pi * x * 1.2 + rng.random() * 6)
+    ground = (y > horizon)[..., None] * (1 - 0.04 * y[..., None])
+    img = _mix(img, ground.astype(np.float32), (246, 248, 252))
+    return _mix(img, _dots(rng, S, 45, 0.006, 0.014, region=0.6), (255, 255, 255))
+
+
+def bg_water(rng, S):
+    x, y = _grid(S)
+    img = _gradient(S, (35, 100, 160), (15, 65, 125))
+    waves = np.sin(2 * np.pi * (y * 14 + 0.25 * np.sin(2 * np.pi * x * 2 + rng.random() * 6)))
+    crest = np.clip((waves - 0.7) * 3.3, 0, 1)[..., None]
+    return _mix(img, crest * 0.8, (150, 200, 230))
+
+
+def bg_brick(rng, S, rows=7, per_row=3.5):
+    x, y = _grid(S)
+    row = np.floor(y * rows)
+    u = x * per_row + 0.5 * (row % 2)            # every other row shifted by half a brick
+    shade = rng.uniform(0.8, 1.1, (rows + 1, int(per_row) + 2))[row.astype(int), u.astype(int)]
+    img = np.float32((165, 65, 45)) * shade[..., None]
+    mortar = ((y * rows) % 1 < 0.11) | (u % 1 < 0.05)
+    return _mix(img, mortar[..., None].astype(np.float32), (205, 198, 185))
+
+
+def bg_wood(rng, S, planks=4):
+    x, y = _grid(S)
+    plank = np.minimum(np.floor(y * planks), planks - 1).astype(int)
+    phase, shade = rng.random(planks) * 6, rng.uniform(0.85, 1.1, planks)
+    grain = 0.09 * np.sin(2 * np.pi * (y * 30 + 0.8 * np.sin(2 * np.pi * x * 1.3 + phase[plank])))
+    img = np.float32((165, 112, 62)) * (shade[plank] * (1 + grain))[..., None]
+    gap = ((y * planks) % 1 < 0.04)[..., None].astype(np.float32)
+    return _mix(img, gap, (70, 42, 20))
+
+
+def bg_night(rng, S):
+    img = _gradient(S, (8, 12, 40), (32, 32, 78))
+    return _mix(img, _dots(rng, S, 35, 0.003, 0.008), (255, 250, 220))
+
+
+PAINTERS = {"sky": bg_sky, "grass": bg_grass, "sand": bg_sand, "snow": bg_snow,
+            "water": bg_water, "brick": bg_brick, "wood": bg_wood, "night": bg_night}
+
+
+def render(scene, size=64):
+    """Draw a scene. Returns the RGB image (uint8 HxWx3) and the label map (uint8 HxW)."""
+    S = size * SUPERSAMPLE
+    img = PAINTERS[scene.background](np.random.default_rng(scene.texture_seed), S)
+    coverage = []
+    for o in scene.objects:
+        cx, cy, r = o.cx * S, o.cy * S, o.r * S
+        outer = shape_mask(o.shape, cx, cy, r, S)
+        inner = shape_mask(o.shape, cx, cy, r - OUTLINE * S, S)
+        # composite only inside the object's square: most of the canvas is background
+        x0, y0 = max(int(cx - r) - 2, 0), max(int(cy - r) - 2, 0)
+        x1, y1 = min(int(cx + r) + 3, S), min(int(cy + r) + 3, S)
+        period = PERIOD[o.pattern] * r
+        u = (np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx) / period
+        v = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy) / period
+        fill = np.where(pattern_mask(o.pattern, u, v)[..., None],
+                        np.float32(COLORS.get(o.color2, (0, 0, 0))), np.float32(COLORS[o.color]))
+        # a darker rim keeps the silhouette readable on any background
+        rim = inner[y0:y1, x0:x1, None] < 128
+        fill = np.where(rim, np.float32(COLORS[o.color]) * 0.45, fill)
+        a = outer[y0:y1, x0:x1, None].astype(np.float32) / 255
+        img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + fill * a
+        coverage.append(outer)
+    image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).reduce(SUPERSAMPLE)
+    labels = np.zeros((size, size), np.uint8)
+    for k, outer in enumerate(coverage, start=1):
+        labels[np.asarray(Image.fromarray(outer).reduce(SUPERSAMPLE)) >= 128] = k
+    return np.asarray(image), labels
+
+
+def boxes_from_labels(labels, n):
+    """Tight pixel boxes [x1, y1, x2, y2] (x2, y2 exclusive) of labels 1..n."""
+    boxes = []
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+    return boxes
+
+
+def ground_truth(scene, nouns, boxes):
+    return [{"value": k, "label": noun, "box": box,
+             "attributes": {f: getattr(o, f) for f in ("shape", "color", "pattern", "color2",
+                                                       "size", "position")}}
+            for k, (o, noun, box) in enumerate(zip(scene.objects, nouns, boxes), start=1)]
+
+
+def make_sample(seed, index, size=64, world="pretrain"):
+    """Everything about sample `index` of dataset `seed`: scene, image, labels, caption, record."""
+    rng = np.random.default_rng((seed, index))
+    scene = sample_scene(rng, world)
+    caption, nouns = describe(scene, rng)
+    image, labels = render(scene, size)
+    record = {"caption": caption, "background": scene.background, "width": size, "height": size,
+              "objects": ground_truth(scene, nouns, boxes_from_labels(labels, len(scene.objects)))}
+    return scene, image, labels, record
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Concepts: reference images and eval prompts
+
+def concept_backgrounds(concept):
+    """(reference backgrounds, eval backgrounds): disjoint, so eval scenes are new scenes."""
+    ok = [b for b in BACKGROUNDS if concept.color not in CLASHES[b]]
+    i = CONCEPTS.index(concept) % len(ok) if concept in CONCEPTS else 0
+    ok = ok[i:] + ok[:i]
+    return ok[:3], ok[3:6]
+
+
+def eval_prompts(concept):
+    """Prompts with a `{}` for the concept phrase and what each asks for, machine-readable."""
+    _, new_bgs = concept_backgrounds(concept)
+    prompts = [{"id": f"scene_{b}", "text": "a {} " + BG_PHRASE[b], "asks": {"background": b}}
+               for b in new_bgs]
+    for pos in ("top left", "bottom right"):
+        prompts.append({"id": "pos_" + pos.replace(" ", "_"), "text": "a {} " + POS_PHRASE[pos],
+                        "asks": {"position": pos}})
+    for size in ("small", "large"):
+        prompts.append({"id": "size_" + size, "text": f"a {size} {{}}", "asks": {"size": size}})
+    own = {concept.color, concept.color2}
+    # an attribute change keeps the rest: the new colour must still contrast with the pattern
+    color = next(c for c in ("green", "blue", "red", "yellow", "purple") if c not in own
+                 and (concept.pattern == "plain" or concept.color2 in contrasting(c)))
+    prompts.append({"id": "color_" + color, "text": "a {} in " + color, "asks": {"color": color}})
+    if concept.pattern == "plain":
+        prompts.append({"id": "pattern_striped", "text": "a striped {}",
+                        "asks": {"pattern": "striped"}})
+    else:  # a plain object has no secondary colour, so that is asked for too
+        prompts.append({"id": "pattern_plain", "text": "a plain {}",
+                        "asks": {"pattern": "plain", "color2": "none"}})
+    shape = next(s for s in ("circle", "square", "triangle") if s != concept.shape)
+    color = next(c for c in ("blue", "red", "green", "yellow") if c not in own)
+    prompts.append({"id": f"next_to_{color}_{shape}",
+                    "text": f"a {{}} next to a small {color} {shape}",
+                    "asks": {"other_object": {"shape": shape, "color": color}}})
+    return prompts
+
+
+def scene_for(concept, asks, rng):
+    """A ground-truth scene that fulfils `asks` with the concept as the main object."""
+    shape, color, pattern, color2 = (asks.get(k, v) for k, v in concept.attributes().items())
+    if pattern != "plain" and color2 not in contrasting(color):  # "a striped {}" of a plain one
+        color2 = _pick(rng, contrasting(color))
+    other = asks.get("other_object")
+    visible = [b for b in BACKGROUNDS
+               if color not in CLASHES[b] and not (other and other["color"] in CLASHES[b])]
+    bg = asks.get("background") or _pick(rng, visible)
+    size = asks.get("size") or _pick(rng, ("medium", "large") if other else SIZES)
+    for _ in range(100):
+        pos = asks.get("position") or _pick(rng, POSITIONS)
+        objs = (Obj(shape, color, pattern, color2, size, pos, *place(rng, size, pos)),)
+        if other:  # small, so that the concept stays the main (larger) object
+            pos2 = _pick(rng, [p for p in POSITIONS if p != pos])
+            objs += (Obj(other["shape"], other["color"], "plain", "none", "small", pos2,
+                         *place(rng, "small", pos2)),)
+            if _overlap(*objs):
+                continue
+        return Scene(bg, objs, int(rng.integers(2**31)))
+    raise RuntimeError(f"could not place {concept.id} for {asks}")
+
+
+def concept_references(concept, n=5, size=64, seed=0):
+    """n reference images of a concept: varied backgrounds (from 3), positions and sizes."""
+    rng = np.random.default_rng((seed, 1000 + CONCEPTS.index(concept)))
+    ref_bgs, _ = concept_backgrounds(concept)
+    out = []
+    for i in range(n):
+        asks = {"background": ref_bgs[i % 3], "size": ("medium", "large")[i % 2]}
+        scene = scene_for(concept, asks, rng)
+        out.append((scene, render(scene, size)[0]))
+    return out
+
+
+def concept_json(concept):
+    return {"id": concept.id, "class_word": concept.class_word, "attributes": concept.attributes(),
+            "eval_prompts": eval_prompts(concept)}
+
+
+def find_concept(name):
+    """A built-in concept by id, or one described by DIR/concept.json."""
+    for c in CONCEPTS:
+        if c.id == name:
+            return c
+    path = os.path.join(name, "concept.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            d = json.load(f)
+        return Concept(d["id"], d["class_word"], **d["attributes"])
+    raise SystemExit(f"Unknown concept {name!r}: use one of {[c.id for c in CONCEPTS]} or a "
+                     "folder with a concept.json written by make-concepts.")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Writers (atomic files, refuse non-empty folders) and the record reader
+
+def atomic_write(path, data):
+    """Bytes to a temporary file, then os.replace: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates private (0600) files
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def png_bytes(array, palette=False):
+    img = Image.fromarray(array)
+    if palette:  # label map: value k stays k when read back; the palette only helps viewers
+        img = img.convert("P")
+        img.putpalette([0, 0, 0] + [c for rgb in COLORS.values() for c in rgb] * 25)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare_out(path, overwrite):
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise SystemExit(f"{path} is not empty; choose a new folder or pass --overwrite.")
+    os.makedirs(path, exist_ok=True)
+
+
+def write_jsonl(path, rows):
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def make_data(out, n, seed=0, size=64, overwrite=False):
+    prepare_out(out, overwrite)
+    rows = []
+    for i in tqdm(range(n), desc="make-data"):
+        _, image, _, rec = make_sample(seed, i, size)
+        atomic_write(os.path.join(out, f"{i:06d}.png"), png_bytes(image))
+        rows.append({"file": f"{i:06d}.png", **rec})
+    write_jsonl(os.path.join(out, "captions.jsonl"), rows)  # the index is written last
+
+
+def record_files(seed, i, size):
+    _, image, labels, rec = make_sample(seed, i, size)
+    key = f"{i:06d}"
+    return [(f"{key}.png", png_bytes(image)), (f"{key}.json", json.dumps(rec).encode()),
+            (f"{key}.mask.png", png_bytes(labels, palette=True))]
+
+
+def make_records(out, n, seed=0, size=64, shard_size=None, overwrite=False):
+    prepare_out(out, overwrite)
+    if not shard_size:
+        for i in tqdm(range(n), desc="make-records"):
+            for name, data in record_files(seed, i, size):
+                atomic_write(os.path.join(out, name), data)
+        return
+    for shard, start in enumerate(tqdm(range(0, n, shard_size), desc="shards")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(start, min(start + shard_size, n)):
+                for name, data in record_files(seed, i, size):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = len(data), 0  # fixed mtime: same seed, same bytes
+                    tar.addfile(info, io.BytesIO(data))
+        atomic_write(os.path.join(out, f"{shard:05d}.tar"), buf.getvalue())
+
+
+def read_records(path):
+    """Yield (key, image uint8 HxWx3, record dict, labels uint8 HxW) from a folder or tar shards."""
+    def decode(files):
+        return (np.asarray(Image.open(io.BytesIO(files["png"])).convert("RGB")),
+                json.loads(files["json"]), np.asarray(Image.open(io.BytesIO(files["mask.png"]))))
+
+    names = sorted(os.listdir(path))
+    tars = [n for n in names if n.endswith(".tar")]
+    if not tars:
+        for name in names:
+            if name.endswith(".json"):
+                key = name[:-5]
+                files = {}
+                for ext in ("png", "json", "mask.png"):
+                    with open(os.path.join(path, f"{key}.{ext}"), "rb") as f:
+                        files[ext] = f.read()
+                yield (key, *decode(files))
+        return
+    for name in tars:
+        with tarfile.open(os.path.join(path, name)) as tar:
+            samples = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            for key in sorted(samples):
+                yield (key, *decode(samples[key]))
+
+
+def make_concepts(out, n_refs=5, size=64, seed=0, overwrite=False):
+    prepare_out(out, overwrite)
+    for concept in tqdm(CONCEPTS, desc="make-concepts"):
+        folder = os.path.join(out, concept.id)
+        os.makedirs(folder, exist_ok=True)
+        refs = []
+        for i, (scene, image) in enumerate(concept_references(concept, n_refs, size, seed)):
+            atomic_write(os.path.join(folder, f"{i:02d}.png"), png_bytes(image))
+            o = scene.objects[0]
+            refs.append({"file": f"{i:02d}.png", "background": scene.background,
+                         "size": o.size, "position": o.position})
+        atomic_write(os.path.join(folder, "concept.json"),
+                     json.dumps({**concept_json(concept), "references": refs}, indent=1).encode())
+
+
+def make_oracle(out, per_prompt=2, size=64, seed=0, overwrite=False):
+    """Ground-truth images for every concept x prompt: the best score the benchmark can give."""
+    prepare_out(out, overwrite)
+    rows = []
+    for ci, concept in enumerate(CONCEPTS):
+        for p in eval_prompts(concept):
+            for j in range(per_prompt):
+                scene = scene_for(concept, p["asks"], np.random.default_rng((seed, ci, len(rows))))
+                name = f"{concept.id}_{p['id']}_{j}.png"
+                atomic_write(os.path.join(out, name), png_bytes(render(scene, size)[0]))
+                rows.append({"file": name, "concept": concept.id, "prompt": p["id"],
+                             "method": "oracle"})
+    write_jsonl(os.path.join(out, "manifest.jsonl"), rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Attribute probes: a small CNN that reads the scene, the main object and the other one
+
+PROBE_HEADS = {"background": BACKGROUNDS, "position": POSITIONS, "size": tuple(SIZES),
+               "shape": ALL_SHAPES, "color": tuple(COLORS), "pattern": PATTERNS,
+               "color2": ("none",) + tuple(COLORS),
+               "other_shape": ("none",) + ALL_SHAPES, "other_color": ("none",) + tuple(COLORS)}
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    image_size: int = 64
+    channels: tuple = (32, 48, 64, 96)   # conv stages; all but the last halve the resolution
+    hidden: int = 128
+
+
+# what each head reads: the whole feature map, the main object's slot, or the other object's
+HEAD_SLOT = {"background": "scene", "position": "main", "size": "main", "shape": "main",
+             "color": "main", "pattern": "main", "color2": "main",
+             "other_shape": "other", "other_color": "other"}
+
+
+class Probes(nn.Module):
+    """A small CNN read out by two attention "slots": one finds the main object, one the other.
+
+    Shape and colour do not depend on where an object is, so each slot pools the feature map with
+    its own softmax attention (translation invariant), and the flattened attention map itself
+    tells position and size. Which object is "main" is learnt from the labels (the larger one).
+    """
+
+    def __init__(self, cfg=ProbeConfig()):
+        super().__init__()
+        self.image_size = cfg.image_size
+        layers, c_in = [], 3
+        for i, c in enumerate(cfg.channels):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            layers += [nn.MaxPool2d(2)] if i < len(cfg.channels) - 1 else []
+            c_in = c
+        self.trunk = nn.Sequential(*layers)
+        cells = (cfg.image_size >> (len(cfg.channels) - 1)) ** 2
+        self.attend = nn.Conv2d(c_in, 2, 1)
+        self.slots = nn.ModuleList(nn.Sequential(nn.Linear(c_in + cells, cfg.hidden), nn.ReLU())
+                                   for _ in range(2))
+        self.scene = nn.Sequential(nn.Linear(c_in, cfg.hidden), nn.ReLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(cfg.hidden, len(v))
+                                    for k, v in PROBE_HEADS.items()})
+
+    def forward(self, x):  # x: RGB in [0, 1], (b, 3, h, w)
+        f = self.trunk((x - 0.5) / 0.25)
+        attn = self.attend(f).flatten(2).softmax(-1)               # (b, 2 slots, h*w)
+        pooled = torch.einsum("bsn,bcn->bsc", attn, f.flatten(2))
+        h = {"main": self.slots[0](torch.cat([pooled[:, 0], attn[:, 0]], 1)),
+             "other": self.slots[1](torch.cat([pooled[:, 1], attn[:, 1]], 1)),
+             "scene": self.scene(f.mean((2, 3)))}
+        return {k: head(h[HEAD_SLOT[k]]) for k, head in self.heads.items()}
+
+
+def probe_labels(scene):
+    main = scene.objects[0]
+    other = scene.objects[1] if len(scene.objects) > 1 else None
+    names = {"background": scene.background, "position": main.position, "size": main.size,
+             "shape": main.shape, "color": main.color, "pattern": main.pattern,
+             "color2": main.color2, "other_shape": other.shape if other else "none",
+             "other_color": other.color if other else "none"}
+    return {k: PROBE_HEADS[k].index(v) for k, v in names.items()}
+
+
+def probe_dataset(seed, n, size=64, desc="render"):
+    images = np.zeros((n, size, size, 3), np.uint8)
+    labels = {k: np.zeros(n, np.int64) for k in PROBE_HEADS}
+    for i in tqdm(range(n), desc=desc, leave=False):
+        rng = np.random.default_rng((seed, i))
+        scene = sample_scene(rng, world="probe", p_two=0.3)
+        images[i] = render(scene, size)[0]
+        for k, v in probe_labels(scene).items():
+            labels[k][i] = v
+    images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return images, {k: torch.from_numpy(v) for k, v in labels.items()}
+
+
+def degrade(x, g):
+    """Blur, noise and contrast jitter, so the probes also read a diffusion model's images."""
+    b = x.shape[0]
+    a = torch.rand(b, 1, 1, 1, generator=g)
+    x = x * (1 - a) + F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) * a
+    x = (x - 0.5) * (0.85 + 0.3 * torch.rand(b, 1, 1, 1, generator=g)) + 0.5
+    x = x + 0.05 * torch.rand(b, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 1)
+
+
+@torch.no_grad()
+def probe_accuracy(model, images, labels, batch=256):
+    model.eval()
+    hits = {k: 0 for k in PROBE_HEADS}
+    for s in range(0, len(images), batch):
+        logits = model(images[s:s + batch].float() / 255)
+        for k in PROBE_HEADS:
+            hits[k] += (logits[k].argmax(1) == labels[k][s:s + batch]).sum().item()
+    return {k: round(v / len(images), 4) for k, v in hits.items()}
+
+
+def train_probes(out, steps=3500, batch_size=64, n_train=24000, n_val=2000, lr=3e-3, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    cfg = ProbeConfig()
+    x_tr, y_tr = probe_dataset(seed, n_train, cfg.image_size, "render train")
+    x_va, y_va = probe_dataset(seed + 1, n_val, cfg.image_size, "render val")  # fresh scenes
+    model = Probes(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    bar = tqdm(range(steps), desc="train-probes")
+    for step in bar:
+        model.train()
+        idx = torch.randint(0, n_train, (batch_size,), generator=g)
+        logits = model(degrade(x_tr[idx].float() / 255, g))
+        loss = sum(F.cross_entropy(logits[k], y_tr[k][idx]) for k in PROBE_HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    acc = probe_accuracy(model, x_va, y_va)
+    print(json.dumps(acc, indent=1))
+    meta = {"format": "toy_world probes", "config": json.dumps(asdict(cfg)),
+            "heads": json.dumps(PROBE_HEADS), "val_accuracy": json.dumps(acc),
+            "steps": str(steps), "seed": str(seed), "n_train": str(n_train), "n_val": str(n_val)}
+    # fp16 halves the committed file; the probes are evaluated in fp32 after loading
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, safetensors_bytes(tensors, metadata=meta))
+    return acc
+
+
+def load_probes(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"No probes at {path}; train them with "
+                         f"`python toy_world.py train-probes --out {path}`.")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # safetensors raises its own error type for a file that is not safetensors
+        meta = {}
+    if meta.get("format") != "toy_world probes":
+        raise SystemExit(f"{path} is not a probes file written by `toy_world.py train-probes`.")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if json.loads(meta["heads"]) != {k: list(v) for k, v in PROBE_HEADS.items()}:
+        raise SystemExit(f"{path} was trained on another vocabulary; retrain with train-probes.")
+    cfg = json.loads(meta["config"])
+    model = Probes(ProbeConfig(cfg["image_size"], tuple(cfg["channels"]), cfg["hidden"]))
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def predict(model, images, batch=256):
+    """Attribute names for each image (uint8 HxWx3; other sizes are resized to the probes')."""
+    side = model.image_size
+    x = np.stack([np.asarray(Image.fromarray(im).convert("RGB").resize((side, side), Image.BOX))
+                  if im.shape[:2] != (side, side) else im for im in images])
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    preds = []
+    for s in range(0, len(x), batch):
+        logits = model(x[s:s + batch])
+        idx = {k: v.argmax(1).tolist() for k, v in logits.items()}
+        preds += [{k: PROBE_HEADS[k][idx[k][i]] for k in PROBE_HEADS}
+                  for i in range(len(idx["shape"]))]
+    return preds
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Benchmark: concept fidelity and prompt fidelity per method, concept and prompt
+
+def score(pred, concept, asks):
+    """0/1 agreements: concept attributes the prompt leaves alone, and what the prompt asks."""
+    changed = set(asks) | ({"color2"} if "pattern" in asks else set())
+    fidelity = {a: float(pred[a] == getattr(concept, a)) for a in IDENTITY if a not in changed}
+    prompt = {}
+    for a, want in asks.items():
+        if a == "other_object":
+            prompt["other_shape"] = float(pred["other_shape"] == want["shape"])
+            prompt["other_color"] = float(pred["other_color"] == want["color"])
+        else:
+            prompt[a] = float(pred[a] == want)
+    return fidelity, prompt
+
+
+def find_prompt(concept, prompt):
+    """An eval prompt by id, by template, or by its text with any concept phrase filled in."""
+    for p in eval_prompts(concept):
+        pattern = re.escape(p["text"]).replace(r"\{\}", ".+")
+        if prompt in (p["id"], p["text"]) or re.fullmatch(pattern, prompt):
+            return p
+    raise SystemExit(f"Prompt {prompt!r} is not an eval prompt of {concept.id}; use one of "
+                     f"{[p['id'] for p in eval_prompts(concept)]}.")
+
+
+def _mean(xs):
+    xs = list(xs)
+    return round(float(np.mean(xs)), 4) if xs else None
+
+
+def summarize(rows):
+    out = {"concept_fidelity": _mean(r["concept_fidelity"] for r in rows),
+           "prompt_fidelity": _mean(r["prompt_fidelity"] for r in rows), "n": len(rows)}
+    for part in ("concept_attributes", "prompt_attributes"):
+        names = sorted({a for r in rows for a in r[part]})
+        out[part] = {a: _mean(r[part][a] for r in rows if a in r[part]) for a in names}
+    return out
+
+
+def evaluate(images_dir, manifest, model, concept=None, clip_score=None):
+    """Score every manifest row with the probes and average per method, concept and prompt.
+
+    Extension point for the toy CLIP: `clip_score(image uint8 HxWx3, text) -> float`. When
+    given, it is reported per image as `clip_t`, on the prompt with the class word in place of
+    the concept phrase (the DreamBench convention), and averaged like the fidelities.
+    """
+    todo, images = [], []
+    for line in manifest:
+        if concept and line.get("concept", concept.id) != concept.id:
+            continue
+        if not concept and "concept" not in line:
+            raise SystemExit(f"Manifest row for {line['file']} names no concept; add one or "
+                             "pass --concept.")
+        c = concept or find_concept(line["concept"])
+        path = os.path.join(images_dir, line["file"])
+        try:
+            images.append(np.asarray(Image.open(path).convert("RGB")))
+        except OSError as e:
+            raise SystemExit(f"Cannot read {path}, listed in the manifest: {e}")
+        todo.append((line, c, find_prompt(c, line["prompt"])))
+    if not todo:
+        raise SystemExit("The manifest lists no images for this concept.")
+    rows = []
+    for (line, c, p), pred, image in zip(todo, predict(model, images), images):
+        fid, pro = score(pred, c, p["asks"])
+        row = {**line, "concept": c.id, "prompt_id": p["id"], "predicted": pred,
+               "concept_attributes": fid, "prompt_attributes": pro,
+               "concept_fidelity": _mean(fid.values()), "prompt_fidelity": _mean(pro.values())}
+        if clip_score is not None:
+            row["clip_t"] = float(clip_score(image, p["text"].format(c.class_word)))
+        rows.append(row)
+    results = {"images": rows}
+    for level, keys in (("methods", ("method",)), ("per_concept", ("method", "concept")),
+                        ("per_prompt", ("method", "concept", "prompt_id"))):
+        groups = {}
+        for r in rows:
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+        results[level] = {}
+        for key, grp in groups.items():  # nested: results[level][method][concept][prompt]
+            d = results[level]
+            for k in key[:-1]:
+                d = d.setdefault(k, {})
+            d[key[-1]] = summarize(grp)
+            if clip_score is not None:
+                d[key[-1]]["clip_t"] = _mean(r["clip_t"] for r in grp)
+    return results
+
+
+def markdown_table(results):
+    lines = ["| method | concept fidelity | prompt fidelity | n |", "|---|---|---|---|"]
+    for m, s in sorted(results["methods"].items()):
+        lines.append(f"| {m} | {s['concept_fidelity']:.3f} | {s['prompt_fidelity']:.3f} "
+                     f"| {s['n']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Command line
+
+def read_manifest(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"No manifest at {path}; write one JSON object per line with "
+                         "file, concept, prompt and method.")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for i, r in enumerate(rows, 1):
+        if "file" not in r or "prompt" not in r:
+            raise SystemExit(f"{path} line {i} needs at least 'file' and 'prompt'.")
+        r.setdefault("method", "unnamed")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    gen = {}
+    for name, help in (("make-data", "captioned images + captions.jsonl"),
+                       ("make-records", "Subject-Diffusion records (folder or tar shards)"),
+                       ("make-concepts", "reference images + concept.json per concept"),
+                       ("make-oracle", "ground truth for every eval prompt + manifest.jsonl")):
+        gen[name] = c = sub.add_parser(name, help=help)
+        c.add_argument("--out", required=True, help="output folder")
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--size", type=int, default=64, help="image side in pixels")
+        c.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    gen["make-data"].add_argument("--n", type=int, required=True)
+    gen["make-records"].add_argument("--n", type=int, required=True)
+    gen["make-records"].add_argument("--shard-size", type=int, default=None,
+                                     help="samples per tar shard (default: loose files)")
+    gen["make-concepts"].add_argument("--n-refs", type=int, default=5)
+    gen["make-oracle"].add_argument("--per-prompt", type=int, default=2)
+    c = sub.add_parser("train-probes", help="train the attribute probes on fresh renders")
+    c.add_argument("--out", default=PROBES_PATH, help="the .safetensors file to write")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=3500)
+    c.add_argument("--n-train", type=int, default=24000, help="rendered training images")
+    c.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("eval", help="score generated images listed in a manifest")
+    c.add_argument("--images", required=True, help="folder with the images and manifest.jsonl")
+    c.add_argument("--manifest", default=None, help="default: IMAGES/manifest.jsonl")
+    c.add_argument("--concept", default=None, help="only this concept (id or make-concepts folder)")
+    c.add_argument("--probes", default=PROBES_PATH)
+    c.add_argument("--out", default=None, help="results JSON (default: IMAGES/eval_results.json)")
+    a = p.parse_args(argv)
+    if getattr(a, "size", 64) < 32:
+        raise SystemExit("--size must be at least 32: below that small objects vanish.")
+
+    if a.cmd == "make-data":
+        make_data(a.out, a.n, a.seed, a.size, a.overwrite)
+    elif a.cmd == "make-records":
+        make_records(a.out, a.n, a.seed, a.size, a.shard_size, a.overwrite)
+    elif a.cmd == "make-concepts":
+        make_concepts(a.out, a.n_refs, a.size, a.seed, a.overwrite)
+    elif a.cmd == "make-oracle":
+        make_oracle(a.out, a.per_prompt, a.size, a.seed, a.overwrite)
+    elif a.cmd == "train-probes":
+        torch.set_num_threads(a.threads)
+        t0 = time.time()
+        train_probes(a.out, a.steps, n_train=a.n_train, seed=a.seed)
+        print(f"wrote {a.out} in {time.time() - t0:.0f} s")
+    elif a.cmd == "eval":
+        model, _ = load_probes(a.probes)
+        concept = find_concept(a.concept) if a.concept else None
+        manifest = read_manifest(a.manifest or os.path.join(a.images, "manifest.jsonl"))
+        results = evaluate(a.images, manifest, model, concept)
+        print(markdown_table(results))
+        out = a.out or os.path.join(a.images, "eval_results.json")
+        atomic_write(out, json.dumps(results, indent=1).encode())
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
