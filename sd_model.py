@@ -337,24 +337,16 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class CLIPEncoder(nn.Module):
-    def __init__(self, n: int, width: int, heads: int, hidden: int, act: str):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(width, heads, hidden, act) for _ in range(n))
-
-
-class CLIPTextEmbeddings(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+def clip_encoder(cfg) -> nn.ModuleDict:  # a container only, for the "encoder.layers.N" keys
+    return nn.ModuleDict({"layers": nn.ModuleList(CLIPEncoderLayer(cfg.width, cfg.heads, cfg.mlp_dim, cfg.act) for _ in range(cfg.layers))})
 
 
 class CLIPTextTransformer(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.embeddings = CLIPTextEmbeddings(cfg)
-        self.encoder = CLIPEncoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act)
+        self.embeddings = nn.ModuleDict({"token_embedding": nn.Embedding(cfg.vocab_size, cfg.width),
+                                         "position_embedding": nn.Embedding(cfg.max_positions, cfg.width)})
+        self.encoder = clip_encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width)
 
 
@@ -378,21 +370,19 @@ class CLIPTextModel(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return self.text_model.embeddings.token_embedding
 
-    def resize_token_embeddings(self, n: int) -> None:
-        """Grow the token table to n rows for newly added tokens (new rows start as copies of row 0
-        and are meant to be overwritten by the caller's initialisation)."""
-        old = self.token_embedding
-        if n <= old.num_embeddings:
-            return
-        new = nn.Embedding(n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-        with torch.no_grad():
-            new.weight[: old.num_embeddings] = old.weight
-            new.weight[old.num_embeddings :] = old.weight[0]
-        self.text_model.embeddings.token_embedding = new
+    def embed(self, input_ids, extra=None):
+        """Token embeddings. Ids past the table (tokens added to the tokenizer) take rows of `extra`
+        (n_added, width), e.g. an fp32 trainable parameter: the pretrained table stays untouched."""
+        table = self.token_embedding
+        if extra is None:
+            return table(input_ids)
+        n = table.num_embeddings
+        new = extra[(input_ids - n).clamp(min=0)].to(table.weight.dtype)
+        return torch.where((input_ids >= n)[..., None], new, table(input_ids.clamp(max=n - 1)))
 
     def forward(self, input_ids, token_embeds=None):
         tm = self.text_model
-        x = tm.embeddings.token_embedding(input_ids) if token_embeds is None else token_embeds
+        x = self.embed(input_ids) if token_embeds is None else token_embeds
         x = x + tm.embeddings.position_embedding.weight[: input_ids.shape[1]]
         for i, layer in enumerate(tm.encoder.layers):
             if self.cfg.penultimate and i == len(tm.encoder.layers) - 1:
@@ -424,7 +414,7 @@ class CLIPVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width)  # sic: the checkpoint's spelling
-        self.encoder = CLIPEncoder(cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim, cfg.act)
+        self.encoder = clip_encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.width)
 
 
@@ -1074,16 +1064,18 @@ class StableDiffusion(nn.Module):
         cfg = self.cfg.text2 if second else self.cfg.text
         return self.tokenizer(prompts, pad_id=cfg.pad_id).to(self.device)
 
-    def encode_prompt(self, prompts, size: tuple[int, int] | None = None, token_embeds=None) -> Cond:
-        """Exactly what the UNet receives for these prompts. SDXL: both encoders' hidden states side
-        by side, and y = [pooled text of encoder 2, embeddings of (orig h, w, crop top, left, target h, w)]
-        (Podell et al. 2023, Sec. 2.2), with no cropping and original size = target size."""
+    def encode_prompt(self, prompts, size: tuple[int, int] | None = None, extra=(None, None)) -> Cond:
+        """Exactly what the UNet receives for these prompts. `extra` holds the embedding rows of tokens
+        added to the tokenizer, per encoder (see CLIPTextModel.embed). SDXL: both encoders' hidden
+        states side by side, and y = [pooled text of encoder 2, embeddings of (orig h, w, crop top,
+        left, target h, w)] (Podell et al. 2023, Sec. 2.2), no cropping, original size = target size."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = self.tokenize(prompts)
-        context, _ = self.text_encoder(ids, token_embeds)
+        context, _ = self.text_encoder(ids, self.text_encoder.embed(ids, extra[0]))
         if self.text_encoder_2 is None:
             return Cond(context)
-        ctx2, pooled = self.text_encoder_2(self.tokenize(prompts, second=True))
+        ids2 = self.tokenize(prompts, second=True)
+        ctx2, pooled = self.text_encoder_2(ids2, self.text_encoder_2.embed(ids2, extra[1]))
         h, w = size or (self.cfg.image_size, self.cfg.image_size)
         ids6 = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=torch.float32).repeat(len(prompts))
         per_id = (self.cfg.unet.adm_in_channels - pooled.shape[-1]) // 6  # 256 on SDXL
@@ -1150,9 +1142,9 @@ def load_image(path) -> "Image.Image":
     from PIL import Image
 
     img = Image.open(path)
-    img.load()
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits instead of clipping
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / (65535 if img.mode != "I" else max(1, np.asarray(img).max())) * 255).astype(np.uint8))
+    if img.mode.startswith("I"):  # 16/32-bit integers: scale to 8 bits instead of clipping
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((a / (65535 if img.mode.startswith("I;16") else max(1, a.max())) * 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -1214,6 +1206,9 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give it a normal file's mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -1227,6 +1222,23 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def save_embeddings(path, embeds: dict, fmt: str = "diffusers", metadata: dict | None = None) -> None:
+    """Learned token embeddings in the formats other tools read: "diffusers" {token: (n, d)} (SDXL:
+    {"clip_l": ..., "clip_g": ...}, as DCO writes), or "a1111" {"emb_params": (n, d)} (same SDXL keys)."""
+    if fmt == "a1111" and len(embeds) == 1:
+        embeds = {"emb_params": next(iter(embeds.values()))}
+    save_safetensors({k: v.float() for k, v in embeds.items()}, path, {"format": fmt, **(metadata or {})})
+
+
+def load_embeddings(path) -> dict:
+    """{name: (n, d)} from a diffusers .safetensors/.bin, an A1111 .safetensors (emb_params) or .pt (string_to_param)."""
+    from safetensors.torch import load_file
+
+    d = load_file(str(path)) if str(path).endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    d = d.get("string_to_param", d)
+    return {k: (v[None] if v.ndim == 1 else v).float() for k, v in d.items() if torch.is_tensor(v)}
 
 
 def save_image(img, path) -> None:
@@ -1301,13 +1313,8 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     """Everything `--resume` needs to continue bit for bit: trainable tensors, optimizer and LR
     schedule state, the gradient scaler, the data/noise generator and the global RNGs."""
     state = {f"param.{k}": v for k, v in tensors.items()}
-    osd, extra = optimizer.state_dict(), {}
-    for i, st in osd["state"].items():
-        for name, v in st.items():
-            if torch.is_tensor(v):
-                state[f"optim.{i}.{name}"] = v
-            else:
-                extra[f"{i}.{name}"] = v
+    osd = optimizer.state_dict()
+    state.update({f"optim.{i}.{name}": torch.as_tensor(v) for i, st in osd["state"].items() for name, v in st.items()})
     state["rng.torch"] = torch.get_rng_state()
     if generator is not None:
         state["rng.generator"] = generator.get_state()
@@ -1315,7 +1322,7 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
         state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
-    meta = {"step": step, "param_groups": osd["param_groups"], "optim_extra": extra, "numpy": [kind, pos, has_gauss, gauss],
+    meta = {"step": step, "param_groups": osd["param_groups"], "numpy": [kind, pos, has_gauss, gauss],
             "random": random.getstate(), "scheduler": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     save_safetensors(state, Path(folder) / "training_state.safetensors", {k: json.dumps(v, default=lambda o: None) for k, v in meta.items()})
@@ -1340,9 +1347,6 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
         if k.startswith("optim."):
             _, i, name = k.split(".", 2)
             osd["state"].setdefault(int(i), {})[name] = v
-    for k, v in meta["optim_extra"].items():
-        i, name = k.split(".", 1)
-        osd["state"].setdefault(int(i), {})[name] = v
     optimizer.load_state_dict(osd)
     if scheduler is not None and meta["scheduler"]:
         scheduler.load_state_dict(meta["scheduler"])
@@ -1361,12 +1365,8 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
 
 def find_checkpoint(output_dir, resume: str) -> Path | None:
     """--resume latest -> the newest checkpoint-N in output_dir (None if there is none yet)."""
-    if not resume:
-        return None
-    if resume != "latest":
-        return Path(resume)
     found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+    return None if not resume else Path(resume) if resume != "latest" else (found[-1] if found else None)
 
 
 def lr_lambda(args: TrainArgs):
@@ -1399,8 +1399,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
     step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler) if resume_from else 0
-    if resume_from:
-        print(f"resumed from {resume_from} at step {step}", file=sys.stderr)
+    print(f"resumed from {resume_from} at step {step}" if resume_from else "", file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     bar = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps)
@@ -1442,50 +1441,65 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     return out
 
 
-# ---- 10. Command line: python sd_model.py sample --prompt "..." [--pretrained-model PATH] ...
+# ---- 10. Sampling flags shared by every command, and `python sd_model.py sample --prompt "..."`.
 
 
-def random_tiny_model(seed: int = 0) -> StableDiffusion:
-    torch.manual_seed(seed)
-    return StableDiffusion(TINY).eval().requires_grad_(False)
+@dataclass
+class SampleArgs:
+    prompt: str = ""
+    negative_prompt: str = ""
+    output_dir: str = "outputs/samples"
+    pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
+    variant: str = ""  # SD 2.x single files: sd21 (v) or sd21-base (eps)
+    seed: int = 0
+    steps: int = 50
+    guidance_scale: float = 7.5
+    sampler: str = "ddim"  # ddim | ddpm | euler | dpmpp_2m
+    eta: float = 0.0
+    height: int = 0  # 0 = the model's native size
+    width: int = 0
+    batch_size: int = 1
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    vae_precision: str = ""  # "" = --precision; fp32 avoids the fp16 VAE's NaNs/black images
+    device: str = ""  # "" = cuda when available
+    overwrite: bool = False
+
+
+def pick_device(device: str = "") -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str = "", precision: str = "fp32", vae_precision: str = "", device: str = "", variant: str = "") -> StableDiffusion:
+    """from_pretrained with the command-line conventions: "" = the toy model, precision names."""
+    if precision not in DTYPES or (vae_precision or precision) not in DTYPES:
+        raise ValueError(f"unknown precision '{precision}/{vae_precision}'; use fp32, fp16 or bf16.")
+    return StableDiffusion.from_pretrained(path or None, pick_device(device), DTYPES[precision],
+                                           DTYPES[vae_precision or precision], variant or None)
+
+
+@dataclass
+class _SampleCLI(SampleArgs):
+    random_tiny: bool = False  # an untrained tiny model built on the spot (its images are noise)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Stable Diffusion text-to-image sampling.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("sample", help="generate images from a prompt")
-    s.add_argument("--pretrained-model", "--pretrained_model_name_or_path", default=None,
-                   help="converted dir, diffusers dir or single file; default: the project's toy model")
-    s.add_argument("--variant", default=None, help="for SD 2.x single files: sd21 (v) or sd21-base (eps)")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--negative-prompt", default="")
-    s.add_argument("--output-dir", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    s.add_argument("--eta", type=float, default=0.0)
-    s.add_argument("--height", type=int, default=None)
-    s.add_argument("--width", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    s.add_argument("--vae-precision", choices=["fp32", "fp16", "bf16"], default=None, help="default: --precision")
-    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--random-tiny", action="store_true", help="use an untrained tiny model built on the spot")
-    s.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["sample"]:
+        sys.exit("usage: python sd_model.py sample --prompt TEXT --output-dir DIR [options]; see --help")
+    args = parse_args(_SampleCLI, argv[1:], argparse.ArgumentParser(prog="sd_model.py sample", description="text -> images"))
+    device = pick_device(args.device)
     try:
         out = prepare_output_dir(args.output_dir, args.overwrite)
-        if args.random_tiny or (args.pretrained_model is None and not (TOY_MODEL_PATH / "config.json").exists()):
+        if args.random_tiny or (not args.pretrained_model and not (TOY_MODEL_PATH / "config.json").exists()):
             print("note: using a tiny Stable Diffusion with random weights, built on the spot "
                   "(its images are noise; pass --pretrained-model for a real model).", file=sys.stderr)
-            model = random_tiny_model(args.seed).to(args.device)
+            torch.manual_seed(args.seed)
+            model = StableDiffusion(TINY).eval().requires_grad_(False).to(device)
         else:
-            model = StableDiffusion.from_pretrained(args.pretrained_model, args.device, DTYPES[args.precision],
-                                                    DTYPES[args.vae_precision or args.precision], args.variant)
-        gen = torch.Generator(args.device).manual_seed(args.seed)
+            model = load_model(args.pretrained_model, args.precision, args.vae_precision, device, args.variant)
         images = model.sample([args.prompt] * args.batch_size, args.negative_prompt, args.steps, args.guidance_scale,
-                              args.sampler, args.eta, args.height, args.width, gen)
+                              args.sampler, args.eta, args.height or None, args.width or None,
+                              torch.Generator(device).manual_seed(args.seed))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     for i, img in enumerate(tensor_to_images(images)):

@@ -80,6 +80,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -995,7 +996,330 @@ def markdown_table(results):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Command line
+# 8. The toy Stable Diffusion and toy CLIP: configs, pretraining data, the three training stages
+#
+# The same sd_model.py classes as SD 1.5 with smaller numbers: a UNet with SD1.5's block layout
+# (4 levels, attention at the first 3, 2 res blocks per level, so 16 transformer blocks and every
+# method's layer rule applies unchanged), a KL VAE with f = 4 (64 px images -> 16x16x4 latents),
+# and a CLIP whose 4-layer text tower is the SD text encoder and whose ViT image tower gives patch
+# tokens and a pooled embedding in the text width (what Subject-Diffusion needs). Trained as SD
+# was: CLIP contrastively (Radford et al. 2021), the VAE as a KL autoencoder (LDM Sec. 3.1,
+# without the GAN and LPIPS terms), then the UNet on the frozen encoders (LDM Eq. 2), with
+# 10 % of captions dropped for classifier-free guidance (Ho & Salimans 2022) and an EMA.
+
+import sd_model as sdm  # noqa: E402  (the world itself needs no model; only this part does)
+
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy", "sd")
+TOY_SD = sdm.SDConfig(
+    "toy",
+    sdm.UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                   attention_resolutions=(4, 2, 1), transformer_depth=(1, 1, 1, 0), num_heads=4,
+                   context_dim=64),
+    sdm.VAEConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=2),
+    sdm.CLIPTextConfig(width=64, layers=4, heads=2, mlp_dim=256, projection_dim=64),
+    image_size=64)
+TOY_VISION = sdm.CLIPVisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4,
+                                  mlp_dim=512, act="quick_gelu", projection_dim=64)
+
+
+def save_toy(out, parts, cfg=TOY_SD, vision=TOY_VISION, dtype=torch.float16):
+    """Write a model in the converted layout `from_pretrained` reads (fp16 halves the files)."""
+    import weights_convert as wc
+
+    parts = {p: {k: v.detach().to(dtype) for k, v in sd.items()} for p, sd in parts.items()}
+    wc.write_parts(Path(out), cfg, parts, vision if "image_encoder" in parts else None)
+
+
+def init_sd(out, seed=0):
+    """A toy-shaped model with random weights: for trying commands before the real one exists."""
+    torch.manual_seed(seed)
+    model = sdm.StableDiffusion(TOY_SD)
+    parts = {p: getattr(model, p).state_dict() for p in ("unet", "vae", "text_encoder")}
+    parts["image_encoder"] = sdm.CLIPVisionModel(TOY_VISION).state_dict()
+    save_toy(out, parts, dtype=torch.float32)
+
+
+def _render_chunk(args):
+    seed, start, stop, size = args
+    imgs, caps = np.zeros((stop - start, size, size, 3), np.uint8), []
+    for i in range(start, stop):
+        _, imgs[i - start], _, rec = make_sample(seed, i, size)
+        caps.append(rec["caption"])
+    return start, imgs, caps
+
+
+def pretrain_data(out, n, seed=0, size=64, workers=2):
+    """N pretraining scenes as one uint8 array (images.npy, memory-mapped by the stages) plus
+    captions.json; rendered once, since every stage reads them several times."""
+    from multiprocessing import Pool
+
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, ".images.npy.tmp")
+    arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, size, size, 3))
+    captions = [None] * n
+    chunks = [(seed, s, min(s + 1000, n), size) for s in range(0, n, 1000)]
+    with Pool(workers) as pool:
+        for start, imgs, caps in tqdm(pool.imap_unordered(_render_chunk, chunks), total=len(chunks),
+                                      desc="render"):
+            arr[start:start + len(imgs)], captions[start:start + len(caps)] = imgs, caps
+    arr.flush()
+    del arr
+    os.replace(tmp, os.path.join(out, "images.npy"))
+    atomic_write(os.path.join(out, "captions.json"), json.dumps(captions).encode())
+
+
+def load_pretrain_data(folder):
+    path = os.path.join(folder, "images.npy")
+    if not os.path.isfile(path):
+        raise SystemExit(f"No pretraining data in {folder}; make it with "
+                         f"`python toy_world.py pretrain-data --out {folder}`.")
+    with open(os.path.join(folder, "captions.json")) as f:
+        return np.load(path, mmap_mode="r"), json.load(f)
+
+
+def _pixels(arr, idx):
+    """uint8 (b, h, w, 3) rows of a memory-mapped array -> (b, 3, h, w) in [-1, 1]."""
+    x = torch.from_numpy(np.stack([arr[i] for i in idx.tolist()])).permute(0, 3, 1, 2)
+    return x.float() / 127.5 - 1
+
+
+@dataclass
+class ToyArgs(sdm.TrainArgs):
+    data: str = "outputs/toy/data"  # folder written by pretrain-data
+    stage_dir: str = "outputs/toy"  # where the clip/ and vae/ stages wrote their results
+    threads: int = 2
+
+
+@dataclass
+class ClipArgs(ToyArgs):
+    output_dir: str = "outputs/toy/clip"
+    train_batch_size: int = 256
+    max_train_steps: int = 2500
+    learning_rate: float = 5e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 200
+    checkpointing_steps: int = 500
+
+
+@dataclass
+class VaeArgs(ToyArgs):
+    output_dir: str = "outputs/toy/vae"
+    train_batch_size: int = 32
+    max_train_steps: int = 3000
+    learning_rate: float = 3e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    checkpointing_steps: int = 500
+
+
+@dataclass
+class UnetArgs(ToyArgs):
+    output_dir: str = "outputs/toy/unet"
+    train_batch_size: int = 64
+    max_train_steps: int = 6000
+    learning_rate: float = 3e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 300
+    max_grad_norm: float = 1.0
+    checkpointing_steps: int = 500
+    validation_prompt: str = "a large red star on the grass"
+    validation_steps: int = 1000
+    ema: float = 0.999  # EMA decay of the UNet weights; the EMA ships
+    export: str = TOY_DIR  # where the finished model goes ("" = only output_dir)
+
+
+def _load(path):
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing: run the earlier pretraining stage first (see `pretrain`).")
+    return load_file(path)
+
+
+def _clip_towers(folder=None):
+    text, vision = sdm.CLIPTextModel(TOY_SD.text), sdm.CLIPVisionModel(TOY_VISION)
+    if folder is not None:
+        text.load_state_dict(_load(os.path.join(folder, "text_encoder.safetensors")))
+        vision.load_state_dict(_load(os.path.join(folder, "image_encoder.safetensors")))
+    return text, vision
+
+
+def train_clip(a: ToyArgs):
+    """Contrastive pretraining of both towers (Radford et al. 2021, Fig. 3): symmetric
+    cross-entropy over the cosine similarities of a batch, with a learnt temperature."""
+    arr, captions = load_pretrain_data(a.data)
+    torch.manual_seed(a.seed)
+    text, vision = _clip_towers()
+    log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    tok = sdm.CLIPTokenizer()
+    params = [*text.parameters(), *vision.parameters()]
+    opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.1},
+                             {"params": [log_scale], "weight_decay": 0.0}], lr=a.learning_rate)
+
+    def loss_fn(g):
+        idx = torch.randint(0, len(arr), (a.train_batch_size,), generator=g)
+        ids = tok([captions[i] for i in idx.tolist()])
+        # the causal text tower pools at <|endoftext|>, which never sees later positions: cut them
+        ids = ids[:, : int((ids == tok.eos_id).int().argmax(1).max()) + 1]
+        t = F.normalize(text(ids)[1], dim=-1)
+        v = F.normalize(vision(vision.preprocess(_pixels(arr, idx)))[1], dim=-1)
+        logits = log_scale.clamp(max=math.log(100)).exp() * v @ t.T
+        target = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return loss, {"acc": (logits.argmax(1) == target).float().mean().item()}
+
+    def save(folder):
+        sdm.save_safetensors(text.state_dict(), Path(folder) / "text_encoder.safetensors")
+        sdm.save_safetensors(vision.state_dict(), Path(folder) / "image_encoder.safetensors")
+
+    tensors = {**{f"text.{k}": v for k, v in text.state_dict(keep_vars=True).items()},
+               **{f"vision.{k}": v for k, v in vision.state_dict(keep_vars=True).items()},
+               "log_scale": log_scale}
+    sdm.train_loop(a, opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed))
+
+
+def train_vae(a: ToyArgs):
+    """KL autoencoder (LDM Sec. 3.1): L1 + L2 reconstruction + 1e-6 KL, on random 32 px crops
+    (the VAE is convolutional; LDM also trains on crops), no GAN or perceptual term."""
+    arr, _ = load_pretrain_data(a.data)
+    torch.manual_seed(a.seed)
+    vae = sdm.AutoencoderKL(TOY_SD.vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.learning_rate, weight_decay=0.0)
+    crop = a.resolution or 32
+
+    def loss_fn(g):
+        idx = torch.randint(0, len(arr), (a.train_batch_size,), generator=g)
+        x = _pixels(arr, idx)
+        top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
+        x = x[..., top:top + crop, left:left + crop]
+        dist = vae.encode(x)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        rec = vae.decode(z)
+        kl = 0.5 * (dist.mean**2 + dist.std**2 - 1 - dist.logvar).sum((1, 2, 3)).mean()
+        l1 = (rec - x).abs().mean()
+        loss = l1 + (rec - x).square().mean() + 1e-6 * kl
+        return loss, {"l1": l1.item(), "kl": kl.item()}
+
+    save = lambda folder: sdm.save_safetensors(vae.state_dict(), Path(folder) / "vae.safetensors")
+    sdm.train_loop(a, opt, dict(vae.state_dict(keep_vars=True)), loss_fn, save,
+                   torch.Generator().manual_seed(a.seed))
+
+
+def train_unet(a: ToyArgs):
+    """The denoiser on frozen encoders (LDM Eq. 2): eps-MSE at uniform t, 10 % empty captions,
+    an EMA of the weights (the EMA is what ships). Latents are encoded once and cached."""
+    arr, captions = load_pretrain_data(a.data)
+    torch.manual_seed(a.seed)
+    text, _ = _clip_towers(os.path.join(a.stage_dir, "clip"))
+    vae = sdm.AutoencoderKL(TOY_SD.vae)
+    vae.load_state_dict(_load(os.path.join(a.stage_dir, "vae", "vae.safetensors")))
+    text.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+    cache = os.path.join(a.stage_dir, "latents.safetensors")
+    if not os.path.isfile(cache):  # posterior moments of every image, and the latent scale
+        moments = []
+        with torch.no_grad():
+            for s in tqdm(range(0, len(arr), 256), desc="encode"):
+                moments.append(vae.quant_conv(vae.encoder(_pixels(arr, torch.arange(s, min(s + 256, len(arr)))))).half())
+        moments = torch.cat(moments)
+        d = sdm.DiagonalGaussian(moments[:4096].float())
+        scale = 1 / (d.mean + d.std * torch.randn_like(d.mean)).std().item()  # LDM Sec. 4.3.2: unit variance
+        sdm.save_safetensors({"moments": moments}, cache, {"scale_factor": scale})
+    with safe_open(cache, "pt") as f:
+        moments, scale = f.get_tensor("moments"), json.loads(f.metadata()["scale_factor"])
+    cfg = sdm.replace(TOY_SD, vae=sdm.replace(TOY_SD.vae, scale_factor=round(scale, 5)))
+    tok = sdm.CLIPTokenizer()
+    ids = tok(captions + [""])
+    unet = sdm.UNetModel(cfg.unet)
+    unet.gradient_checkpointing = a.gradient_checkpointing
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    schedule = sdm.NoiseSchedule(cfg.schedule)
+    opt = torch.optim.AdamW(unet.parameters(), lr=a.learning_rate, weight_decay=0.0)
+
+    def loss_fn(g):
+        idx = torch.randint(0, len(arr), (a.train_batch_size,), generator=g)
+        drop = torch.rand(len(idx), generator=g) < 0.1
+        with torch.no_grad():
+            context = text(ids[torch.where(drop, len(captions), idx)])[0]
+        z0 = sdm.DiagonalGaussian(moments[idx].float())
+        z0 = (z0.mean + z0.std * torch.randn(z0.mean.shape, generator=g)) * scale
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        return F.mse_loss(unet(schedule.q_sample(z0, t, noise), t, context), noise), {}
+
+    @torch.no_grad()
+    def ema_update():
+        for k, v in unet.state_dict().items():
+            ema[k].lerp_(v, 1 - a.ema) if v.is_floating_point() else ema[k].copy_(v)
+
+    image_encoder = _clip_towers(os.path.join(a.stage_dir, "clip"))[1].state_dict()
+    parts = lambda: {"unet": ema, "vae": vae.state_dict(), "text_encoder": text.state_dict(),
+                     "image_encoder": image_encoder}
+
+    def validate():  # the EMA model, as it would ship
+        model = sdm.StableDiffusion(cfg)
+        for p, sd in parts().items():
+            if p != "image_encoder":
+                getattr(model, p).load_state_dict(sd)
+        images = model.eval().sample([a.validation_prompt] * a.num_validation_images, steps=25,
+                                     generator=torch.Generator().manual_seed(0), progress=False)
+        return sdm.tensor_to_images(images)
+
+    tensors = {**{f"unet.{k}": v for k, v in unet.state_dict(keep_vars=True).items()},
+               **{f"ema.{k}": v for k, v in ema.items()}}
+    save = lambda folder: save_toy(folder, parts(), cfg)
+    sdm.train_loop(a, opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed),
+                   validate_fn=validate, after_step=ema_update)
+    if a.export:
+        save_toy(a.export, parts(), cfg)
+        print(f"wrote the toy model to {a.export}")
+
+
+@torch.no_grad()
+def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out=None, batch=64):
+    """Quality of a base model on prompts from the training vocabulary: render a fresh
+    single-object scene's full description ("a small red striped star in the snow, in the top
+    left"), generate, and ask the probes whether background, position, size, shape, colour and
+    pattern came out as asked. Returns per-attribute accuracy (and the probes' own on the truth)."""
+    probes, meta = load_probes(PROBES_PATH)
+    model = sdm.StableDiffusion.from_pretrained(model_dir)
+    rng = np.random.default_rng((seed, 7))
+    scenes = [sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
+    prompts = [f"{object_phrase(s.objects[0], s.objects[0].shape)} {BG_PHRASE[s.background]}, "
+               f"{POS_PHRASE[s.objects[0].position]}" for s in scenes]
+    images = []
+    for i in tqdm(range(0, n, batch), desc="generate"):
+        x = model.sample(prompts[i:i + batch], steps=steps, guidance_scale=guidance_scale,
+                         generator=torch.Generator().manual_seed(seed + i), progress=False)
+        images += [np.asarray(im) for im in sdm.tensor_to_images(x)]
+    keys = ("background", "position", "size", "shape", "color", "pattern")
+    truth = [dict(background=s.background, **{k: getattr(s.objects[0], k) for k in keys[1:]}) for s in scenes]
+    acc = lambda preds: {k: float(np.mean([p[k] == t[k] for p, t in zip(preds, truth)])) for k in keys}
+    result = {"generated": acc(predict(probes, images)),
+              "probes_on_truth": acc(predict(probes, [render(s)[0] for s in scenes])),
+              "n": n, "steps": steps, "guidance_scale": guidance_scale}
+    if out:
+        os.makedirs(out, exist_ok=True)
+        sdm.save_image(sdm.image_grid([Image.fromarray(im) for im in images[:32]], 8), os.path.join(out, "grid.png"))
+        atomic_write(os.path.join(out, "eval_base.json"), json.dumps({**result, "prompts": prompts}, indent=1).encode())
+    return result
+
+
+def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2):
+    """Every stage in order, each resumable: data, CLIP, VAE, UNet (see the stage commands)."""
+    torch.set_num_threads(threads)
+    data = os.path.join(work, "data")
+    if not os.path.isfile(os.path.join(data, "images.npy")):
+        pretrain_data(data, n)
+    common = dict(data=data, stage_dir=work, resume="latest", threads=threads)
+    for cls, fn, done in ((ClipArgs, train_clip, "text_encoder.safetensors"), (VaeArgs, train_vae, "vae.safetensors"),
+                          (UnetArgs, train_unet, "config.json")):
+        a = cls(**common, output_dir=os.path.join(work, fn.__name__.split("_")[1]))
+        if not os.path.isfile(os.path.join(a.output_dir, done)):
+            fn(sdm.replace(a, export=export) if cls is UnetArgs else a)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Command line
 
 def read_manifest(path):
     if not os.path.isfile(path):
@@ -1010,9 +1334,41 @@ def read_manifest(path):
     return rows
 
 
+STAGES = {"train-clip": (ClipArgs, train_clip), "train-vae": (VaeArgs, train_vae),
+          "train-unet": (UnetArgs, train_unet)}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in STAGES:  # training stages take the project's standard training flags
+        cls, fn = STAGES[argv[0]]
+        a = sdm.parse_args(cls, argv[1:], argparse.ArgumentParser(prog=f"toy_world.py {argv[0]}",
+                                                                  description=fn.__doc__))
+        torch.set_num_threads(a.threads)
+        return fn(a)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    for name, (_, fn) in STAGES.items():
+        sub.add_parser(name, help=fn.__doc__.split("\n")[0].replace("%", "%%") + " (--help: its flags)")
+    c = sub.add_parser("init-sd", help="a toy-shaped model with random weights")
+    c.add_argument("--out", required=True)
+    c.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("pretrain-data", help="render the pretraining scenes once (images.npy + captions.json)")
+    c.add_argument("--out", default="outputs/toy/data")
+    c.add_argument("--n", type=int, default=200_000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=2)
+    c = sub.add_parser("pretrain", help="every stage: data, CLIP, VAE, UNet; rerun to resume")
+    c.add_argument("--work", default="outputs/toy")
+    c.add_argument("--n", type=int, default=200_000)
+    c.add_argument("--export", default=TOY_DIR)
+    c.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("eval-base", help="probe accuracy of a base model on training-vocabulary prompts")
+    c.add_argument("--model", default=None, help="default: the toy model")
+    c.add_argument("--n", type=int, default=256)
+    c.add_argument("--steps", type=int, default=25)
+    c.add_argument("--guidance-scale", type=float, default=5.0)
+    c.add_argument("--out", default=None, help="folder for a sample grid and the JSON")
     gen = {}
     for name, help in (("make-data", "captioned images + captions.jsonl"),
                        ("make-records", "Subject-Diffusion records (folder or tar shards)"),
@@ -1045,7 +1401,17 @@ def main(argv=None):
     if getattr(a, "size", 64) < 32:
         raise SystemExit("--size must be at least 32: below that small objects vanish.")
 
-    if a.cmd == "make-data":
+    if a.cmd == "init-sd":
+        init_sd(a.out, a.seed)
+    elif a.cmd == "pretrain-data":
+        pretrain_data(a.out, a.n, a.seed, workers=a.workers)
+    elif a.cmd == "pretrain":
+        pretrain(a.work, a.n, a.export, a.threads)
+    elif a.cmd == "eval-base":
+        r = eval_base(a.model, a.n, a.steps, a.guidance_scale, out=a.out)
+        print("| attribute | generated | probes on the truth |\n|---|---|---|")
+        print("\n".join(f"| {k} | {v:.3f} | {r['probes_on_truth'][k]:.3f} |" for k, v in r["generated"].items()))
+    elif a.cmd == "make-data":
         make_data(a.out, a.n, a.seed, a.size, a.overwrite)
     elif a.cmd == "make-records":
         make_records(a.out, a.n, a.seed, a.size, a.shard_size, a.overwrite)
@@ -1070,4 +1436,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -462,6 +462,15 @@ def to_ldm(cfg: sdm.SDConfig, parts: dict) -> dict:
     return out
 
 
+def write_parts(folder: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=None) -> None:
+    """One safetensors file per part and the config.json `from_pretrained` reads, each written atomically."""
+    for part, sd in parts.items():
+        sdm.save_safetensors(sd, folder / f"{part}.safetensors", {"format": "pt"})
+    meta = {"format": "sd_model", **({"sd": asdict(cfg)} if cfg else {}),
+            **({"image_encoder": asdict(vision_cfg)} if vision_cfg else {})}
+    sdm.atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+
 def save_converted(dst: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=None, overwrite: bool = False) -> None:
     """Write into a temporary sibling directory, then rename it: DST is complete or absent."""
     if dst.exists() and not overwrite:
@@ -470,11 +479,7 @@ def save_converted(dst: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for part, sd in parts.items():
-            sdm.save_safetensors(sd, tmp / f"{part}.safetensors", {"format": "pt"})
-        meta = {"format": "sd_model", **({"sd": asdict(cfg)} if cfg else {}),
-                **({"image_encoder": vars(vision_cfg)} if vision_cfg else {})}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+        write_parts(tmp, cfg, parts, vision_cfg)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)

@@ -25,12 +25,23 @@ def test_placeholder_tokens():
         tok.add_tokens(["S*"])
 
 
-def test_text_encoder_grows_for_new_tokens():
+def test_added_tokens_take_extra_rows_and_leave_the_table_alone(tmp_path):
     torch.manual_seed(0)
     te = sdm.CLIPTextModel(sdm.TINY.text)
-    old = te.token_embedding.weight.clone()
-    te.resize_token_embeddings(49410)
-    assert te.token_embedding.weight.shape == (49410, 64) and torch.equal(te.token_embedding.weight[:49408], old)
+    tok = sdm.CLIPTokenizer()
+    (sks,) = tok.add_tokens(["<sks>"])
+    extra = torch.nn.Parameter(torch.randn(1, 64))
+    ids = tok(["a photo of <sks> dog", "a photo of a dog"])
+    emb = te.embed(ids, extra)
+    assert torch.equal(emb[0, 4], extra[0].detach()) and torch.equal(emb[1], te.token_embedding(ids[1]))
+    te(ids, emb)[0].sum().backward()
+    assert extra.grad.abs().sum() > 0 and te.token_embedding.weight.grad.shape == (49408, 64)
+    # round trips through the formats other tools read
+    for fmt, key in (("diffusers", "<sks>"), ("a1111", "emb_params")):
+        sdm.save_embeddings(tmp_path / f"{fmt}.safetensors", {"<sks>": extra.detach()}, fmt, {"method": "test"})
+        assert torch.equal(sdm.load_embeddings(tmp_path / f"{fmt}.safetensors")[key], extra.detach())
+    torch.save({"string_to_param": {"*": extra.detach()}, "name": "sks", "step": 3}, tmp_path / "a1111.pt")
+    assert torch.equal(sdm.load_embeddings(tmp_path / "a1111.pt")["*"], extra.detach())
 
 
 def test_image_loading_converts_modes_and_skips_non_images(tmp_path):
