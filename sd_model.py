@@ -1060,6 +1060,20 @@ class StableDiffusion(nn.Module):
             model.vae.to(vae_dtype)
         return model.eval().requires_grad_(False)
 
+    @staticmethod
+    def load_image_encoder(path=None, device="cpu", dtype=torch.float32) -> CLIPVisionModel:
+        """The CLIP image tower of a converted folder (stored beside a model, or alone by
+        `weights_convert.py --clip-vision`); no path: the toy CLIP's."""
+        from safetensors.torch import load_file
+
+        path = Path(path) if path is not None else TOY_MODEL_PATH
+        cfg = json.loads((path / "config.json").read_text()).get("image_encoder") if (path / "config.json").exists() else None
+        if cfg is None:
+            raise FileNotFoundError(f"'{path}' holds no CLIP image tower (no image_encoder in config.json).")
+        model = CLIPVisionModel(CLIPVisionConfig(**cfg))
+        model.load_state_dict(load_file(str(path / "image_encoder.safetensors")), strict=True)
+        return model.to(device, dtype).eval().requires_grad_(False)
+
     def tokenize(self, prompts, second: bool = False):
         cfg = self.cfg.text2 if second else self.cfg.text
         return self.tokenizer(prompts, pad_id=cfg.pad_id).to(self.device)
