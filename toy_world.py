@@ -57,8 +57,9 @@ shape, color, pattern and color2, and the other object's shape and color (or "no
     concept, leaving out those the prompt itself changes ("a {} in green" drops color);
   - prompt fidelity  = mean agreement with everything the prompt asks.
 Both are averaged per image, then per method, per method x concept, per method x concept x prompt.
-`make-oracle` renders ground truth for every prompt: the ceiling of the benchmark. A toy CLIP
-score plugs into `evaluate(clip_score=...)` once the toy CLIP model exists.
+`make-oracle` renders ground truth for every prompt: the ceiling of the benchmark. With the toy
+model present, `eval` also reports CLIP-T (image vs the prompt with the class word) and CLIP-I
+(image vs the concept's references) in the toy CLIP's embedding space (`ToyCLIP`).
 
     python toy_world.py make-data --out data/toy --n 100000 --seed 0   # ~4 ms an image, 1 core
     python toy_world.py make-records --out data/records --n 20000 --shard-size 1000
@@ -90,6 +91,8 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
+
+import sd_model as sdm
 
 # ----------------------------------------------------------------------------------------------
 # 1. Vocabulary
@@ -938,12 +941,12 @@ def summarize(rows):
     return out
 
 
-def evaluate(images_dir, manifest, model, concept=None, clip_score=None):
+def evaluate(images_dir, manifest, model, concept=None, clip=None):
     """Score every manifest row with the probes and average per method, concept and prompt.
 
-    Extension point for the toy CLIP: `clip_score(image uint8 HxWx3, text) -> float`. When
-    given, it is reported per image as `clip_t`, on the prompt with the class word in place of
-    the concept phrase (the DreamBench convention), and averaged like the fidelities.
+    With `clip` (a ToyCLIP), also the DreamBench-style similarities in the toy CLIP's space:
+    `clip_t` against the prompt with the class word in place of the concept phrase, and `clip_i`
+    against the mean embedding of the concept's reference images.
     """
     todo, images = [], []
     for line in manifest:
@@ -967,9 +970,12 @@ def evaluate(images_dir, manifest, model, concept=None, clip_score=None):
         row = {**line, "concept": c.id, "prompt_id": p["id"], "predicted": pred,
                "concept_attributes": fid, "prompt_attributes": pro,
                "concept_fidelity": _mean(fid.values()), "prompt_fidelity": _mean(pro.values())}
-        if clip_score is not None:
-            row["clip_t"] = float(clip_score(image, p["text"].format(c.class_word)))
         rows.append(row)
+    if clip is not None:
+        t_sims = clip.text_similarity(images, [p["text"].format(c.class_word) for _, c, p in todo])
+        i_sims = clip.image_similarity(images, [c for _, c, _ in todo])
+        for row, ts, si in zip(rows, t_sims, i_sims):
+            row["clip_t"], row["clip_i"] = ts, si
     results = {"images": rows}
     for level, keys in (("methods", ("method",)), ("per_concept", ("method", "concept")),
                         ("per_prompt", ("method", "concept", "prompt_id"))):
@@ -982,16 +988,47 @@ def evaluate(images_dir, manifest, model, concept=None, clip_score=None):
             for k in key[:-1]:
                 d = d.setdefault(k, {})
             d[key[-1]] = summarize(grp)
-            if clip_score is not None:
-                d[key[-1]]["clip_t"] = _mean(r["clip_t"] for r in grp)
+            for sim in ("clip_t", "clip_i") if clip is not None else ():
+                d[key[-1]][sim] = _mean(r[sim] for r in grp)
     return results
 
 
+class ToyCLIP:
+    """The toy CLIP's towers as a metric (Radford et al. 2021): cosine similarity of projected,
+    normalised embeddings. CLIP-I compares with the concept's 5 reference images (mean embedding)."""
+
+    def __init__(self, model_dir=None):
+        sd = sdm.StableDiffusion.from_pretrained(model_dir)
+        self.text, self.tok = sd.text_encoder, sd.tokenizer
+        self.vision = sdm.StableDiffusion.load_image_encoder(model_dir)
+        self._refs = {}
+
+    @torch.no_grad()
+    def embed_images(self, images):
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return F.normalize(torch.cat([self.vision(self.vision.preprocess(x[i:i + 256]))[1]
+                                      for i in range(0, len(x), 256)]), dim=-1)
+
+    @torch.no_grad()
+    def text_similarity(self, images, texts):
+        t = F.normalize(self.text(self.tok(texts))[1], dim=-1)
+        return (self.embed_images(images) * t).sum(-1).tolist()
+
+    @torch.no_grad()
+    def image_similarity(self, images, concepts):
+        for c in set(concepts) - set(self._refs):
+            self._refs[c] = F.normalize(self.embed_images([im for _, im in concept_references(c)]).mean(0), dim=-1)
+        refs = torch.stack([self._refs[c] for c in concepts])
+        return (self.embed_images(images) * refs).sum(-1).tolist()
+
+
 def markdown_table(results):
-    lines = ["| method | concept fidelity | prompt fidelity | n |", "|---|---|---|---|"]
+    clip = any("clip_t" in s for s in results["methods"].values())
+    lines = ["| method | concept fidelity | prompt fidelity |" + (" CLIP-I | CLIP-T |" if clip else "") + " n |",
+             "|---|---|---|" + ("---|---|" if clip else "") + "---|"]
     for m, s in sorted(results["methods"].items()):
-        lines.append(f"| {m} | {s['concept_fidelity']:.3f} | {s['prompt_fidelity']:.3f} "
-                     f"| {s['n']} |")
+        sims = f" {s['clip_i']:.3f} | {s['clip_t']:.3f} |" if clip else ""
+        lines.append(f"| {m} | {s['concept_fidelity']:.3f} | {s['prompt_fidelity']:.3f} |{sims} {s['n']} |")
     return "\n".join(lines)
 
 
@@ -1006,8 +1043,6 @@ def markdown_table(results):
 # was: CLIP contrastively (Radford et al. 2021), the VAE as a KL autoencoder (LDM Sec. 3.1,
 # without the GAN and LPIPS terms), then the UNet on the frozen encoders (LDM Eq. 2), with
 # 10 % of captions dropped for classifier-free guidance (Ho & Salimans 2022) and an EMA.
-
-import sd_model as sdm  # noqa: E402  (the world itself needs no model; only this part does)
 
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy", "sd")
 TOY_SD = sdm.SDConfig(
@@ -1396,6 +1431,8 @@ def main(argv=None):
     c.add_argument("--manifest", default=None, help="default: IMAGES/manifest.jsonl")
     c.add_argument("--concept", default=None, help="only this concept (id or make-concepts folder)")
     c.add_argument("--probes", default=PROBES_PATH)
+    c.add_argument("--clip-model", default="", help="model folder with the toy CLIP (default: the "
+                   "toy model, when it exists; 'none' skips CLIP-T / CLIP-I)")
     c.add_argument("--out", default=None, help="results JSON (default: IMAGES/eval_results.json)")
     a = p.parse_args(argv)
     if getattr(a, "size", 64) < 32:
@@ -1428,7 +1465,9 @@ def main(argv=None):
         model, _ = load_probes(a.probes)
         concept = find_concept(a.concept) if a.concept else None
         manifest = read_manifest(a.manifest or os.path.join(a.images, "manifest.jsonl"))
-        results = evaluate(a.images, manifest, model, concept)
+        clip_dir = a.clip_model or (TOY_DIR if os.path.isfile(os.path.join(TOY_DIR, "config.json")) else "none")
+        clip = None if clip_dir == "none" else ToyCLIP(clip_dir)
+        results = evaluate(a.images, manifest, model, concept, clip)
         print(markdown_table(results))
         out = a.out or os.path.join(a.images, "eval_results.json")
         atomic_write(out, json.dumps(results, indent=1).encode())
