@@ -692,7 +692,8 @@ class UNetModel(nn.Module):
 def attention_probs(attn: Attention, q, k):
     """The softmax SDPA never returns: (b, h, n_q, n_k), computed in fp32. Self-attention at 64x64
     is 4096^2 per head, so ask for it on cross-attention (attn2) where you can."""
-    return (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would recast the fp32 matmul to half
+        return (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)
 
 
 def attention_with_probs(attn: Attention, q, k, v):
@@ -1285,7 +1286,7 @@ class TrainArgs:
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 400
     learning_rate: float = 1e-4
-    scale_lr: bool = False  # multiply the learning rates by batch size x accumulation steps
+    scale_lr: bool = False  # multiply learning rates by batch x accumulation (the method decides which groups)
     lr_scheduler: str = "constant"  # constant | linear | cosine (after lr_warmup_steps of linear warm-up)
     lr_warmup_steps: int = 0
     max_grad_norm: float = 0.0  # 0 = no clipping

@@ -125,3 +125,11 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients(unet):
     assert torch.equal(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         assert_close(b, a, rtol=1e-5, atol=1e-7, what="gradient")
+
+
+def test_attention_probs_stay_fp32_under_autocast():
+    attn = sdm.Attention(8, heads=2, dim_head=4)
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        p = sdm.attention_probs(attn, q.bfloat16(), k.bfloat16())
+    assert p.dtype == torch.float32 and torch.allclose(p.sum(-1), torch.ones(()), atol=1e-6)
