@@ -1,0 +1,724 @@
+"""DCO: Direct Consistency Optimization (Lee, Kwak, Sohn, Shin 2024, arXiv:2402.12004), with consistency
+("reward") guidance and LoRA merging, on SD 1.x, SDXL and the toy model.
+
+A LoRA (Hu et al. 2021, arXiv:2106.09685) on the UNet's attention projections is fine-tuned on a few
+reference images with a DPO-style loss whose implicit reward is the fine-tuned model's denoising error
+*relative to the frozen pretrained model* at the same (z_t, t, eps) (methods/dco.md Sec. 2):
+
+    l_theta = ||eps_theta(z_t; c, t) - eps||^2,   l_ref = ||eps_pre(z_t; c_base, t) - eps||^2   (per-element means)
+    L_DCO   = -log sigmoid(-beta (l_theta - l_ref)) = softplus(beta (l_theta - l_ref))
+
+eps_pre is the same UNet with the LoRA switched off (`disabled`), under no_grad; both passes share z_t, t
+and eps. With learned tokens (pivotal tuning) c holds the new token ("a <dog> on a ledge") and c_base the
+class word ("a dog on a ledge"). dL/dl_theta = beta sigmoid(beta Delta): DreamBooth's MSE gradient times a
+weight that is beta/2 at the start and vanishes once the model beats the prior by ~1/beta (card Sec. 2.4).
+beta <= 0 is plain DreamBooth-LoRA, so the baseline is this same code. Sampling adds consistency guidance
+(card Sec. 4, reward_guidance.py l.506-510), 3 UNet evaluations a step:
+
+    eps_hat = eps_pre(0) + w_text [eps_pre(c_base) - eps_pre(0)] + w_cons [eps_ft(c) - eps_pre(c_base)]
+
+Where we differ from the official code (kyungmnlee/dco @451910b), each deliberately (card Sec. 6):
+- Reduction: the official code averages the MSE over the whole batch *before* the log-sigmoid,
+  -log sigma(-beta mean_b Delta_b); we apply softplus per sample, then average, mean_b softplus(beta Delta_b).
+  The two are equal at batch size 1 (the official default). Min-SNR weighting (`--snr-gamma`, Hang et al.
+  2023) multiplies both per-sample MSEs before the softplus, as the official code does.
+- Learned tokens really train in fp16/bf16 (card 6.1: the official code trains a detached copy, so
+  "<dog>" stays "dog"). The new rows are fp32 parameters outside the frozen tables (`CLIPTextModel.embed`),
+  so every pretrained row stays bit-identical; after each step each new row is rescaled to its
+  initializer's norm (retract_embeddings, customize.py l.223-235). A "" initializer draws randn * std
+  and keeps *that row's* norm (the official code rescales it to the scalar std, card Sec. 3 quirk).
+- SDXL pooled text: our CLIP pools at the first <|endoftext|>, so a new token (id 49408) does not move
+  the pooled position as transformers' legacy argmax(ids) pooling does (card 6.2). Consequence: at
+  init the TI prompt and the base prompt give identical conditions and the loss is exactly ln 2.
+- The reference pass and guidance switch the LoRA off (the rebuttal's disable_adapters) instead of the
+  scale-0 kwarg (card 6.8); the reference conditions are repeated per sample (card 6.4: B must be 1
+  there); guidance works at any batch size and resolution and keeps the guidance term when w_text <= 1
+  (card 6.6). Prior preservation and text-encoder LoRA, broken in the official code, are left out.
+- TIES-SVD merging applies each LoRA's alpha/r once (peft's add_weighted_adapter applies it twice in its
+  SVD path; the same at DCO's alpha = r).
+
+    python dco.py train --images refs/ --captions captions.json --output-dir out/dog   # + standard flags
+    python dco.py sample --lora out/dog --prompt "a <dog> on the beach" --w-cons 3 --output-dir samples
+    python dco.py merge --lora out/dog out/style --weights 1 1 --output merged.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sd_model as sdm
+import weights_convert as wc
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # peft target_modules of customize.py l.506: every UNet Attention
+
+
+# ---- 1. Config: official defaults (customize.py parse_args l.69-142, README, card Sec. 3 and 7).
+
+
+@dataclass
+class DCOArgs(sdm.TrainArgs):
+    images: str = ""  # folder of reference images
+    captions: str = ""  # JSON (official layout, or one config) or JSONL captions; "" = --instance-prompt for all
+    config_name: str = ""  # which entry of an official config.json ("full_ti", "style", ...)
+    instance_prompt: str = ""  # one caption for every image when there is no captions file
+    base_prompt: str = ""  # its class-word version (needed with learned tokens)
+    inserting_tokens: list[str] = field(default_factory=list)  # new tokens, e.g. <dog>; overrides the file's
+    initializer_tokens: list[str] = field(default_factory=list)  # one-token words they start from, e.g. dog
+    rank: int = 32  # README: 32 for a subject, 64 for a style
+    lora_alpha: float = 0.0  # 0 = rank (LoraConfig(lora_alpha=rank): scale alpha/r = 1)
+    dco_beta: float = 1000.0  # --dcoloss_beta; <= 0 = plain DreamBooth-LoRA loss
+    snr_gamma: float = 0.0  # Min-SNR gamma for both MSEs (off by default, as officially); 0 = off
+    offset_noise: float = 0.0  # 0.1 for style in the README
+    text_encoder_lr: float = 5e-6  # learned-token rows (README)
+    adam_weight_decay: float = 1e-4
+    center_crop: bool = False  # the official dataset random-crops after resizing the short side
+    learning_rate: float = 5e-5
+    max_grad_norm: float = 1.0  # clipped before AdamW (card Sec. 2.4: early steps are all clipped at beta/2)
+    max_train_steps: int = 2000  # subject; 1000 for a style
+    checkpointing_steps: int = 1000
+    w_cons: float = 3.0  # validation images use consistency guidance with w_text = 7.5 (README)
+
+
+# ---- 2. LoRA as forward hooks: out = W x + s (alpha/r) B A x on the target Linears.
+
+
+class LoRALayer(nn.Module):
+    """One low-rank update delta-W = (alpha/r) B A (Hu et al. 2021, Eq. 3); `down` = A, `up` = B."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, device=None):
+        super().__init__()
+        self.down = nn.Parameter(torch.zeros(rank, d_in, device=device))
+        self.up = nn.Parameter(torch.zeros(d_out, rank, device=device))  # B = 0: the model starts at W0
+        self.alpha, self.rank = float(alpha), rank
+
+    def delta_weight(self):
+        return (self.alpha / self.rank) * (self.up.float() @ self.down.float())
+
+    def forward(self, x):  # cast to the activations' dtype: half-precision sampling without autocast
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype)) * (self.alpha / self.rank)
+
+
+class LoRA(nn.Module):
+    """A named adapter: LoRA layers keyed by module path ('.' -> '_'), a user `scale` and an on/off switch.
+    Several adapters can be installed on one UNet at once (`install(unet, subject, style)`)."""
+
+    def __init__(self, layers: dict[str, LoRALayer], name: str = "default"):
+        super().__init__()
+        self.name, self.scale, self.enabled = name, 1.0, True
+        self.layers = nn.ModuleDict({p.replace(".", "_"): layer for p, layer in layers.items()})
+        self.paths = {p.replace(".", "_"): p for p in layers}
+
+    @classmethod
+    def create(cls, unet: nn.Module, rank: int = 32, alpha: float | None = None, name: str = "default", generator=None):
+        """peft's LoraConfig(r, lora_alpha, init_lora_weights="gaussian") on every target (customize.py
+        l.502-508): A ~ N(0, std 1/r), B = 0, so delta-W = 0 at step 0."""
+        layers = {}
+        for path, m in target_linears(unet).items():
+            layers[path] = layer = LoRALayer(m.in_features, m.out_features, rank, alpha or rank, m.weight.device)
+            A = torch.randn(rank, m.in_features, generator=generator) / rank
+            if m.weight.device.type != "meta":
+                layer.down.data.copy_(A)
+        return cls(layers, name)
+
+    @classmethod
+    def from_tensors(cls, layers: dict[str, tuple], name: str = "default"):
+        """From {module path: (A, B, alpha)}, e.g. read from a file or merged."""
+        out = {}
+        for path, (A, B, alpha) in layers.items():
+            out[path] = layer = LoRALayer(A.shape[1], B.shape[0], A.shape[0], alpha, A.device)
+            layer.down.data.copy_(A), layer.up.data.copy_(B)
+        return cls(out, name)
+
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        return {self.paths[k]: self.scale * layer.delta_weight() for k, layer in self.layers.items()}
+
+
+def target_linears(unet: nn.Module) -> dict[str, nn.Linear]:
+    """The Linears LoRA wraps: q/k/v/out of every attention (SD1.5: 128, SDXL: 560)."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, nn.Linear)
+            and name.endswith(tuple("." + t for t in TARGETS)) and ".transformer_blocks." in name}
+
+
+@contextlib.contextmanager
+def install(unet: nn.Module, *loras: LoRA):
+    """Forward hooks adding every enabled adapter's s B A x to its Linear's output; removed on exit.
+    Hooks are stateless, so the second forward under gradient checkpointing is the same."""
+    handles, modules = [], dict(unet.named_modules())
+    for path in sorted({p for lora in loras for p in lora.paths.values()}):
+        key = path.replace(".", "_")
+        mine = [lora for lora in loras if key in lora.layers]
+
+        def hook(mod, inputs, out, mine=mine, key=key):
+            for lora in mine:
+                if lora.enabled and lora.scale != 0:
+                    out = out + (lora.scale * lora.layers[key](inputs[0])).to(out.dtype)
+            return out
+
+        handles.append(modules[path].register_forward_hook(hook))
+    try:
+        yield unet
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def disabled(*loras: LoRA):
+    """The pretrained model W0: the same UNet with these adapters off (the rebuttal's disable_adapters)."""
+    before = [lora.enabled for lora in loras]
+    for lora in loras:
+        lora.enabled = False
+    try:
+        yield
+    finally:
+        for lora, was in zip(loras, before):
+            lora.enabled = was
+
+
+# ---- 3. LoRA files: PEFT/diffusers keys and kohya keys, both in the names other tools use.
+
+
+def diffusers_names(unet) -> dict[str, str]:
+    """LDM module path -> diffusers module path for every LoRA target: weights_convert's
+    diffusers -> LDM block arithmetic applied to every transformer-holding block, then inverted."""
+    cfg, n, levels = unet.cfg, unet.cfg.num_res_blocks, len(unet.cfg.channel_mult)
+    blocks = ([f"down_blocks.{i}.attentions.{j}" for i in range(levels) for j in range(n)]
+              + [f"up_blocks.{i}.attentions.{j}" for i in range(levels) for j in range(n + 1)] + ["mid_block.attentions.0"])
+    ldm = [k[:-2] for k in wc.diffusers_unet_to_ldm({b + ".x": None for b in blocks}, cfg)]
+    prefix = dict(zip(ldm, blocks))
+    out = {}
+    for path in target_linears(unet):
+        head, rest = re.match(r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)\.(.*)", path).groups()
+        out[path] = f"{prefix[head]}.{rest}"
+    return out
+
+
+def kohya_name(unet, path: str, dnames: dict) -> str:
+    """kohya's sd-scripts name: SD1/SD2 train on the diffusers UNet, SDXL on the sgm (LDM) one."""
+    return "lora_unet_" + (path if unet.cfg.adm_in_channels else dnames[path]).replace(".", "_")
+
+
+def lora_state_dict(unet, loras: list[LoRA], fmt: str = "peft") -> dict[str, torch.Tensor]:
+    """One adapter (several are summed exactly by concatenating ranks, see `merge`) as file tensors.
+    peft: `unet.<diffusers path>.lora_A/lora_B.weight` (diffusers' load_lora_weights, alpha in metadata);
+    kohya: `lora_unet_<path>.lora_down/lora_up.weight` + `.alpha` (A1111, ComfyUI, diffusers)."""
+    lora = loras[0] if len(loras) == 1 else merge(loras, [1.0] * len(loras))
+    dnames, out = diffusers_names(unet), {}
+    for key, layer in lora.layers.items():
+        path = lora.paths[key]
+        B = layer.up.detach().float() * lora.scale
+        if fmt == "peft":
+            base = f"unet.{dnames[path]}"
+            out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = layer.down.detach().float(), B
+        else:
+            base = kohya_name(unet, path, dnames)
+            out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = layer.down.detach().float(), B
+            out[f"{base}.alpha"] = torch.tensor(layer.alpha)
+    return out
+
+
+def save_lora(path, unet, loras: list[LoRA], fmt: str = "peft", metadata: dict | None = None) -> None:
+    sd = lora_state_dict(unet, loras, fmt)
+    meta = {"method": "dco", "format": fmt, **(metadata or {})}
+    first = next(iter(loras[0].layers.values()))
+    if fmt == "peft":  # what diffusers' save_lora_weights(unet_lora_adapter_metadata=...) writes
+        meta["lora_adapter_metadata"] = {"unet.r": first.rank, "unet.lora_alpha": first.alpha,
+                                         "unet.target_modules": list(TARGETS), "unet.init_lora_weights": "gaussian"}
+    else:
+        meta.update(ss_network_module="networks.lora", ss_network_dim=first.rank, ss_network_alpha=first.alpha)
+    sdm.save_safetensors(sd, path, meta)
+
+
+def load_lora(path, unet, name: str = "default") -> LoRA:
+    """A LoRA file in either convention (PEFT/diffusers `lora_A`/`lora.down`, kohya `lora_down` +
+    `.alpha`; LDM or diffusers module names) as an adapter on this UNet."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at '{path}'.")
+    sd = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    peft_meta = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    dnames = diffusers_names(unet)
+    known = {}  # every spelling of a target -> its LDM path: LDM or diffusers names, dotted or kohya's
+    for p, d in dnames.items():
+        known.update({p: p, d: p, "lora_unet_" + p.replace(".", "_"): p, "lora_unet_" + d.replace(".", "_"): p})
+    parts: dict[str, dict] = {}
+    for k, v in sd.items():
+        m = re.match(r"(?:unet\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$|(.+)\.alpha$", k)
+        if m is None:
+            raise ValueError(f"'{path}' is not a UNet LoRA file: unexpected key '{k}'.")
+        mod, kind = (m[1], m[2]) if m[1] else (m[3], "alpha")
+        if mod not in known:
+            raise ValueError(f"LoRA '{path}' does not fit this base model: it has no layer '{mod}'; "
+                             "use the model it was trained on.")
+        parts.setdefault(known[mod], {})["alpha" if kind == "alpha" else "A" if kind in ("lora_A", "lora.down", "lora_down") else "B"] = v
+    lin = target_linears(unet)
+    layers = {}
+    for p, d in parts.items():
+        if not {"A", "B"} <= d.keys():
+            raise ValueError(f"LoRA '{path}' is incomplete: layer {p} lacks its down (A) or up (B) matrix.")
+        A, B = d["A"].float(), d["B"].float()
+        if A.shape[1] != lin[p].in_features or B.shape[0] != lin[p].out_features:
+            raise ValueError(f"LoRA '{path}' does not fit this base model: layer {p} is {B.shape[0]}x{A.shape[1]} "
+                             f"there and {lin[p].out_features}x{lin[p].in_features} here; use the model it was trained on.")
+        layers[p] = (A, B, float(d["alpha"]) if "alpha" in d else float(peft_meta.get("unet.lora_alpha", A.shape[0])))
+    return LoRA.from_tensors(layers, name).to(next(iter(lin.values())).weight.device)
+
+
+def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density: float = 1.0, rank: int = 0) -> LoRA:
+    """Several adapters as one. "sum": W0 + sum_i w_i dW_i exactly (ranks concatenated; the README's
+    set_adapters([subject, style], [1, 1]), card Sec. 5). "ties_svd": TIES (Yadav et al. 2023,
+    arXiv:2306.01708: trim to `density`, elect signs, disjoint mean) of the w_i dW_i, then the best
+    rank-`rank` factorisation (truncated SVD), as peft's add_weighted_adapter(combination_type="ties_svd")."""
+    paths = {k: lora.paths[k] for lora in loras for k in lora.layers}
+    merged = {}
+    for key, path in paths.items():
+        have = [(lora, w) for lora, w in zip(loras, weights) if key in lora.layers]
+        if method == "sum":
+            A = torch.cat([lora.layers[key].down.detach().float() for lora, _ in have])
+            B = torch.cat([w * lora.scale * (lora.layers[key].alpha / lora.layers[key].rank) * lora.layers[key].up.detach().float()
+                           for lora, w in have], dim=1)
+            merged[path] = (A, B, float(A.shape[0]))
+        elif method == "ties_svd":
+            deltas = torch.stack([lora.scale * lora.layers[key].delta_weight().detach() for lora, _ in have])
+            if density < 1:  # trim: keep the top `density` fraction of each delta by magnitude
+                k = max(1, int(density * deltas[0].numel()))
+                thresh = deltas.flatten(1).abs().kthvalue(deltas[0].numel() - k + 1, dim=1).values
+                deltas = deltas * (deltas.abs() >= thresh[:, None, None])
+            agree = deltas.sign() == torch.where(deltas.sum(0) >= 0, 1.0, -1.0)  # elected sign ("total")
+            w = torch.tensor([w for _, w in have]).view(-1, 1, 1)
+            dW = (deltas * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+            r = rank or max(lora.layers[key].rank for lora, _ in have)
+            U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+            merged[path] = (Vh[:r].contiguous(), (U[:, :r] * S[:r]).contiguous(), float(r))
+        else:
+            raise ValueError(f"unknown merge method '{method}'; use sum or ties_svd.")
+    return LoRA.from_tensors(merged, name="merged")
+
+
+# ---- 4. Learned tokens (pivotal tuning): fp32 rows outside the frozen embedding tables.
+
+
+class LearnedTokens(nn.Module):
+    """New tokens' embedding rows, one trainable fp32 table per text encoder (SDXL: clip_l, clip_g),
+    passed to `encode_prompt(..., extra=self.extra)`; the pretrained tables are never touched."""
+
+    def __init__(self, model: sdm.StableDiffusion, tokens: list[str], rows: list[torch.Tensor], initializers: list[str]):
+        super().__init__()
+        table = model.text_encoder.token_embedding.num_embeddings
+        ids = model.tokenizer.add_tokens(tokens)  # refuses a token that already exists
+        if ids != list(range(table, table + len(tokens))):
+            raise ValueError(f"the tokenizer already has added tokens; new tokens {tokens} must follow the "
+                             f"{table}-row embedding table directly.")
+        self.tokens, self.initializers = list(tokens), list(initializers)
+        self.rows = nn.ParameterList([nn.Parameter(r.float().clone()) for r in rows])
+        for i, r in enumerate(rows):  # target norms of customize.py's retract_embeddings
+            self.register_buffer(f"norm{i}", r.float().norm(dim=-1))
+
+    @classmethod
+    def from_initializers(cls, model, tokens, initializers, generator=None):
+        rows = []
+        for enc in (model.text_encoder, model.text_encoder_2):
+            if enc is None:
+                continue
+            w = enc.token_embedding.weight.detach().float()
+            rows.append(torch.stack([w[model.tokenizer.token_id(word)] if word else
+                                     torch.randn(w.shape[1], generator=generator).to(w.device) * w.std() for word in initializers]))
+        return cls(model, tokens, rows, initializers)
+
+    @property
+    def extra(self):
+        return (self.rows[0], self.rows[1] if len(self.rows) > 1 else None)
+
+    @torch.no_grad()
+    def renormalize(self):
+        """After every optimizer step: each new row back to its initializer's norm (customize.py l.223-235)."""
+        for i, r in enumerate(self.rows):
+            r.mul_((getattr(self, f"norm{i}") / r.norm(dim=-1))[:, None])
+
+    def base_prompt(self, prompt: str) -> str:
+        """The prompt with every new token replaced by its initializer word (the reference model's prompt)."""
+        for tok, word in zip(self.tokens, self.initializers):
+            prompt = prompt.replace(tok, word)
+        return prompt
+
+    def save(self, path, metadata: dict | None = None) -> None:
+        """diffusers format: {token: (1, d)} (SD1); SDXL {"clip_l": (n, 768), "clip_g": (n, 1280)} as DCO writes."""
+        if len(self.rows) > 1:
+            embeds = {"clip_l": self.rows[0], "clip_g": self.rows[1]}
+        else:
+            embeds = {t: self.rows[0][i : i + 1] for i, t in enumerate(self.tokens)}
+        sdm.save_embeddings(path, {k: v.detach() for k, v in embeds.items()}, "diffusers",
+                            {"tokens": self.tokens, "initializer_tokens": self.initializers, **(metadata or {})})
+
+    @classmethod
+    def load(cls, path, model) -> "LearnedTokens":
+        from safetensors import safe_open
+
+        embeds = sdm.load_embeddings(path)
+        meta = {}
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), "pt") as f:
+                meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
+        if "clip_l" in embeds:
+            tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(embeds["clip_l"]))]
+            rows = [embeds["clip_l"], embeds["clip_g"]]
+        else:
+            tokens, rows = list(embeds), [torch.cat(list(embeds.values()))]
+        encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
+        if len(rows) != len(encoders) or any(r.shape[1] != e.cfg.width for r, e in zip(rows, encoders)):
+            raise ValueError(f"embeddings '{path}' do not fit this base model (widths {[r.shape[1] for r in rows]}, "
+                             f"model {[e.cfg.width for e in encoders]}); use the model they were trained on.")
+        return cls(model, tokens, [r.to(model.device) for r in rows], meta.get("initializer_tokens", tokens))
+
+
+# ---- 5. The DCO loss and one training step.
+
+
+def dco_loss(eps_theta, eps_ref, target, beta: float, weight=None):
+    """mean_b softplus(beta (l_theta,b - l_ref,b)), l = per-sample MSE (times the Min-SNR `weight`), card Sec. 2.3.
+
+    The official code (customize.py l.935-941) reduces the MSEs over the whole batch first and takes one
+    softplus(beta (mean_b l_theta,b - mean_b l_ref,b)); the two agree at batch size 1 (its default) and
+    differ above it (there one sample's margin can switch off another's gradient). beta <= 0: the
+    DreamBooth MSE mean_b w_b l_theta,b (l.942-943). Returns (loss, logs)."""
+    l_theta = (eps_theta.float() - target.float()).square().mean(dim=(1, 2, 3))
+    w = torch.ones_like(l_theta) if weight is None else weight
+    if beta <= 0:
+        return (w * l_theta).mean(), {"l_theta": l_theta.mean().item()}
+    l_ref = (eps_ref.float() - target.float()).square().mean(dim=(1, 2, 3))
+    delta = w * l_theta - w * l_ref
+    logs = {"l_theta": l_theta.mean().item(), "l_ref": l_ref.mean().item(), "delta": delta.mean().item(),
+            "dco_weight": torch.sigmoid(beta * delta).mean().item() * beta}  # dL/dl_theta, card Sec. 2.4
+    return F.softplus(beta * delta).mean(), logs
+
+
+def min_snr_weight(schedule: sdm.NoiseSchedule, t, gamma: float):
+    """min(SNR_t, gamma) / SNR_t (Hang et al. 2023, arXiv:2303.09556); / (SNR_t + 1) for v-prediction."""
+    a = schedule.alphas_cumprod.to(t.device)[t].float()
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / (snr + 1 if schedule.cfg.prediction == "v" else snr)
+
+
+def dco_step(model: sdm.StableDiffusion, lora: LoRA, z0, cond: sdm.Cond, ref_cond: sdm.Cond, generator,
+             beta: float = 1000.0, snr_gamma: float = 0.0, offset_noise: float = 0.0):
+    """One DCO loss (card Sec. 2.1-2.3): draw t, eps (+ offset noise) from `generator`, noise z0 once, run
+    the fine-tuned UNet on `cond` and, LoRA off and no_grad, the pretrained one on `ref_cond`."""
+    b, dev = len(z0), z0.device
+    noise = torch.randn(z0.shape, generator=generator)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(b, z0.shape[1], 1, 1, generator=generator)
+    t = torch.randint(0, model.schedule.cfg.num_train_timesteps, (b,), generator=generator).to(dev)
+    noise = noise.to(dev)
+    z_t, target = model.schedule.q_sample(z0, t, noise), model.schedule.target(z0, noise, t)
+    eps_theta = model.unet(z_t, t, cond.context, cond.y)
+    eps_ref = None
+    if beta > 0:
+        with torch.no_grad(), disabled(lora):
+            eps_ref = model.unet(z_t, t, ref_cond.context, ref_cond.y)
+    weight = min_snr_weight(model.schedule, t, snr_gamma) if snr_gamma > 0 else None
+    return dco_loss(eps_theta, eps_ref, target, beta, weight)
+
+
+# ---- 6. Data: images + captions (official config.json layout, one config, or JSONL), bad input refused.
+
+
+def read_captions(path, config_name: str = "") -> dict:
+    text = Path(path).read_text()
+    if str(path).endswith(".jsonl"):
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        d = {"images": [r.get("image", r.get("file")) for r in rows], "prompts": [r.get("prompt") for r in rows]}
+        if any("base_prompt" in r for r in rows):
+            d["base_prompts"] = [r.get("base_prompt") for r in rows]
+        return d
+    d = json.loads(text)
+    if "images" in d:
+        return d
+    if config_name or len(d) == 1:
+        if (config_name or next(iter(d))) not in d:
+            raise ValueError(f"captions file '{path}' has no config '{config_name}'; it has {', '.join(d)}.")
+        return d[config_name or next(iter(d))]
+    raise ValueError(f"captions file '{path}' holds several configs ({', '.join(d)}); pick one with --config-name.")
+
+
+def load_data(a: DCOArgs):
+    """(images, prompts, base_prompts, tokens, initializers), checked against each other."""
+    if a.captions:
+        d = read_captions(a.captions, a.config_name)
+        names, prompts = d.get("images") or [], d.get("prompts") or []
+        if len(names) != len(prompts) or not names or None in names or None in prompts:
+            raise ValueError(f"captions file '{a.captions}' must give one prompt per image "
+                             f"({len(names)} images, {len(prompts)} prompts).")
+        roots = [Path(a.images)] if a.images else []
+        roots.append(Path(a.captions).parent)
+        images = []
+        for n in names:
+            found = next((r / n for r in roots if (r / n).is_file()), Path(n) if Path(n).is_file() else None)
+            if found is None:
+                raise ValueError(f"captions file '{a.captions}' names '{n}', which is not in {a.images or roots[-1]}.")
+            images.append(sdm.load_image(found))
+        if a.images:
+            listed = {Path(n).name for n in names}
+            extra = [n for n, _ in sdm.load_image_folder(a.images) if n not in listed]
+            if extra:
+                raise ValueError(f"'{a.images}' has images with no caption in '{a.captions}': {', '.join(extra)}; "
+                                 "caption them or move them out.")
+        bases = d.get("base_prompts")
+        tokens, inits = a.inserting_tokens or d.get("inserting_tokens", []), a.initializer_tokens or d.get("initializer_tokens", [])
+    else:
+        if not a.images or not a.instance_prompt:
+            raise ValueError("give --images DIR with --captions FILE, or with --instance-prompt TEXT.")
+        images = [img for _, img in sdm.load_image_folder(a.images)]
+        prompts = [a.instance_prompt] * len(images)
+        bases = [a.base_prompt] * len(images) if a.base_prompt else None
+        tokens, inits = a.inserting_tokens, a.initializer_tokens
+    if len(tokens) != len(inits):
+        raise ValueError(f"{len(tokens)} inserting tokens but {len(inits)} initializer tokens; give one initializer per token.")
+    if tokens:
+        if a.dco_beta > 0 and (not bases or len(bases) != len(prompts) or None in bases):
+            raise ValueError("learned tokens need a base prompt per image (the caption with the class word, used by "
+                             "the reference model): add base_prompts to the captions file or pass --base-prompt.")
+        for p in prompts:
+            if not any(t in p for t in tokens):
+                raise ValueError(f"the prompt '{p}' contains none of the learned tokens {tokens}; put the token in every caption.")
+        for p in bases or []:
+            if any(t in p for t in tokens):
+                raise ValueError(f"the base prompt '{p}' contains a learned token; base prompts use the class word.")
+    return images, prompts, bases if tokens else prompts, tokens, inits
+
+
+def to_training_tensor(img, res: int):
+    """Resize the short side to `res` (bilinear, as torchvision's Resize in the official dataset), to [-1, 1]."""
+    from PIL import Image
+
+    w, h = img.size
+    s = res / min(w, h)
+    return sdm.image_to_tensor(img.resize((max(res, round(w * s)), max(res, round(h * s))), Image.BILINEAR))
+
+
+# ---- 7. Sampling: consistency guidance and plain CFG of the fine-tuned model.
+
+
+def consistency_guidance(u, c, f, w_text: float, w_cons: float):
+    """u + w_text (c - u) + w_cons (f - c): u, c the pretrained model on "" and c_base, f the fine-tuned one
+    on c (card Sec. 4). w_cons = 0: pretrained CFG; w_cons = w_text: CFG with the fine-tuned cond."""
+    return u + w_text * (c - u) + w_cons * (f - c)
+
+
+def consistency_model_fn(unet, loras, cond: sdm.Cond, base: sdm.Cond, uncond: sdm.Cond, w_text: float, w_cons: float):
+    """model_fn for sample_loop: two UNet calls a step, [uncond; base] with the LoRAs off, then cond with them on."""
+    def fn(x, t, i):
+        with disabled(*loras):
+            y = None if base.y is None else torch.cat([uncond.y, base.y])
+            u, c = unet(torch.cat([x, x]), t, torch.cat([uncond.context, base.context]), y).chunk(2)
+        return consistency_guidance(u, c, unet(x, t, cond.context, cond.y), w_text, w_cons)
+    return fn
+
+
+@torch.no_grad()
+def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | None = None, negative: str = "",
+           guidance: str = "consistency", w_text: float = 7.5, w_cons: float = 3.0, steps: int = 50,
+           sampler: str = "ddim", eta: float = 0.0, size=None, generator=None, latents=None, progress: bool = True):
+    """Images in [-1, 1]. Call inside `install(model.unet, *loras)`. guidance "cfg" is the fine-tuned
+    model's own CFG (the README's rg_scale = 0 path, the diamonds of the paper's plots)."""
+    h, w = size or (model.cfg.image_size, model.cfg.image_size)
+    extra = tokens.extra if tokens is not None else (None, None)
+    cond = model.encode_prompt(prompts, (h, w), extra)
+    uncond = model.uncond([negative] * len(prompts), (h, w))
+    if guidance == "cfg":
+        fn = model.cfg_model_fn(cond, uncond, w_text)
+    elif guidance == "consistency":
+        if base_prompts is None:
+            base_prompts = [tokens.base_prompt(p) for p in prompts] if tokens is not None else prompts
+        fn = consistency_model_fn(model.unet, loras, cond, model.encode_prompt(base_prompts, (h, w)), uncond, w_text, w_cons)
+    else:
+        raise ValueError(f"unknown guidance '{guidance}'; use consistency or cfg.")
+    if latents is None:
+        f = model.vae.downsample_factor
+        latents = torch.randn((len(prompts), model.cfg.unet.in_channels, h // f, w // f), generator=generator,
+                              device=generator.device if generator is not None else "cpu")
+    z = sdm.sample_loop(fn, latents.to(model.device), model.schedule, steps, sampler, eta, generator, progress=progress)
+    return model.decode_latents(z)
+
+
+# ---- 8. Training.
+
+
+def train(a: DCOArgs) -> Path:
+    device = sdm.pick_device(a.device)
+    torch.manual_seed(a.seed)
+    images, prompts, bases, tokens, inits = load_data(a)  # bad input fails before the model loads
+    half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
+    model = sdm.load_model(a.pretrained_model, half, "fp32", device)  # frozen parts in half, VAE fp32 (l.490)
+    res = a.resolution or model.cfg.image_size
+    f = model.vae.downsample_factor
+    if res % f:
+        raise ValueError(f"--resolution must be a multiple of {f} (got {res}).")
+    gen = torch.Generator().manual_seed(a.seed)
+    lora = LoRA.create(model.unet, a.rank, a.lora_alpha or a.rank, generator=gen)
+    ti = LearnedTokens.from_initializers(model, tokens, inits, gen) if tokens else None
+    model.unet.gradient_checkpointing = a.gradient_checkpointing
+    pix = [to_training_tensor(img, res) for img in images]
+    fixed = all(p.shape[1:] == (res, res) for p in pix)
+    moments = None
+    if fixed:  # no crop to draw: encode once, sample the posterior every step
+        with torch.no_grad():
+            moments = model.vae.encode(torch.stack(pix).to(device, model.vae.quant_conv.weight.dtype))
+    cache: dict[str, sdm.Cond] = {}
+
+    def encode(ps, extra=(None, None), grad=False):
+        if grad:
+            return model.encode_prompt(ps, (res, res), extra)
+        for p in set(ps) - set(cache):
+            with torch.no_grad():
+                cache[p] = model.encode_prompt([p], (res, res))
+        return sdm.Cond(torch.cat([cache[p].context for p in ps]), None if cache[ps[0]].y is None else torch.cat([cache[p].y for p in ps]))
+
+    def loss_fn(g):
+        idx = torch.randint(0, len(pix), (a.train_batch_size,), generator=g).tolist()
+        if fixed:
+            mean, std = moments.mean[idx], moments.std[idx]
+        else:
+            crops = []
+            for i in idx:
+                H, W = pix[i].shape[1:]
+                top = (H - res) // 2 if a.center_crop else int(torch.randint(0, H - res + 1, (1,), generator=g))
+                left = (W - res) // 2 if a.center_crop else int(torch.randint(0, W - res + 1, (1,), generator=g))
+                crops.append(pix[i][:, top : top + res, left : left + res])
+            with torch.no_grad():
+                d = model.vae.encode(torch.stack(crops).to(device, model.vae.quant_conv.weight.dtype))
+            mean, std = d.mean, d.std
+        z0 = ((mean + std * torch.randn(mean.shape, generator=g).to(device)) * model.vae.scale_factor).float()
+        ps = [prompts[i] for i in idx]
+        cond = encode(ps, ti.extra, grad=True) if ti is not None else encode(ps)
+        ref = None
+        if a.dco_beta > 0:  # the pretrained model sees the class-word caption when tokens are learned (l.905-919)
+            ref = encode([bases[i] for i in idx]) if ti is not None else sdm.Cond(cond.context.detach(), cond.y)
+        return dco_step(model, lora, z0, cond, ref, g, a.dco_beta, a.snr_gamma, a.offset_noise)
+
+    scale = a.train_batch_size * a.gradient_accumulation_steps if a.scale_lr else 1
+    groups = [{"params": list(lora.parameters()), "lr": a.learning_rate * scale}]
+    if ti is not None:
+        groups.append({"params": list(ti.rows), "lr": a.text_encoder_lr * scale})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.adam_weight_decay)
+    tensors = {f"lora.{k}": v for k, v in lora.state_dict(keep_vars=True).items()}
+    tensors.update({f"tokens.{k}": v for k, v in (ti.state_dict(keep_vars=True).items() if ti else [])})
+    meta = {"base_model": a.pretrained_model or "toy", "rank": a.rank, "lora_alpha": a.lora_alpha or a.rank,
+            "dco_beta": a.dco_beta, "seed": a.seed, "tokens": tokens, "initializer_tokens": inits}
+
+    def save(folder):
+        folder = Path(folder)
+        save_lora(folder / "pytorch_lora_weights.safetensors", model.unet, [lora], "peft", meta)
+        save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", meta)
+        if ti is not None:
+            ti.save(folder / "learned_embeds.safetensors", {"base_model": meta["base_model"]})
+
+    def validate():
+        n = a.num_validation_images
+        g = torch.Generator(device).manual_seed(a.seed)
+        x = sample(model, [lora], [a.validation_prompt] * n, tokens=ti, w_cons=a.w_cons, steps=25, size=(res, res),
+                   generator=g, progress=False)
+        return sdm.tensor_to_images(x)
+
+    with install(model.unet, lora):
+        return sdm.train_loop(a, opt, tensors, loss_fn, save, gen, validate, ti.renormalize if ti else None, device, meta)
+
+
+# ---- 9. Command line: train / sample / merge.
+
+
+@dataclass
+class DCOSampleArgs(sdm.SampleArgs):
+    lora: list[str] = field(default_factory=list)  # LoRA files or training output folders (either format)
+    lora_scale: list[float] = field(default_factory=list)  # one weight per LoRA (default 1 each)
+    embeddings: list[str] = field(default_factory=list)  # learned_embeds files; a LoRA folder's own is read too
+    base_prompt: str = ""  # "" = --prompt with each learned token replaced by its initializer word
+    guidance: str = "consistency"  # consistency (3 UNet evaluations a step) | cfg (the fine-tuned model's CFG)
+    w_cons: float = 3.0  # README example; the paper sweeps 2-5 (w_text = --guidance-scale = --w-text, 7.5)
+
+
+@dataclass
+class MergeArgs:
+    lora: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # default 1 each
+    method: str = "sum"  # sum (exact) | ties_svd
+    density: float = 1.0  # ties_svd: fraction of each delta kept (the TIES paper uses 0.2)
+    rank: int = 0  # ties_svd: 0 = the largest input rank
+    output: str = "merged_lora.safetensors"
+    format: str = "peft"  # peft | kohya
+    pretrained_model: str = ""  # the base model the LoRAs belong to ("" = the toy model)
+
+
+def load_adapters(model, paths, scales):
+    loras, tokens = [], []
+    for i, p in enumerate(paths):
+        lora = load_lora(p, model.unet, name=f"lora{i}")
+        lora.scale = scales[i] if i < len(scales) else 1.0
+        loras.append(lora)
+        if Path(p).is_dir() and (Path(p) / "learned_embeds.safetensors").exists():
+            tokens.append(Path(p) / "learned_embeds.safetensors")
+    return loras, tokens
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
+    try:
+        if cmd == "train":
+            a = sdm.parse_args(DCOArgs, rest, argparse.ArgumentParser(prog="dco.py train", description="DCO LoRA fine-tuning"))
+            print(f"wrote {train(a)}")
+        elif cmd == "sample":
+            p = argparse.ArgumentParser(prog="dco.py sample", description="consistency guidance or CFG with DCO LoRAs")
+            p.add_argument("--w-text", dest="guidance_scale", type=float, default=7.5, help="alias of --guidance-scale")
+            a = sdm.parse_args(DCOSampleArgs, rest, p)
+            out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
+            model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant)
+            loras, found = load_adapters(model, a.lora, a.lora_scale)
+            files = [*a.embeddings, *found]
+            if len(files) > 1:
+                raise ValueError("give one embeddings file (several token sets cannot share the new-token ids).")
+            tokens = LearnedTokens.load(files[0], model) if files else None
+            h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
+            g = torch.Generator(model.device).manual_seed(a.seed)
+            with install(model.unet, *loras):
+                x = sample(model, loras, [a.prompt] * a.batch_size, [a.base_prompt] * a.batch_size if a.base_prompt else None,
+                           tokens, a.negative_prompt, a.guidance, a.guidance_scale, a.w_cons, a.steps, a.sampler, a.eta, (h, w), g)
+            for i, img in enumerate(sdm.tensor_to_images(x)):
+                sdm.save_image(img, out / f"{a.seed:04d}_{i:02d}.png")
+            print(f"wrote {len(x)} image(s) to {out}")
+        elif cmd == "merge":
+            a = sdm.parse_args(MergeArgs, rest, argparse.ArgumentParser(prog="dco.py merge", description=merge.__doc__.split("\n")[0]))
+            if len(a.lora) < 2:
+                raise ValueError("give two or more LoRAs to merge with --lora A B ...")
+            model = sdm.load_model(a.pretrained_model, "fp16", "fp16", "cpu")
+            loras, _ = load_adapters(model, a.lora, [])
+            weights = a.weights or [1.0] * len(loras)
+            if len(weights) != len(loras):
+                raise ValueError(f"{len(loras)} LoRAs but {len(weights)} weights.")
+            merged = merge(loras, weights, a.method, a.density, a.rank)
+            save_lora(a.output, model.unet, [merged], a.format, {"merged": a.lora, "weights": weights, "merge_method": a.method})
+            print(f"wrote {a.output}")
+        else:
+            sys.exit("usage: python dco.py {train,sample,merge} [options]; see --help of each")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

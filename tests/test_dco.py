@@ -1,0 +1,524 @@
+"""DCO (dco.py): the card's Sec. 9 identities, LoRA census at full size, files other tools read, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+import dco
+import sd_model as sdm
+import weights_convert as wc
+from conftest import assert_close, diffusers_unet
+
+LN2 = 0.6931471805599453
+# SDXL's layout at toy widths: two text towers (the second projects its pooled output), pooled + 6 size ids
+# in y, no attention at the first level, linear proj_in/out, d_head fixed.
+TINY_XL = sdm.SDConfig(
+    "tiny-xl",
+    sdm.UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1, transformer_depth=(0, 2),
+                   num_heads=None, num_head_channels=16, context_dim=64, use_linear_in_transformer=True,
+                   adm_in_channels=32 + 6 * 8, norm_groups=8),
+    sdm.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, penultimate=True),
+    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, act="gelu", projection_dim=32, pad_id=0, penultimate=True),
+    image_size=32)
+
+
+def tiny(cfg=sdm.TINY, seed=0):
+    torch.manual_seed(seed)
+    return sdm.StableDiffusion(cfg).eval().requires_grad_(False)
+
+
+def randomize_lora(lora, seed=1, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.layers.values():
+            layer.up.copy_(torch.randn(layer.up.shape, generator=g) * scale)
+    return lora
+
+
+def inputs(model, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = model.cfg.image_size // model.vae.downsample_factor
+    return torch.randn(b, 4, s, s, generator=g), torch.tensor([10, 700][:b]), model.encode_prompt(["a red star", "a dog"][:b])
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, layers, per_rank", [("sd15", 128, 199_296), ("sdxl", 560, 1_451_520)])
+def test_lora_census_and_names_on_the_full_configs(name, layers, per_rank):
+    """card Sec. 3/7/9: 128 (SD1.5) / 560 (SDXL) wrapped Linears, rank x 199,296 / 1,451,520 parameters;
+    every exported name is a module of diffusers' full-size UNet, and kohya's names map to them through
+    diffusers' own converters (SDXL: kohya's sgm names)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
+    from test_convert import SD15_UNET, SDXL_UNET
+
+    with torch.device("meta"):
+        unet = sdm.UNetModel(sdm.PRESETS[name].unet)
+        ref = UNet2DConditionModel(**(SD15_UNET if name == "sd15" else SDXL_UNET))
+    for rank in (1, 4):
+        lora = dco.LoRA.create(unet, rank)
+        assert len(lora.layers) == layers and sum(p.numel() for p in lora.parameters()) == rank * per_rank
+    theirs = {n for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
+    dnames = dco.diffusers_names(unet)
+    assert set(dnames.values()) == theirs and len(theirs) == layers
+    kohya = {dco.kohya_name(unet, p, dnames) + ".lora_down.weight": p for p in dnames}
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict.fromkeys(kohya, 0), ref.config)
+    back = {_convert_unet_lora_key(k).replace(".processor", "").replace("_lora.down.weight", "").replace("to_out", "to_out.0") for k in mapped}
+    assert back == theirs
+    assert next(iter(kohya)).startswith("lora_unet_input_blocks_" if name == "sdxl" else "lora_unet_down_blocks_")
+
+
+def test_lora_hooks_zero_init_scale_enable_and_restore():
+    model = tiny()
+    unet = model.unet
+    x, t, c = inputs(model)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    base = unet(x, t, c.context)
+    lora = dco.LoRA.create(unet, rank=4, generator=torch.Generator().manual_seed(0))
+    a = next(iter(lora.layers.values()))
+    assert a.down.std().item() == pytest.approx(1 / 4, rel=0.1) and not a.up.any()  # gaussian A, std 1/r; B = 0
+    with dco.install(unet, lora):
+        assert torch.equal(unet(x, t, c.context), base)  # delta-W = 0 exactly at init
+        randomize_lora(lora)
+        on = unet(x, t, c.context)
+        assert not torch.allclose(on, base)
+        with dco.disabled(lora):
+            assert torch.equal(unet(x, t, c.context), base)
+        assert lora.enabled
+        lora.scale = 0.0
+        assert torch.equal(unet(x, t, c.context), base)
+        lora.scale = 0.5
+        half = unet(x, t, c.context)
+    assert torch.equal(unet(x, t, c.context), base)  # hooks removed on exit
+    assert all(not m._forward_hooks for m in unet.modules())
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())  # unet.state_dict() == checkpoint
+    # the hooks compute W x + s (alpha/r) B A x: compare with the weights merged into a copy
+    merged = tiny()
+    with torch.no_grad():
+        for path, dw in lora.delta_weights().items():
+            merged.unet.get_submodule(path).weight += dw
+    assert_close(half, merged.unet(x, t, c.context), what="hooked LoRA vs merged weights")
+
+
+def test_lora_with_gradient_checkpointing_and_a_half_precision_unet():
+    """The hooks are stateless, so checkpointing's second forward gives the same gradients; fp32 LoRA
+    weights run on a bf16 UNet without autocast (sampling with --precision bf16)."""
+    model = tiny()
+    x, t, c = inputs(model)
+    lora = randomize_lora(dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0)))
+    grads = []
+    with dco.install(model.unet, lora):
+        for ckpt in (False, True):
+            model.unet.gradient_checkpointing = ckpt
+            lora.zero_grad()
+            model.unet(x, t, c.context).square().mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in lora.parameters()]))
+        assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+        model.unet.gradient_checkpointing = False
+        want = model.unet(x, t, c.context)
+        model.unet.to(torch.bfloat16)
+        with torch.no_grad():
+            got = model.unet(x.bfloat16(), t, c.context.bfloat16())
+    assert got.dtype == torch.bfloat16 and next(lora.parameters()).dtype == torch.float32
+    assert_close(got, want, rtol=0.05, what="bf16 UNet + fp32 LoRA")
+
+
+def test_several_adapters_and_merge_algebra():
+    """card Sec. 9.8: adapters [subject, style] at [1, 1] give W0 + dW_s + dW_t, scale 0 gives W0; merge
+    "sum" is that sum exactly; "ties_svd" follows TIES on a hand-made example."""
+    model = tiny()
+    unet = model.unet
+    x, t, c = inputs(model)
+    subj = randomize_lora(dco.LoRA.create(unet, 2, name="subject", generator=torch.Generator().manual_seed(1)), 2)
+    style = randomize_lora(dco.LoRA.create(unet, 4, alpha=2, name="style", generator=torch.Generator().manual_seed(2)), 3)
+    path = "input_blocks.1.1.transformer_blocks.0.attn2.to_v"
+    lin = unet.get_submodule(path)
+    h = torch.randn(3, lin.in_features)
+    with dco.install(unet, subj, style):
+        both = unet(x, t, c.context)
+        assert_close(lin(h), h @ (lin.weight + subj.delta_weights()[path] + style.delta_weights()[path]).T, what="W0 + dWs + dWt")
+        subj.scale = style.scale = 0.0
+        assert torch.equal(lin(h), F.linear(h, lin.weight))
+        subj.scale = style.scale = 1.0
+    merged = dco.merge([subj, style], [1.0, 1.0])
+    assert next(iter(merged.layers.values())).rank == 6
+    with dco.install(unet, merged):
+        assert_close(unet(x, t, c.context), both, what="sum merge")
+    # TIES on one 2x2 layer: trim to density 0.5, elect the sign of the sum, mean of the agreeing entries
+    d1, d2 = torch.tensor([[3.0, -1.0], [0.5, 2.0]]), torch.tensor([[-1.0, -4.0], [0.1, 1.0]])
+    ab = lambda d: dco.LoRA.from_tensors({"l": (torch.eye(2), d, 2.0)})
+    m = dco.merge([ab(d1), ab(d2)], [1.0, 1.0], "ties_svd", density=0.5, rank=2)
+    # trimmed: d1 -> [[3, 0], [0, 2]], d2 -> [[0, -4], [0, 1]]; signs: +, -, +(0), +; means: 3, -4, 0, 1.5
+    assert_close(m.delta_weights()["l"], torch.tensor([[3.0, -4.0], [0.0, 1.5]]), what="ties_svd")
+
+
+# ---- the DCO loss ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg, ti", [(sdm.TINY, False), (sdm.TINY, True), (TINY_XL, True)])
+def test_loss_is_ln2_at_init(cfg, ti):
+    """card Sec. 9.1: B = 0 and the same conditioning in both passes give eps_theta == eps_ref bit for bit.
+    With a token initialised from a one-token class word this holds on SD1, and on SDXL too because our
+    CLIP pools at <|endoftext|> (the official argmax-pooling quirk of card 6.2 would break it)."""
+    model = tiny(cfg)
+    lora = dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0))
+    prompts, bases = ["a <dog> sitting on a ledge"], ["a dog sitting on a ledge"]
+    tokens = dco.LearnedTokens.from_initializers(model, ["<dog>"], ["dog"]) if ti else None
+    cond = model.encode_prompt(prompts if ti else bases, extra=tokens.extra if ti else (None, None))
+    ref = model.encode_prompt(bases)
+    assert torch.equal(cond.context, ref.context) and (cond.y is None or torch.equal(cond.y, ref.y))
+    z0 = torch.randn(1, 4, 16, 16)
+    with dco.install(model.unet, lora):
+        loss, logs = dco.dco_step(model, lora, z0, cond, ref, torch.Generator().manual_seed(0))
+    assert logs["l_theta"] == logs["l_ref"] and loss.item() == pytest.approx(LN2, abs=1e-7)
+
+
+def test_the_official_sdxl_pooling_quirk_is_real_and_not_ours():
+    """card 6.2, checked: transformers pools at argmax(ids) when a config has the legacy eos_token_id = 2,
+    which with <dog> = 49408 is the new token's position; with the corrected id it is <|endoftext|>,
+    where our CLIP pools (so test_loss_is_ln2_at_init holds on SDXL)."""
+    from conftest import hf_text_model
+
+    hf = hf_text_model(projection=32)
+    hf.resize_token_embeddings(49409)
+    tok = sdm.CLIPTokenizer()
+    tok.add_tokens(["<dog>"])
+    ids = tok(["a <dog> on a ledge"])
+    where = {name: (ids[0] == i).int().argmax().item() for name, i in (("dog", 49408), ("eos", 49407))}
+    for eos_id, pos in ((2, where["dog"]), (49407, where["eos"])):
+        hf.text_model.eos_token_id = eos_id
+        with torch.no_grad():
+            out = hf(ids)
+            assert torch.equal(out.text_embeds[0], hf.text_projection(out.last_hidden_state[0, pos]))
+
+
+def test_gradient_is_beta_sigmoid_times_the_mse_gradient():
+    """card Sec. 2.4 / 9.2: dL/dl_theta = beta sigmoid(beta Delta): 500 at Delta = 0, 6.693 at -0.005,
+    993.3 at +0.005 (beta = 1000), and at init the LoRA gradient is (beta/2) x DreamBooth's."""
+    target, l_ref = torch.zeros(1, 4, 2, 2), 0.1
+    for delta, want in ((0.0, 500.0), (-0.005, 6.693), (0.005, 993.3)):
+        eps_theta = torch.full((1, 4, 2, 2), math.sqrt(l_ref + delta), dtype=torch.float64, requires_grad=True)
+        loss, _ = dco.dco_loss(eps_theta, torch.full((1, 4, 2, 2), math.sqrt(l_ref), dtype=torch.float64), target, 1000.0)
+        loss.backward()
+        mse_grad = 2 * eps_theta.detach() / eps_theta.numel()
+        assert (eps_theta.grad / mse_grad).flatten()[0].item() == pytest.approx(want, rel=1e-3)
+    model = tiny()
+    z0, cond = torch.randn(1, 4, 16, 16), model.encode_prompt(["a star"])
+    grads = []
+    for beta in (1000.0, 0.0):
+        lora = dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0))
+        with dco.install(model.unet, lora):
+            dco.dco_step(model, lora, z0, cond, cond, torch.Generator().manual_seed(3), beta)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lora.parameters()]))
+    assert grads[1].abs().max() > 0
+    assert_close(grads[0], 500 * grads[1], rtol=1e-5, what="DCO grad at init vs 500 x MSE grad")
+
+
+def test_reference_pass_shares_noise_has_no_grad_and_lora_is_back_on():
+    """card Sec. 9.4/9.5: the same z_t and t reach both passes; the reference runs without grad and with
+    the LoRA off; afterwards the LoRA is on again with scale alpha/r = 1."""
+    model = tiny()
+    lora = randomize_lora(dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0)))
+    calls = []
+    model.unet.register_forward_pre_hook(lambda m, args: calls.append((args[0], args[1], torch.is_grad_enabled(), lora.enabled)))
+    out = []
+    model.unet.register_forward_hook(lambda m, args, o: out.append(o))
+    cond, ref = model.encode_prompt(["a <x> star"]), model.encode_prompt(["a star"])
+    with dco.install(model.unet, lora):
+        loss, _ = dco.dco_step(model, lora, torch.randn(1, 4, 16, 16), cond, ref, torch.Generator().manual_seed(0))
+    (x1, t1, grad1, on1), (x2, t2, grad2, on2) = calls
+    assert x1 is x2 and t1 is t2
+    assert (grad1, on1, grad2, on2) == (True, True, False, False)
+    assert out[0].requires_grad and not out[1].requires_grad
+    assert lora.enabled and all(layer.alpha / layer.rank == 1 for layer in lora.layers.values())
+    loss.backward()  # gradients reach the LoRA only through the fine-tuned pass
+    assert all(p.grad is not None for p in lora.parameters())
+
+
+def test_beta_zero_is_dreambooth_and_snr_weighting():
+    """beta <= 0 is the plain MSE (one UNet call); Min-SNR gives min(SNR, gamma)/SNR per sample."""
+    model = tiny()
+    lora = randomize_lora(dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0)))
+    z0, cond = torch.randn(2, 4, 16, 16), model.encode_prompt(["a star", "a dog"])
+    n = []
+    model.unet.register_forward_pre_hook(lambda m, a: n.append(1))
+    with dco.install(model.unet, lora):
+        loss, _ = dco.dco_step(model, lora, z0, cond, None, torch.Generator().manual_seed(5), beta=0.0)
+        g = torch.Generator().manual_seed(5)
+        noise, t = torch.randn(z0.shape, generator=g), torch.randint(0, 1000, (2,), generator=g)
+        want = F.mse_loss(model.unet(model.schedule.q_sample(z0, t, noise), t, cond.context), noise)
+    assert len(n) == 2 and loss.item() == pytest.approx(want.item(), rel=1e-6)
+    a = model.schedule.alphas_cumprod[torch.tensor([0, 999])].float()
+    snr = a / (1 - a)
+    w = dco.min_snr_weight(model.schedule, torch.tensor([0, 999]), 5.0)
+    assert_close(w, torch.stack([5 / snr[0], torch.tensor(1.0)]), what="min-SNR weights")  # gamma caps t=0 only
+
+
+def test_overfitting_one_sample_drives_the_loss_below_ln2():
+    """card Sec. 9.3: on one fixed (z0, eps, t), l_theta drops below l_ref and L below ln 2."""
+    model = tiny()
+    lora = dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(lora.parameters(), lr=3e-3)
+    z0, cond = torch.randn(1, 4, 16, 16), model.encode_prompt(["a star"])
+    with dco.install(model.unet, lora):
+        for _ in range(8):
+            loss, logs = dco.dco_step(model, lora, z0, cond, cond, torch.Generator().manual_seed(1), beta=1000.0)
+            opt.zero_grad(), loss.backward(), opt.step()
+    assert logs["l_theta"] < logs["l_ref"] and loss.item() < 0.1
+
+
+# ---- training end to end: learned tokens in bf16, resume, files --------------------------------------
+
+
+def write_model(folder, cfg=sdm.TINY):
+    model = tiny(cfg)
+    parts = {p: getattr(model, p).state_dict() for p in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(model, p) is not None}
+    wc.write_parts(folder, cfg, parts)
+    return folder
+
+
+def write_images(folder, n=3, size=(40, 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return [f"{i:02d}.png" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dco")
+    names = write_images(root / "images")
+    captions = {"full_ti": {"images": names, "prompts": [f"a <dog> on a ledge, photo {i}" for i in range(3)],
+                            "base_prompts": [f"a dog on a ledge, photo {i}" for i in range(3)],
+                            "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]},
+                "dreambooth": {"images": names, "prompts": ["a photo of a dog"] * 3}}
+    (root / "config.json").write_text(json.dumps(captions))
+    return root, write_model(root / "sd1"), write_model(root / "sdxl", TINY_XL)
+
+
+def train_args(root, model, out, **kw):
+    return dco.DCOArgs(**{**dict(pretrained_model=str(model), images=str(root / "images"), captions=str(root / "config.json"),
+                                 config_name="full_ti", output_dir=str(out), rank=4, max_train_steps=4, checkpointing_steps=2,
+                                 text_encoder_lr=1e-2), **kw})
+
+
+@pytest.mark.parametrize("which", ["sd1", "sdxl"])
+def test_tokens_really_train_in_bf16_keep_their_norm_and_the_table(setup, tmp_path, which):
+    """card 6.1 / 9.6: under bf16 autocast with half-precision frozen weights the new rows move, keep the
+    initializer's norm, every pretrained row stays bit-identical; SDXL writes clip_l and clip_g."""
+    root, sd1, sdxl = setup
+    model_dir = sd1 if which == "sd1" else sdxl
+    dco.train(train_args(root, model_dir, tmp_path / "run", mixed_precision="bf16", resolution=32))
+    model = sdm.StableDiffusion.from_pretrained(model_dir)
+    emb = sdm.load_embeddings(tmp_path / "run" / "learned_embeds.safetensors")
+    encoders = [model.text_encoder] + ([model.text_encoder_2] if which == "sdxl" else [])
+    rows = [emb["clip_l"], emb["clip_g"]] if which == "sdxl" else [emb["<dog>"]]
+    dog = sdm.CLIPTokenizer().token_id("dog")
+    for row, enc in zip(rows, encoders):
+        init = enc.token_embedding.weight[dog].bfloat16().float()  # the row as training loaded it (bf16)
+        assert (row[0] - init).abs().max() > 1e-3, "the learned row did not move"
+        assert row[0].norm().item() == pytest.approx(init.norm().item(), rel=1e-6)
+    # the frozen tables: training never touches them (fp32 rows outside the table, by construction)
+    trained = dco.LearnedTokens.load(tmp_path / "run" / "learned_embeds.safetensors", model)
+    ids = model.tokenize(["a <dog> and a dog"])
+    for i, enc in enumerate(encoders):
+        e = enc.embed(ids, trained.extra[i])
+        assert torch.equal(e[0, 5], enc.token_embedding.weight[dog]) and torch.equal(e[0, 2], trained.extra[i][0].to(e.dtype))
+    assert torch.equal(model.text_encoder.token_embedding.weight,
+                       sdm.StableDiffusion.from_pretrained(model_dir).text_encoder.token_embedding.weight)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(LN2, abs=2e-3)  # bf16: equal inputs to both passes, ~ln 2
+
+
+def test_resume_equals_an_uninterrupted_run(setup, tmp_path):
+    root, sd1, _ = setup
+    dco.train(train_args(root, sd1, tmp_path / "a"))
+    dco.train(train_args(root, sd1, tmp_path / "b", max_train_steps=2))  # stops at checkpoint-2 ...
+    dco.train(train_args(root, sd1, tmp_path / "b", resume="latest"))  # ... and goes on to 4
+    for f in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = (load_file(str(tmp_path / d / f)) for d in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert (tmp_path / "b" / "checkpoint-4" / "lora_kohya.safetensors").exists()
+
+
+# ---- files: round trips and what diffusers reads -----------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [sdm.TINY, TINY_XL])
+def test_lora_files_round_trip_in_both_conventions(tmp_path, cfg):
+    model = tiny(cfg)
+    x, t, c = inputs(model)
+    lora = randomize_lora(dco.LoRA.create(model.unet, 4, alpha=2.0, generator=torch.Generator().manual_seed(0)))
+    lora.scale = 0.7  # the user scale is baked into B on export
+    with dco.install(model.unet, lora):
+        want = model.unet(x, t, c.context, c.y)
+    for fmt in ("peft", "kohya"):
+        dco.save_lora(tmp_path / f"{fmt}.safetensors", model.unet, [lora], fmt)
+        back = dco.load_lora(tmp_path / f"{fmt}.safetensors", model.unet)
+        assert back.layers.keys() == lora.layers.keys() and all(layer.alpha == 2.0 for layer in back.layers.values())
+        with dco.install(model.unet, back):
+            assert_close(model.unet(x, t, c.context, c.y), want, what=f"{fmt} round trip")
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_exported_loras_load_into_a_diffusers_unet_with_the_same_function(tmp_path, kind):
+    """Both files through diffusers' own readers (lora_state_dict, its kohya/sgm converters,
+    convert_unet_state_dict_to_peft), applied to the diffusers UNet our tiny UNet came from."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    ref = diffusers_unet(kind)
+    cfg = wc.diffusers_unet_config(ref.config)
+    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    lora = randomize_lora(dco.LoRA.create(ours, 4, alpha=8.0, generator=torch.Generator().manual_seed(0)), scale=0.2)
+    x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 7, ref.config.cross_attention_dim), torch.tensor([10, 873])
+    kw, y = {}, None
+    if kind == "sdxl":
+        pooled, ids = torch.randn(2, 32), torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+        kw = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+        y = torch.cat([pooled, sdm.timestep_embedding(ids.flatten(), 8).reshape(2, -1)], dim=1)
+    with dco.install(ours, lora), torch.no_grad():
+        want = ours(x, t, ctx, y)
+    for fmt in ("peft", "kohya"):
+        path = tmp_path / f"{fmt}.safetensors"
+        dco.save_lora(path, ours, [lora], fmt)
+        sd, alphas, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), unet_config=ref.config, return_lora_metadata=True)
+        sd = convert_unet_state_dict_to_peft({k.removeprefix("unet.").replace(".processor", ""): v for k, v in sd.items()})
+        # one alpha for all layers, read as diffusers' get_peft_kwargs does (kohya: .alpha keys; peft: metadata)
+        alpha = {*alphas.values()} if alphas else {meta["unet.lora_alpha"]}
+        assert len(alpha) == 1
+        merged = diffusers_unet(kind)
+        with torch.no_grad():
+            for k, A in sd.items():
+                if k.endswith("lora_A.weight"):
+                    mod = k.removesuffix(".lora_A.weight")
+                    merged.get_submodule(mod).weight += next(iter(alpha)) / A.shape[0] * sd[mod + ".lora_B.weight"] @ A
+            got = merged(x, t, ctx, **kw).sample
+        assert len(sd) == 2 * len(lora.layers)
+        assert_close(got, want, rtol=1e-4, what=f"diffusers UNet + our {fmt} LoRA")
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+
+
+def test_consistency_guidance_algebra_and_unet_calls():
+    """card Sec. 9.7: the three limits, and 3 UNet evaluations a step in 2 calls."""
+    u, c, f = torch.randn(3, 4, 2, 2).unbind(0)
+    g = dco.consistency_guidance
+    assert_close(g(u, c, f, 7.5, 0.0), u + 7.5 * (c - u), what="w_cons = 0: pretrained CFG on c_base")
+    assert_close(g(u, c, f, 5.0, 5.0), u + 5.0 * (f - u), what="w_cons = w_text: CFG with the fine-tuned cond")
+    assert_close(g(u, c, f, 7.5, 1.0), f + 6.5 * (c - u), what="w_cons = 1")
+    assert_close(g(u, c, c, 7.5, 3.0), u + 7.5 * (c - u), what="f == c: pretrained CFG")
+    model = tiny(TINY_XL)
+    lora = dco.LoRA.create(model.unet, 4, generator=torch.Generator().manual_seed(0))  # B = 0
+    batches = []
+    model.unet.register_forward_pre_hook(lambda m, a: batches.append(len(a[0])))
+    latents = torch.randn(2, 4, 16, 16)
+    with dco.install(model.unet, lora):
+        x = dco.sample(model, [lora], ["a star on the grass"] * 2, w_cons=3.0, steps=3, latents=latents, progress=False)
+    assert batches == [4, 2] * 3
+    want = model.sample(["a star on the grass"] * 2, steps=3, latents=latents, progress=False)
+    assert_close(x, want, rtol=1e-4, what="zero LoRA, c == c_base: pretrained CFG")
+
+
+def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys):
+    root, sd1, _ = setup
+    dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions", str(root / "config.json"),
+              "--config-name", "dreambooth", "--output-dir", str(tmp_path / "style"), "--rank", "2", "--dco-beta", "0",
+              "--max-train-steps", "2", "--validation-prompt", "a photo of a dog", "--validation-steps", "2", "--num-validation-images", "1"])
+    assert (tmp_path / "style" / "validation" / "step-000002.png").exists()
+    dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions", str(root / "config.json"),
+              "--config-name", "full_ti", "--output-dir", str(tmp_path / "subj"), "--rank", "4", "--max-train-steps", "2"])
+    dco.main(["merge", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "subj"), str(tmp_path / "style" / "lora_kohya.safetensors"),
+              "--weights", "1", "0.5", "--output", str(tmp_path / "merged.safetensors")])
+    for guidance in ("consistency", "cfg"):
+        dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "merged.safetensors"), "--embeddings",
+                  str(tmp_path / "subj" / "learned_embeds.safetensors"), "--prompt", "a <dog> in the snow", "--guidance", guidance,
+                  "--w-text", "5", "--w-cons", "2", "--steps", "2", "--output-dir", str(tmp_path / guidance)])
+        assert (tmp_path / guidance / "0000_00.png").exists()
+    assert "wrote 1 image(s)" in capsys.readouterr().out
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
+    root, sd1, sdxl = setup
+    cap = root / "config.json"
+    base = dict(images=str(root / "images"), captions=str(cap), config_name="full_ti")
+    bad = tmp_path / "bad.json"
+
+    def err(match, **kw):
+        with pytest.raises(ValueError, match=match):
+            dco.load_data(dco.DCOArgs(**{**base, **kw}))
+
+    lines = [{"file": f"{i:02d}.png", "prompt": f"a <cat> {i}", "base_prompt": f"a cat {i}"} for i in range(3)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    images, prompts, bases, tokens, inits = dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(tmp_path / "c.jsonl"),
+                                                                       inserting_tokens=["<cat>"], initializer_tokens=["cat"]))
+    assert (len(images), prompts[2], bases[2], tokens, inits) == (3, "a <cat> 2", "a cat 2", ["<cat>"], ["cat"])
+    err("several configs", config_name="")
+    bad.write_text(json.dumps({"images": ["00.png", "01.png"], "prompts": ["a <dog>"]}))
+    err("one prompt per image", captions=str(bad))
+    bad.write_text(json.dumps({"images": ["00.png", "zz.png"], "prompts": ["a <dog>"] * 2}))
+    err("names 'zz.png', which is not in", captions=str(bad))
+    bad.write_text(json.dumps({"images": ["00.png"], "prompts": ["a photo"]}))
+    err("images with no caption.*01.png, 02.png", captions=str(bad))
+    bad.write_text(json.dumps({"images": ["00.png", "01.png", "02.png"], "prompts": ["a <dog>"] * 3,
+                               "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}))
+    err("need a base prompt per image", captions=str(bad))
+    err("contains none of the learned tokens", inserting_tokens=["<cat>"], initializer_tokens=["cat"])
+    model = tiny()
+    with pytest.raises(ValueError, match="'dog' is already a token"):
+        dco.LearnedTokens.from_initializers(model, ["dog"], ["dog"])
+    with pytest.raises(ValueError, match="not one"):
+        dco.LearnedTokens.from_initializers(tiny(), ["<q>"], ["qzxjvwk"])
+    lora_file = tmp_path / "l.safetensors"
+    dco.save_lora(lora_file, model.unet, [dco.LoRA.create(model.unet, 2)])
+    with pytest.raises(ValueError, match="does not fit this base model"):
+        dco.load_lora(lora_file, tiny(TINY_XL).unet)
+    with pytest.raises(SystemExit, match="error: LoRA .* does not fit this base model"):
+        dco.main(["merge", "--pretrained-model", str(sdxl), "--lora", str(lora_file), str(lora_file), "--output", str(tmp_path / "m.safetensors")])
+    with pytest.raises(SystemExit, match="error: embeddings .* do not fit"):
+        emb = tmp_path / "e.safetensors"
+        dco.LearnedTokens.from_initializers(tiny(), ["<d>"], ["dog"]).save(emb)
+        dco.main(["sample", "--pretrained-model", str(sdxl), "--embeddings", str(emb), "--prompt", "a <d>", "--output-dir", str(tmp_path / "s")])
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_diffusers_load_lora_weights_reads_our_files(tmp_path, kind):
+    """End to end through peft, when it is installed: diffusers' lora_state_dict + load_lora_into_unet
+    (what pipe.load_lora_weights runs) on both files give the diffusers UNet our LoRA'd function."""
+    pytest.importorskip("peft")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
+
+    ref = diffusers_unet(kind)
+    cfg = wc.diffusers_unet_config(ref.config)
+    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    lora = randomize_lora(dco.LoRA.create(ours, 4, alpha=8.0, generator=torch.Generator().manual_seed(0)), scale=0.2)
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
+    kw, y = {}, None
+    if kind == "sdxl":
+        pooled, ids = torch.randn(1, 32), torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+        kw, y = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}, torch.cat([pooled, sdm.timestep_embedding(ids.flatten(), 8)[None].flatten(1)], 1)
+    with dco.install(ours, lora), torch.no_grad():
+        want = ours(x, t, ctx, y)
+    for fmt in ("peft", "kohya"):
+        dco.save_lora(tmp_path / f"{fmt}.safetensors", ours, [lora], fmt)
+        sd, alphas, meta = Mixin.lora_state_dict(str(tmp_path / f"{fmt}.safetensors"), unet_config=ref.config, return_lora_metadata=True)
+        unet = diffusers_unet(kind)
+        Mixin.load_lora_into_unet(sd, alphas, unet, adapter_name=fmt, metadata=meta)
+        with torch.no_grad():
+            assert_close(unet(x, t, ctx, **kw).sample, want, rtol=1e-4, what=f"diffusers + peft loading our {fmt} file")

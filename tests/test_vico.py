@@ -1,0 +1,447 @@
+"""ViCo (vico.py): the method card's section-14 checks, on tiny random models."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import assert_close
+from PIL import Image
+from safetensors import safe_open
+
+import sd_model as sdm
+import vico
+
+T = torch.tensor([10, 700])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return sdm.StableDiffusion(sdm.TINY).eval().requires_grad_(False)
+
+
+def make_vico(model, placeholders=("S*",), **kw):
+    torch.manual_seed(1)
+    ids = vico.add_placeholders(model, list(placeholders))
+    init = model.text_encoder.token_embedding.weight[[model.tokenizer.token_id("dog")] * len(ids)]
+    return vico.ViCo(model.unet, list(placeholders), ids, init, **kw)
+
+
+def inputs(model, v, prompts=("a photo of a S*", "S* on the grass"), seed=2):
+    g = torch.Generator().manual_seed(seed)
+    ctx = model.encode_prompt(list(prompts), extra=(v.text_rows(49408), None)).context
+    ids = model.tokenize(list(prompts))
+    cols = vico.token_columns(ids, v.token_ids[0], "S*")
+    x, r = torch.randn(2, len(prompts), 4, 16, 16, generator=g)
+    return x, r, ctx, cols, (ids == 49407).int().argmax(-1)
+
+
+# ---- placement, parameter count and the official key names (card 2, 4.4)
+
+
+def test_image_layers_and_parameter_count_on_sd15_and_the_toy_model():
+    import toy_world
+
+    with torch.device("meta"):
+        unet = sdm.UNetModel(sdm.SD15.unet)
+        v = vico.ViCo(unet, ["S*"], [49408], torch.zeros(1, 768))
+    assert v.layers == [f"output_blocks.{i}.1" for i in (4, 6, 8, 10)]
+    sizes = [sum(p.numel() for p in v.image_blocks[k].parameters()) for k in v.image_blocks]
+    assert sizes == [32_789_760, 8_202_880, 8_202_880, 2_053_440] and sum(sizes) == 51_248_960
+    assert [v.image_blocks[k].attn2.to_k.in_features for k in v.image_blocks] == [1280, 640, 640, 320]  # C, not 768
+    keys = vico.official_state_dict(v)
+    assert len(keys) == 80 and "diffusion_model.output_blocks.4.1.image_cross_attention.ff.net.0.proj.weight" in keys
+    assert keys["diffusion_model.output_blocks.4.1.image_cross_attention.ff.net.0.proj.weight"].shape == (8 * 1280, 1280)
+    with torch.device("meta"):
+        assert vico.image_layers(sdm.UNetModel(toy_world.TOY_SD.unet)) == v.layers
+
+
+# ---- the two streams (card 3) and the identity of zeroed blocks (card 14.2-3)
+
+
+def test_zeroed_blocks_give_exactly_the_plain_unet_and_default_init_does_not(model):
+    v = make_vico(model, zero_init=True)
+    x, r, ctx, cols, eot = inputs(model, v)
+    plain = model.unet(x, T, ctx)
+    with v.install(model.unet):
+        eps, _ = v.denoise(model.unet, x, T, ctx, r[None], cols[None])
+        eps2, _ = v.denoise(model.unet, x, T, ctx, 5 * torch.randn_like(r)[None], cols[None])
+    assert_close(eps, plain, what="zeroed blocks")
+    assert_close(eps2, plain, what="zeroed blocks, another reference")
+    v = make_vico(model)
+    with v.install(model.unet):
+        eps, _ = v.denoise(model.unet, x, T, ctx, r[None], cols[None])
+    assert (eps - plain).abs().max() > 1e-3
+
+
+def test_reference_stream_is_the_plain_unet_and_ignores_the_noisy_latent(model):
+    v = make_vico(model)
+    x, r, ctx, cols, _ = inputs(model, v)
+    seen = {}
+    hooks = [model.unet.get_submodule(f"{layer}.transformer_blocks.0").register_forward_hook(
+        lambda mod, inp, out, layer=layer: seen.__setitem__(layer, out)) for layer in v.layers]
+    try:
+        plain_out = model.unet(r, T, ctx)
+        plain = dict(seen)
+        runs = []
+        with v.install(model.unet):
+            for xx in (x, x + 3 * torch.randn_like(x)):
+                v.denoise(model.unet, xx, T, ctx, r[None], cols[None])
+                runs.append({k: o[len(x):] for k, o in seen.items()})
+                # the whole UNet output for the reference rows is the plain UNet's, too
+                out = model.unet(torch.cat([xx, r]), T.repeat(2), ctx.repeat(2, 1, 1))
+                assert_close(out[len(x):], plain_out, what="reference rows of the output")
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer in v.layers:
+        assert_close(runs[0][layer], plain[layer], what=f"r̂ at {layer}")
+        assert torch.equal(runs[0][layer], runs[1][layer])
+
+
+def test_hooks_leave_nothing_behind_and_unet_state_dict_is_the_checkpoint(model):
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    v = make_vico(model)
+    x, r, ctx, cols, _ = inputs(model, v)
+    with v.install(model.unet):
+        v.denoise(model.unet, x, T, ctx, r[None], cols[None])
+    assert all(m.processor is None for m in model.unet.modules() if isinstance(m, sdm.Attention))
+    assert all(b.after_block is None for b in model.unet.modules() if isinstance(b, sdm.BasicTransformerBlock))
+    assert model.unet.state_dict().keys() == before.keys() and all(torch.equal(before[k], t) for k, t in model.unet.state_dict().items())
+
+
+# ---- the mask (card 5) and the regulariser (card 6)
+
+
+def otsu_loop(a):
+    """attention.py l.66-97 of the official code, line by line (the reference for the vectorised one)."""
+    norm = (a - a.min(-1, keepdim=True)[0]) / (a.max(-1, keepdim=True)[0] - a.min(-1, keepdim=True)[0])
+    N, h, out = 10, a.shape[1], []
+    for i in range(a.shape[0]):
+        thr, max_g = 0.0, 0.0
+        for t in range(N):
+            m = norm[i]
+            low, high = m[m < t / N], m[m >= t / N]
+            g = low.shape[0] / h * high.shape[0] / h * ((low.mean() - high.mean()) ** 2)
+            if g > max_g:
+                max_g, thr = g, t / N
+        m = norm[i].clone()
+        m[m < thr] = 0
+        m[m > thr] = 1
+        out.append(m)
+    return torch.stack(out).bool()
+
+
+def test_otsu_hand_values_and_the_official_loop():
+    a = torch.tensor([[2.0, 3, 4.5, 6, 15, 17, 20]])
+    assert vico.otsu_mask(a).tolist() == [[False] * 4 + [True] * 3]  # ties at 0.3 .. 0.7: 0.3 wins
+    assert vico.otsu_mask(torch.arange(10.0)[None]).tolist() == [[False] * 5 + [True] * 5]  # k/9: τ = 0.5
+    assert vico.otsu_mask(torch.full((1, 6), 0.3)).all()  # constant: NaN in the code, all foreground
+    a = torch.tensor([[0.0] * 4 + [0.05] * 4 + [0.41, 0.5, 0.55] + [0.95] * 4 + [1.0] * 4])  # τ = 0.5 = a[9] ...
+    assert vico.otsu_mask(a).tolist() == otsu_loop(a).tolist() == [[False] * 9 + [True] * 10]  # ... u == τ stays foreground
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 16), (8, 256), (4, 1024)):
+        a = torch.rand(shape, generator=g) ** 3
+        m = vico.otsu_mask(a)
+        assert torch.equal(m, otsu_loop(a))
+        assert m[torch.arange(len(a)), a.argmax(-1)].all() and not m.all(-1).any()
+
+
+def test_regulariser_hand_value_and_where_its_gradient_goes(model):
+    a_s = torch.tensor([[0.1, 0.2, 0.4, 0.2]], requires_grad=True)
+    a_e = torch.tensor([[0.2, 0.2, 0.2, 0.4]], requires_grad=True)
+    loss = vico.attention_regularizer(a_s, a_e)
+    assert abs(loss.item() - 0.140625) < 1e-7  # mean([.0625, 0, .25, .25])
+    loss.backward()
+    assert a_e.grad is None and a_s.grad.abs().sum() > 0
+    v = make_vico(model)
+    x, r, ctx, cols, eot = inputs(model, v)
+    v.embeddings.requires_grad_(True)
+    with v.install(model.unet):
+        ctx = model.encode_prompt(["a photo of a S*", "S* on the grass"], extra=(v.text_rows(49408), None)).context
+        _, reg = v.denoise(model.unet, x, T, ctx, r[None], cols[None], eot)
+        assert set(v.call.reg) == set(v.layers) and reg > 0
+        reg.backward()
+    assert v.embeddings.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in v.image_blocks.parameters())
+
+
+def test_masked_attention_zero_on_background_sums_to_one_and_only_on_attn2():
+    g = torch.Generator().manual_seed(0)
+    q, k, v_ = (torch.randn(2, 4, n, 8, generator=g) for n in (5, 12, 12))
+    mask = torch.rand(2, 12, generator=g) > 0.5
+    mask[:, 0] = True
+    attn = sdm.Attention(32, heads=4, dim_head=8)
+    out = vico.masked_attention(attn, q, k, v_, mask)
+    logits = (q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(~mask[:, None, None], -torch.finfo(torch.float32).max)
+    assert_close(out, logits.softmax(-1) @ v_, what="masked softmax")
+    v2 = torch.where(mask[:, None, :, None], v_, 1e3 * torch.randn_like(v_))  # background values change ...
+    assert_close(vico.masked_attention(attn, q, k, v2, mask), out, atol=1e-6, what="background")  # ... nothing else
+    assert_close(vico.masked_attention(attn, q, k, torch.ones_like(v_), mask), torch.ones_like(q), what="rows sum to 1")
+    full = torch.ones_like(mask)
+    assert_close(vico.masked_attention(attn, q, k, v_, full), F.scaled_dot_product_attention(q, k, v_), what="all-true")
+    p = sdm.attention_probs(attn, q, k)
+    assert_close(vico.masked_attention(attn, q, k, v_, mask, "multiply"), (p * mask[:, None, None]) @ v_, what="Eq. 5")
+    # inside A_I the mask reaches the cross-attention only: rebuild the block by hand
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unet = sdm.UNetModel(sdm.TINY.unet)
+        vc = vico.ViCo(unet, ["S*"], [49408], torch.zeros(1, 64))
+        layer = vc.layers[0]
+        b = vc.image_blocks[layer.replace(".", "_")]
+        x, ref = torch.randn(2, 6, 64, generator=g), torch.randn(2, 12, 64, generator=g)
+        h1 = x + b.attn1(b.norm1(x))
+        qq, kk, vv = (t.view(2, -1, b.attn2.heads, 8).transpose(1, 2) for t in (b.attn2.to_q(b.norm2(h1)), b.attn2.to_k(ref), b.attn2.to_v(ref)))
+        lg = (qq @ kk.transpose(-1, -2) * 8**-0.5).masked_fill(~mask[:, None, None], -torch.finfo(torch.float32).max)
+        h2 = h1 + b.attn2.to_out((lg.softmax(-1) @ vv).transpose(1, 2).reshape(2, 6, 64))
+        assert_close(vc.image_attention(layer, x, ref, mask), h2 + b.ff(b.norm3(h2)), what="A_I by hand")
+        assert b.attn2.processor is None and b.attn1.processor is None
+
+
+def test_token_columns_and_the_per_sample_gather(model):
+    v = make_vico(model)
+    ids = model.tokenize(["a photo of a S*", "", "S* on the grass"])
+    assert vico.token_columns(ids[:1], v.token_ids[0], "S*").tolist() == [5]
+    assert (ids[:1] == 49407).int().argmax(-1).tolist() == [6]
+    assert ids[1].tolist() == [49406] + [49407] * 76
+    with pytest.raises(ValueError, match="has no 'S\\*'"):
+        vico.token_columns(ids, v.token_ids[0], "S*")
+    # batch of two prompts with S* at different columns: each sample's mask is its own (card 5.7)
+    x, r, ctx, cols, eot = inputs(model, v)
+    assert cols.tolist() == [5, 1]
+    with v.install(model.unet):
+        v.denoise(model.unet, x, T, ctx, r[None], cols[None], eot)
+        both = dict(v.call.masks)
+        for b in range(2):
+            v.denoise(model.unet, x[b : b + 1], T[b : b + 1], ctx[b : b + 1], r[None, b : b + 1], cols[None, b : b + 1])
+            for layer, m in v.call.masks.items():
+                assert torch.equal(both[layer][b], m[0]), (layer, b)
+    assert any(not torch.equal(m[0], m[1]) for m in both.values())
+
+
+# ---- guidance and several references (card 9, App. C)
+
+
+def test_cfg_limits_and_the_unconditional_mask(model):
+    v = make_vico(model)
+    x, r, ctx, cols, _ = inputs(model, v)
+    uc = model.encode_prompt(["", ""]).context
+    with v.install(model.unet):
+        cond_only, _ = v.denoise(model.unet, x, T, ctx, r[None], cols[None])
+        masks_c = dict(v.call.masks)
+        uncond_only, _ = v.denoise(model.unet, x, T, uc, r[None], cols[None])
+        masks_u = dict(v.call.masks)
+        for s in (0.0, 1.0, 7.5):
+            seen = {}
+            fn = vico.model_fn(model, v, ctx, uc, r[None], cols[None], s + 1e-9 if s == 1.0 else s,
+                               on_step=lambda i, m: seen.update(m))
+            out = fn(x, T, 0)
+            assert_close(out, uncond_only + s * (cond_only - uncond_only), what=f"scale {s}")
+            for layer in v.layers:  # rows [x_u; x_c | r_u; r_c]: the uncond rows use column i of the "" map
+                assert torch.equal(seen[layer][:2], masks_u[layer]) and torch.equal(seen[layer][2:], masks_c[layer])
+        assert_close(vico.model_fn(model, v, ctx, uc, r[None], cols[None], 1.0)(x, T, 0), cond_only, what="scale 1")
+
+
+def test_two_identical_references_equal_one(model):
+    v = make_vico(model)
+    x, r, ctx, cols, _ = inputs(model, v)
+    with v.install(model.unet):
+        one, _ = v.denoise(model.unet, x, T, ctx, r[None], cols[None])
+        two, _ = v.denoise(model.unet, x, T, ctx, torch.stack([r, r]), torch.stack([cols, cols]))
+        other, _ = v.denoise(model.unet, x, T, ctx, torch.stack([r, torch.randn_like(r)]), torch.stack([cols, cols]))
+    assert_close(two, one, what="two identical references")
+    assert (other - one).abs().max() > 1e-4
+
+
+# ---- training: data, optimizer, trainable set, gradient checkpointing, resume (card 8, 14.8-10)
+
+
+def test_templates_and_reference_draws():
+    t = vico.IMAGENET_TEMPLATES
+    assert len(t) == 81 and len(set(t)) == 57
+    assert t[0] == "a photo of a {}" and t[27] == "an illustration of a {}" and t[-1] == "a depiction of a small {}"
+    g = torch.Generator().manual_seed(0)
+    assert all(i == j for _, i, j, _ in vico.draw_batch(g, [1], 81, 50))  # one image: it is its own reference
+    draws = vico.draw_batch(g, [4, 3], 81, 400)
+    assert all(i != j for _, i, j, _ in draws)
+    assert {(c, i, j) for c, i, j, _ in draws} == {(c, i, j) for c, n in enumerate((4, 3)) for i in range(n) for j in range(n) if i != j}
+
+
+def write_images(folder, n=2, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def run_train(model, out, steps, **kw):
+    args = vico.ViCoArgs(images=[str(kw.pop("images"))], init_word=["dog"], output_dir=str(out), max_train_steps=steps,
+                         checkpointing_steps=kw.pop("checkpointing_steps", steps), **kw)
+    return vico.train(args, model)
+
+
+def test_only_the_tokens_and_the_blocks_change_and_the_optimizer_groups(model, tmp_path):
+    before = {p: {k: t.clone() for k, t in getattr(model, p).state_dict().items()} for p in ("unet", "vae", "text_encoder")}
+    v = run_train(model, tmp_path / "a", 1, images=write_images(tmp_path / "imgs", 1))
+    init = model.text_encoder.token_embedding.weight[model.tokenizer.token_id("dog")]
+    assert not torch.equal(v.embeddings[0], init)
+    for p in ("unet", "vae", "text_encoder"):
+        assert all(torch.equal(before[p][k], t) for k, t in getattr(model, p).state_dict().items()), p
+    args = vico.ViCoArgs(train_batch_size=2, gradient_accumulation_steps=3)
+    groups = vico.make_optimizer(v, args).param_groups
+    assert [g["lr"] for g in groups] == [5e-3 * 6, 1e-5] and [g["weight_decay"] for g in groups] == [0.01, 0.01]
+    assert groups[0]["params"] == [v.embeddings] and len(groups[1]["params"]) == len(list(v.image_blocks.parameters()))
+    saved = sdm.load_embeddings(tmp_path / "a" / "learned_embeds.safetensors")
+    assert torch.equal(saved["S*"], v.embeddings.detach()[:1])
+    assert torch.equal(sdm.load_embeddings(tmp_path / "a" / "Sstar.a1111.safetensors")["emb_params"], saved["S*"])
+
+
+def test_blocks_change_after_a_step(model, tmp_path):
+    v = run_train(model, tmp_path / "a", 1, images=write_images(tmp_path / "imgs", 2), seed=1)
+    init = make_vico(model).image_blocks.state_dict()  # train() seeds before building the blocks, as make_vico does
+    changed = [k for k, t in v.image_blocks.state_dict().items() if not torch.equal(t, init[k])]
+    assert len(changed) == len(init)  # every block tensor moved
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    v = make_vico(model)
+    v.embeddings.requires_grad_(True)
+    x, r, ctx, cols, eot = inputs(model, v)
+    grads = []
+    for ckpt in (False, True):
+        model.unet.gradient_checkpointing = ckpt
+        v.zero_grad()
+        with torch.enable_grad(), v.install(model.unet):
+            ctx = model.encode_prompt(["a photo of a S*", "S* on the grass"], extra=(v.text_rows(49408), None)).context
+            eps, reg = v.denoise(model.unet, x, T, ctx, r[None], cols[None], eot)
+            (eps.square().mean() + 5e-4 * reg).backward()
+        grads.append([v.embeddings.grad.clone()] + [p.grad.clone() for p in v.image_blocks.parameters()])
+    model.unet.gradient_checkpointing = False
+    for a, b in zip(*grads):
+        assert_close(b, a, rtol=1e-4, what="gradient with checkpointing")
+
+
+def test_resume_equals_an_uninterrupted_run(model, tmp_path):
+    images = write_images(tmp_path / "imgs", 3)
+    full = run_train(model, tmp_path / "a", 4, images=images, checkpointing_steps=2, train_batch_size=2)
+    run_train(model, tmp_path / "b", 2, images=images, checkpointing_steps=2, train_batch_size=2)
+    resumed = run_train(model, tmp_path / "b", 4, images=images, checkpointing_steps=2, train_batch_size=2, resume="latest")
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    logs = lambda d: [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert logs("a")[2:] == logs("b")[2:] and all(r["reg"] > 0 for r in logs("a"))
+
+
+def test_textual_inversion_mode_has_no_blocks_and_trains_the_token(model, tmp_path):
+    v = run_train(model, tmp_path / "a", 1, images=write_images(tmp_path / "imgs", 2), visual_condition=False)
+    assert not v.layers and len(v.image_blocks) == 0 and len(vico.make_optimizer(v, vico.ViCoArgs()).param_groups) == 1
+    w = vico.load_concept(model, tmp_path / "a")
+    assert not w.visual_condition and torch.equal(w.embeddings, v.embeddings.detach())
+    images = vico.generate(model, w, ["a S* on the grass"], steps=2, generator=torch.Generator().manual_seed(0), progress=False)
+    assert images.shape == (1, 3, 32, 32)
+
+
+# ---- files: ours and the official release's (card 4.4, 10)
+
+
+def test_official_release_files_load_strictly_sample_and_round_trip(model, tmp_path):
+    v = make_vico(model)
+    with torch.no_grad():
+        v.embeddings.normal_()
+    folder = tmp_path / "release"
+    folder.mkdir()
+    # what on_save_checkpoint writes: the 80-tensor (here 40) state dict and the EmbeddingManager pickle
+    torch.save({k: t.clone() for k, t in vico.official_state_dict(v).items()}, folder / "cross_attention-399.pt")
+    torch.save({"string_to_token": {"*": torch.tensor(265)},
+                "string_to_param": nn.ParameterDict({"*": nn.Parameter(v.embeddings.detach().clone())})}, folder / "embeddings_gs-399.pt")
+    torch.save({}, folder / "cross_attention-99.pt")  # an earlier checkpoint, broken on purpose
+    (folder / "embeddings_gs-99.pt").write_bytes((folder / "embeddings_gs-399.pt").read_bytes())
+    w = vico.load_concept(model, folder, step="399")
+    assert w.placeholders == ["S*"] and torch.equal(w.embeddings, v.embeddings)
+    assert all(torch.equal(a, b) for a, b in zip(w.state_dict().values(), v.state_dict().values()))
+    with pytest.raises(ValueError, match="does not fit"):
+        vico.load_concept(model, folder, step="99")
+    vico.save_official(w, tmp_path / "out", 399, model.tokenizer.token_id("*"))
+    blocks, rows = vico.load_official(tmp_path / "out")
+    assert blocks.keys() == vico.official_state_dict(v).keys() and torch.equal(rows["*"], v.embeddings)
+    vico.save_concept(w, tmp_path / "ours", {"base_model": "tiny"})
+    u = vico.load_concept(model, tmp_path / "ours")
+    assert all(torch.equal(a, b) for a, b in zip(u.state_dict().values(), v.state_dict().values()))
+    seen = []
+    images = vico.generate(model, u, ["a photo of S* on the grass"], [torch.rand(3, 40, 24) * 2 - 1], steps=2, guidance_scale=3.0,
+                           sampler="dpmpp_2m", generator=torch.Generator().manual_seed(0), on_step=lambda i, m: seen.append((i, dict(m))), progress=False)
+    assert images.shape == (1, 3, 32, 32) and [i for i, _ in seen] == [0, 1] and all(m.keys() == set(v.layers) for _, m in seen)
+
+
+# ---- the command line and bad input
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import weights_convert as wc
+
+    torch.manual_seed(0)
+    m = sdm.StableDiffusion(sdm.TINY)
+    folder = tmp_path_factory.mktemp("tiny")
+    wc.write_parts(folder, sdm.TINY, {p: getattr(m, p).state_dict() for p in ("unet", "vae", "text_encoder")})
+    return folder
+
+
+def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_path):
+    imgs = write_images(tmp_path / "imgs", 2)
+    Image.new("L", (40, 30), 128).save(imgs / "gray.png")
+    Image.new("RGBA", (32, 32), (255, 0, 0, 100)).save(imgs / "rgba.png")
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(imgs / "deep.png")
+    (imgs / "notes.txt").write_text("not an image")
+    base = ["--pretrained-model", str(model_dir), "--images", str(imgs), "--output-dir", str(tmp_path / "run")]
+    with pytest.warns(UserWarning, match="skipping 'notes.txt'"):
+        vico.main(["train", *base, "--init-word", "dog", "--max-train-steps", "2", "--checkpointing-steps", "1",
+                   "--validation-prompt", "a S*", "--validation-steps", "2", "--num-validation-images", "1"])
+    run = tmp_path / "run"
+    for f in ("vico.safetensors", "learned_embeds.safetensors", "Sstar.a1111.safetensors", "checkpoint-1/vico.safetensors",
+              "checkpoint-2/training_state.safetensors", "validation/step-000002.png", "log.jsonl", "args.json"):
+        assert (run / f).exists(), f
+    out = tmp_path / "samples"
+    sample = ["sample", "--pretrained-model", str(model_dir), "--concept", str(run), "--output-dir", str(out), "--steps", "2"]
+    vico.main([*sample, "--reference", str(imgs / "0.png"), str(imgs / "gray.png"), "--prompt", "a photo of S* on the beach",
+               "--save-masks", "--sampler", "euler", "--batch-size", "2"])
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_00.png", "0000_01.png"]
+    assert len(list((out / "masks").glob("step*_output_blocks.*.png"))) == 2 * 2  # steps x layers
+    assert Image.open(out / "masks" / "step001_output_blocks.3.1.png").size == (256, 128)  # two references side by side
+    exp = ["export", "--pretrained-model", str(model_dir)]
+    vico.main([*exp, "--concept", str(run), "--format", "official", "--output-dir", str(tmp_path / "official")])
+    assert sorted(p.name for p in (tmp_path / "official").iterdir()) == ["cross_attention-399.pt", "embeddings_gs-399.pt"]
+    vico.main([*exp, "--concept", str(tmp_path / "official"), "--format", "vico", "--output-dir", str(tmp_path / "back")])
+    with safe_open(str(run / "vico.safetensors"), "pt") as a, safe_open(str(tmp_path / "back" / "vico.safetensors"), "pt") as b:
+        assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+        assert json.loads(a.metadata()["init_words"]) == ["dog"] and a.metadata()["method"] == "vico"
+    errors = {
+        "empty folder": (["train", *base[:2], "--images", str(tmp_path), "--init-word", "dog", "--output-dir", str(tmp_path / "x")], "no readable images"),
+        "init word": (["train", *base, "--init-word", "qwertyuiopasdf", "--overwrite"], "not one"),
+        "no S*": ([*sample, "--reference", str(imgs / "0.png"), "--prompt", "a photo of a dog", "--overwrite"], "has no concept token"),
+        "missing reference": ([*sample, "--reference", str(tmp_path / "nope.png"), "--prompt", "a S*", "--overwrite"], "nope.png' does not exist"),
+        "no reference": ([*sample, "--prompt", "a S*", "--overwrite"], "give at least one reference"),
+        "no concept": ([*sample[:-4], "--concept", str(imgs), "--prompt", "a S*", "--overwrite"], "holds no ViCo concept"),
+    }
+    for what, (argv, msg) in errors.items():
+        with pytest.raises(SystemExit, match=msg), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vico.main(argv)
+
+
+def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path):
+    a, b = write_images(tmp_path / "a", 2), write_images(tmp_path / "b", 1)
+    args = vico.ViCoArgs(images=[str(a), str(b)], init_word=["dog", "cat"], output_dir=str(tmp_path / "run"), max_train_steps=2)
+    v = vico.train(args, model)
+    assert v.placeholders == ["S1*", "S2*"] and v.embeddings.shape == (2, 64)
+    refs = [torch.rand(3, 32, 32) * 2 - 1, torch.rand(3, 32, 32) * 2 - 1]
+    with pytest.raises(ValueError, match="several concept tokens"):
+        vico.generate(model, v, ["S1* next to S2*"], refs, steps=1, progress=False)
+    masks = []
+    vico.generate(model, v, ["S1* next to S2*"], refs, ["S1*", "S2*"], steps=1, on_step=lambda i, m: masks.append(m), progress=False)
+    assert masks[0].keys() == set(v.layers) and all(m.shape[0] == 2 * 2 for m in masks[0].values())  # 2 refs x (uncond, cond)
