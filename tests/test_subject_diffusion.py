@@ -1,0 +1,377 @@
+"""Subject-Diffusion: the card's identities (methods/subject_diffusion.md §11), the data format, DDP and resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_close
+from PIL import Image
+
+import sd_model as sdm
+import subject_diffusion as sdx
+import toy_world as tw
+import weights_convert as wc
+
+VISION = sdm.CLIPVisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp_dim=64, projection_dim=64)
+FAST = ["--mixed-precision", "no", "--num-workers", "0", "--min-box-area", "0.01", "--learning-rate", "1e-3",
+        "--lr-warmup-steps", "0", "--max-grad-norm", "1.0", "--train-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random SD (every weight perturbed so every path counts), its folder, and toy records."""
+    torch.manual_seed(0)
+    sd = sdm.StableDiffusion(sdm.TINY).eval().requires_grad_(False)
+    vision = sdm.CLIPVisionModel(VISION).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in [*sd.unet.parameters(), *vision.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    root = tmp_path_factory.mktemp("sdx")
+    parts = {p: getattr(sd, p).state_dict() for p in ("unet", "vae", "text_encoder")}
+    wc.write_parts(root / "model", sdm.TINY, {**parts, "image_encoder": vision.state_dict()}, VISION)
+    tw.make_records(str(root / "tars"), 16, shard_size=8)
+    tw.make_records(str(root / "loose"), 16)
+    return sd, vision, root
+
+
+def method_for(sd, vision, seed=1, perturb=False):
+    torch.manual_seed(seed)
+    m = sdx.SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg)
+    if perturb:  # leave the zero init: gates open, deltas and null features non-zero
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if not name.startswith("text_encoder"):
+                    p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def records(root, sub="tars", **kw):
+    cfg = sdx.TrainConfig(data=[str(root / sub)], min_box_area=0.01, **kw)
+    return sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407, verbose=False)
+
+
+def test_fuser_is_the_identity_at_init():
+    torch.manual_seed(0)
+    f = sdx.GatedSelfAttentionDense(32, 16, 2, 16)
+    x, objs = torch.randn(2, 10, 32), torch.randn(2, 6, 16)
+    assert torch.equal(f(x, objs), x) and torch.equal(f(x, torch.zeros_like(objs)), x)
+    with torch.no_grad():
+        f.alpha_attn.fill_(0.7), f.alpha_dense.fill_(-0.3)
+    assert not torch.allclose(f(x, objs), x)
+    f.scale = 0.0
+    assert torch.equal(f(x, objs), x)
+
+
+def test_whole_unet_equals_the_base_model_at_init_and_the_backbone_is_never_changed(tiny):
+    sd, vision, _ = tiny
+    method = method_for(sd, vision)
+    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    z, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 64, generator=g), torch.tensor([5, 900])
+    plain = sd.unet(z, t, ctx)
+    for m, objs in ((torch.rand(2, 1, 16, 16, generator=g), torch.randn(2, 32, 64, generator=g)),
+                    (torch.zeros(2, 1, 16, 16), torch.zeros(2, 32, 64))):
+        with sdx.install(method, sd.unet, {"objs": objs}):
+            assert torch.equal(sd.unet(torch.cat([z, m], 1), t, ctx), plain)
+        with sdx.install(method, sd.unet, {"objs": objs, "maps": {}}) as cond:  # explicit softmax on the loss layers
+            assert_close(sd.unet(torch.cat([z, m], 1), t, ctx), plain, what="with attention maps")
+        assert sorted(cond["maps"]) == sorted(method.loss_layers) and len(method.loss_layers) == 4
+    with sdx.install(method, sd.unet, {"objs": objs}), pytest.raises(ValueError, match="1 location channel"):
+        sd.unet(z, t, ctx)
+    assert torch.equal(sd.unet(z, t, ctx), plain)  # hooks gone
+    assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())
+
+
+def test_widened_conv_in_and_the_official_layout_round_trip(tiny, tmp_path):
+    sd, vision, _ = tiny
+    base = sd.unet.state_dict()
+    w = sdx.widened_state_dict(method_for(sd, vision), sd.unet)
+    assert w["input_blocks.0.0.weight"].shape == (32, 5, 3, 3)
+    assert torch.equal(w["input_blocks.0.0.weight"][:, :4], base["input_blocks.0.0.weight"])
+    assert not w["input_blocks.0.0.weight"][:, 4:].any() and torch.equal(w["input_blocks.0.0.bias"], base["input_blocks.0.0.bias"])
+    trained = method_for(sd, vision, perturb=True)
+    w = sdx.widened_state_dict(trained, sd.unet)
+    x = torch.randn(2, 5, 16, 16)
+    with sdx.install(trained, sd.unet, {}):  # the hooked conv is exactly the widened conv
+        assert_close(sd.unet.input_blocks[0][0](x), torch.nn.functional.conv2d(
+            x, w["input_blocks.0.0.weight"], w["input_blocks.0.0.bias"], padding=1), what="widened conv_in")
+    assert {k for k in w if ".fuser." in k} == {f"{b}.fuser.{k}" for b in trained.block_names for k in trained.fuser[sdx._key(b)].state_dict()}
+    sdx.export_official(trained, sd.unet, tmp_path)
+    back = method_for(sd, vision, seed=5)
+    sdx.import_official(back, sd.unet, tmp_path)
+    for k, v in trained.state_dict().items():
+        assert_close(back.state_dict()[k], v, rtol=1e-6, atol=1e-7, what=k)
+
+
+def test_fourier_layout():
+    b = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]])
+    g = sdx.fourier_embed(b)
+    assert g.shape == (1, 2, 64)
+    assert torch.allclose(g[0, 0, 0], torch.sin(b[0, 0, 0])) and torch.allclose(g[0, 0, 4], torch.cos(b[0, 0, 0]))
+    assert torch.allclose(g[0, 1, 8 + 3], torch.sin(100 ** (1 / 8) * b[0, 1, 3]))  # frequency-major, sin then cos
+    assert torch.allclose(g[0, 0, 56 + 4 + 2], torch.cos(100 ** (7 / 8) * b[0, 0, 2]))
+
+
+def test_grounding_net_slots_are_independent():
+    torch.manual_seed(0)
+    net = sdx.GroundingNet(8, 16, 4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    tok, box = torch.randn(1, 2, 4, 8), torch.rand(1, 2, 4)
+    tok2, box2 = tok.clone(), box.clone()
+    tok2[:, 1], box2[:, 1] = torch.randn(4, 8), torch.rand(4)
+    one = torch.tensor([[True, False]])
+    assert net(tok, one, box).shape == (1, 8, 16)
+    assert torch.equal(net(tok, one, box), net(tok2, one, box2))  # an absent slot is its null features only
+    both = torch.tensor([[True, True]])
+    a, b = net(tok, both, box), net(tok, both, box2)
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.allclose(a[:, 4:], b[:, 4:])  # a box moves its own 256
+    box3 = box.clone()
+    box3[:, 0] = torch.rand(4)
+    no_pos = one & False  # use_bbox=False with one subject: null position feature, box ignored
+    assert torch.equal(net(tok, one, box, no_pos), net(tok, one, box3, no_pos))
+    assert not torch.allclose(net(tok, one, box), net(tok, one, box3))
+
+
+def test_text_injection_order_count_and_position(tiny):
+    sd, vision, _ = tiny
+    method, tok = method_for(sd, vision), sd.tokenizer
+    assert tok.token_id("sks") == sdx.SKS_ID == 48136
+    ids = tok(["a dog and a cat, the dog is sks, the cat is sks", "a cat, the cat is sks"])
+    plain = tok(["a dog on the grass"])
+    assert torch.equal(method.encode_text(plain), sd.text_encoder(plain)[0])  # the copy starts as the base encoder
+    cls = torch.randn(2, 2, 64)
+    valid = torch.tensor([[True, True], [False, True]])
+    seen = {}
+    h = method.text_encoder.text_model.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    method.encode_text(ids, cls, valid)
+    h.remove()
+    pos = method.text_encoder.text_model.embeddings.position_embedding.weight
+    sks = [(ids[r] == 48136).nonzero().flatten().tolist() for r in range(2)]
+    for r, k, slot in ((0, 0, 0), (0, 1, 1), (1, 0, 1)):  # k-th "sks" of a row <- its k-th valid subject
+        i = sks[r][k]
+        assert_close(seen["x"][r, i], cls[r, slot] + pos[i], what=f"row {r} sks {k}")
+        assert tok.decode([ids[r, i - 2].item()]) in ("dog", "cat")
+    assert_close(seen["x"][0, 1], method.text_encoder.embed(ids)[0, 1] + pos[1], what="other tokens untouched")
+    with pytest.raises(ValueError, match="1 'sks' token.*2 subject"):
+        method.encode_text(ids, cls, torch.tensor([[True, True], [True, True]]))
+
+
+def test_records_read_folders_and_shards_alike_and_index_the_prompt(tiny):
+    _, _, root = tiny
+    a, b = records(root, "tars"), records(root, "loose")
+    assert len(a) == len(b) == 16 and len(a.shards) == 2 and len(b.shards) == 1
+    for item in ((0, 0, 0), (5, 1, 7)):
+        x, y = a[item], b[item]
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    s = a[(3, 0, 3)]
+    tokens = sdm.CLIPTokenizer()
+    n = int(s["valid"].sum())
+    for k in range(n):
+        assert s["ids"][s["sks_idx"][k]] == 48136
+        assert s["segmaps"][k].sum() > 0 and ((s["location"] == 0) | (s["location"] == 1)).all()
+    assert (s["sks_idx"][n:] == 0).all() and not s["valid"][n:].any()
+    text = tokens.decode(s["ids"].tolist())
+    assert text.count(" is sks") == n and s["entity"].shape == (2, 3, 32, 32)
+
+
+def test_bad_records_and_shards_are_skipped_and_counted(tiny, tmp_path, capsys):
+    _, _, root = tiny
+    src = root / "loose"
+    good = json.loads((src / "000000.json").read_text())
+    for key, rec in (("a_nobox", {**good, "objects": []}),
+                     ("b_outside", {**good, "objects": [{**good["objects"][0], "box": [70, 70, 90, 90]}]}),
+                     ("c_noword", {**good, "objects": [{**good["objects"][0], "label": "zebra"}]}),
+                     ("d_good", good)):
+        (tmp_path / f"{key}.json").write_text(json.dumps(rec))
+        (tmp_path / f"{key}.png").write_bytes((src / "000000.png").read_bytes())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "00000.tar").write_bytes(b"not a tar file at all" * 10)
+    cfg = sdx.TrainConfig(data=[str(tmp_path), str(tmp_path / "broken")], min_box_area=0.01)
+    data = sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407)
+    assert data.bad_shards == [str(tmp_path / "broken" / "00000.tar")] and len(data) == 4
+    s = data[(0, 0, 0)]  # a_nobox hands over to b, c (no usable subject), then d
+    counts = dict(zip(sdx.SKIPS, s["skips"].tolist()))
+    assert counts["no_boxes"] == 1 and counts["box_outside"] == 1 and counts["entity_missing"] == 1 and counts["no_subject"] == 2
+    assert s["valid"][0] and torch.equal(s["pixels"], data[(3, 0, 0)]["pixels"])
+    err = capsys.readouterr().err
+    assert "not a readable tar file" in err and "no object boxes" in err and "outside its image" in err
+
+
+def test_location_mask_is_zero_on_the_union_of_boxes():
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.75, 0.75]]])
+    m = sdx.location_mask(boxes, torch.tensor([[True, True]]), (16, 16), (8, 8))[0, 0]
+    want = torch.ones(8, 8)
+    want[0:4, 0:4] = 0
+    want[2:6, 2:6] = 0
+    assert torch.equal(m, want)
+    only_first = sdx.location_mask(boxes, torch.tensor([[True, False]]), (16, 16), (8, 8))[0, 0]
+    assert only_first.sum() == 64 - 16
+    assert sdx.location_mask(boxes, torch.tensor([[False, False]]), (16, 16), (4, 4)).eq(1).all()
+
+
+def test_localization_loss_limits():
+    side, b, heads = 4, 1, 2
+    seg = torch.zeros(b, 2, side, side)
+    seg[:, 0, :2], seg[:, 1, :, :2] = 1, 1
+    idx, valid = torch.tensor([[10, 20]]), torch.tensor([[True, False]])
+
+    def maps(fill):
+        p = torch.full((b, heads, side * side, 77), 0.01)
+        for k, j in ((0, 10), (0, 8)):  # the "sks" token and the entity word 2 before it
+            p[..., j] = fill(seg[:, k].flatten(1))[:, None]
+        return {"layer": p}
+
+    inside = sdx.localization_loss(maps(lambda m: m), seg, idx, valid)
+    outside = sdx.localization_loss(maps(lambda m: 1 - m), seg, idx, valid)
+    const = sdx.localization_loss(maps(lambda m: torch.full_like(m, 0.3)), seg, idx, valid)
+    assert abs(inside + 1) < 1e-4 and abs(outside - 1) < 1e-4 and abs(const) < 1e-4
+    mixed = {"a": maps(lambda m: m)["layer"], "b": maps(lambda m: 1 - m)["layer"]}
+    assert abs(sdx.localization_loss(mixed, seg, idx, valid)) < 1e-4  # the mean over layers
+    assert sdx.localization_loss(maps(lambda m: m), seg, idx, valid & False) == 0  # invalid slots count 0
+
+
+def test_dropout_frequencies_and_what_each_branch_gets(tiny, monkeypatch):
+    r = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    text, loc = sdx.dropout_masks(r, sdx.TrainConfig())
+    for got in ((text & ~loc).float().mean(), (text & loc).float().mean(), (~text & loc).float().mean()):
+        assert abs(got - 0.05) < 0.004
+    sd, vision, root = tiny
+    method, data = method_for(sd, vision, perturb=True), records(root)
+    batch = torch.utils.data.default_collate([data[(i, 0, i)] for i in range(4)])
+    batch["r"] = torch.tensor([0.01, 0.07, 0.12, 0.5])  # text / text + location / location / nothing
+    batch["valid"][:, 0] = True
+    seen = {}
+    monkeypatch.setattr(sdx, "localization_loss", lambda maps, seg, idx, valid: seen.update(valid=valid) or torch.tensor(0.0))
+    h1 = sd.unet.register_forward_pre_hook(lambda m, a: seen.update(x=a[0], ctx=a[2]))
+    h2 = method.fuser[sdx._key(method.block_names[0])].register_forward_pre_hook(lambda m, a: seen.update(objs=a[1]))
+    empty = sd.tokenize([""])
+    for drop_objects in (True, False):
+        with sdx.install(method, sd.unet, {}) as cond:
+            sdx.training_loss(method, sd, vision, batch, sdx.TrainConfig(drop_objects=drop_objects), empty, cond)
+        null = method.encode_text(empty)[0]
+        assert [torch.equal(seen["ctx"][i], null) for i in range(4)] == [True, True, False, False]
+        assert [bool(seen["x"][i, 4].eq(0).all()) for i in range(4)] == [False, True, True, False]
+        assert not seen["valid"][:2].any() and seen["valid"][2:, 0].all()
+        valid = batch["valid"] & torch.tensor([[1], [0], [0], [1]], dtype=torch.bool) if drop_objects else batch["valid"]
+        tokens = vision(vision.preprocess(batch["entity"].flatten(0, 1)))[0].unflatten(0, (4, 2))
+        assert_close(seen["objs"], method.grounding(tokens, valid, batch["boxes"]), what="objs")
+    h1.remove(), h2.remove()
+
+
+def test_guidance_algebra():
+    c, i, u = torch.randn(3, 2, 4, 8, 8)
+    assert_close(sdx.guide(c, i, u, 1.0, 1.0), c)
+    assert_close(sdx.guide(c, i, u, 1.0, 0.0), u + c - i)
+    assert_close(sdx.guide(c, i, u, 7.5, 1.5), u + 7.5 * (c - i) + 1.5 * (i - u))
+
+
+def test_trainable_set_and_parameter_counts_on_sd2_base():
+    with torch.device("meta"):
+        unet, text = sdm.UNetModel(sdm.SD21_BASE.unet), sdm.CLIPTextModel(sdm.SD21_BASE.text)
+        vit_h = sdm.CLIPVisionConfig(224, 14, 1280, 32, 16, 5120, "gelu", 1024)  # OpenCLIP ViT-H/14
+        m = sdx.SubjectDiffusion(unet, text, vit_h)
+    count = lambda prefix: sum(p.numel() for n, p in m.named_parameters() if n.startswith(prefix))
+    assert count("fuser.") == 211_213_152 and len(m.fuser) == 16
+    assert count("grounding.") == 2_773_632 and count("mlp.") == 2_101_248 and count("conv_in.") == 14_720
+    assert count("kv.") == 25_559_040 and all(k.endswith(("attn2_to_k", "attn2_to_v")) for k in m.kv)
+    assert count("text_encoder.") == 340_387_840
+    assert all(p.requires_grad for p in m.parameters())
+    assert {n.split(".")[0] for n, _ in m.named_parameters()} == {"conv_in", "kv", "fuser", "grounding", "mlp", "text_encoder"}
+    layers = {l.name: l.res for l in sdm.attention_layers(unet)}
+    assert len(m.loss_layers) == 11 and [layers[n] for n in m.loss_layers] == [32, 32, 16, 16, 8, 16, 16, 16, 32, 32, 32]
+    blocks = ["input_blocks.4", "input_blocks.5", "input_blocks.7", "input_blocks.8", "middle_block", *(f"output_blocks.{i}" for i in range(3, 9))]
+    assert m.loss_layers == [f"{b}.1.transformer_blocks.0.attn2" for b in blocks]  # down_blocks.1-2, mid, up_blocks.1-2
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny):
+    sd, vision, root = tiny
+    method, data = method_for(sd, vision, perturb=True), records(root)
+    batch = torch.utils.data.default_collate([data[(i, 0, i)] for i in range(2)])
+    batch["r"] = torch.tensor([0.5, 0.9])
+    out = []
+    for ckpt in (False, True):
+        sd.unet.gradient_checkpointing = ckpt
+        method.zero_grad()
+        with sdx.install(method, sd.unet, {}) as cond:  # open over the backward: checkpointing re-runs the hooks
+            loss, _, attn = sdx.training_loss(method, sd, vision, batch, sdx.TrainConfig(), sd.tokenize([""]), cond)
+            loss.backward()
+        out.append((loss.detach(), attn, {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}))
+    sd.unet.gradient_checkpointing = False
+    assert torch.equal(out[0][0], out[1][0]) and out[0][1] != 0
+    assert out[0][2].keys() == out[1][2].keys() and any(k.startswith("kv.") for k in out[0][2])
+    for k, g in out[0][2].items():
+        assert_close(out[1][2][k], g, rtol=1e-5, atol=1e-8, what=k)
+
+
+def train_cli(args, procs=1):
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []),
+           str(ROOT / "subject_diffusion.py"), "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return {**load_file(str(folder / "subject_diffusion.safetensors")), **load_file(str(folder / "text_encoder.safetensors"))}
+
+
+def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_batch(tiny, tmp_path):
+    _, _, root = tiny
+    common = ["--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "2",
+              "--checkpointing-steps", "0", *FAST]
+    train_cli([*common, "--output-dir", str(tmp_path / "two")], procs=2)  # 2 x 2
+    train_cli([*common, "--output-dir", str(tmp_path / "one"), "--train-batch-size", "4"])
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    # Float sums differ in order (an all-reduce of two means vs one mean), and Adam turns a gradient
+    # near its eps into a step of up to lr: a handful of such entries may differ by ~lr, nothing else.
+    assert (diffs > 1e-6).sum() <= 1e-4 * len(diffs) and diffs.max() <= 2 * 2 * 1e-3
+    log = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    for x, y in zip(log("one"), log("two")):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["attn"] - y["attn"]) < 1e-6
+    assert len(log("two")) == 2 and any(a[k].abs().sum() > 0 for k in a if k.startswith("kv."))
+
+
+def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
+    _, _, root = tiny
+    common = ["--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "4",
+              "--checkpointing-steps", "2", "--gradient-accumulation-steps", "2", *FAST]
+    sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "full")]))
+    sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "half"), "--max-train-steps", "2"]))
+    sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "half"), "--resume", "latest"]))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if k.startswith("fuser.") and "alpha" in k)
+    # sampling from the trained weights: one and two subjects, maps, and the bad inputs
+    ref = tmp_path / "ref.png"
+    Image.fromarray(tw.concept_references(tw.CONCEPTS[0], n=1)[0][1]).save(ref)
+    out = tmp_path / "samples"
+    base = ["sample", "--weights", str(tmp_path / "full"), "--steps", "2", "--output-dir", str(out), "--overwrite"]
+    sdx.main([*base, "--subject", str(ref), str(ref), "--entity", "star", "toy", "--prompt", "a star next to a toy",
+              "--save-maps", "--box", "0", "0", "16", "16", "10", "10", "30", "30"])
+    assert len(list((out / "maps").glob("*.png"))) == 4 and (out / "0000_00.png").exists()
+    bad = ((["--subject", str(ref), str(ref), str(ref)], ["star"] * 3, "a star", "at most 2 subjects"),
+           (["--subject", str(ref)], ["star"], "a dog on the snow", "entity word 'star' is not in the prompt"),
+           (["--subject", str(ref), "--box", "0", "0", "40", "16"], ["star"], "a star", "lies outside the 32x32 image"))
+    for args, entities, prompt, msg in bad:
+        with pytest.raises(SystemExit, match=msg):
+            sdx.main([*base, *args, "--entity", *entities, "--prompt", prompt])
+
+
+def test_automatic_cutout_finds_a_striped_subject_on_a_textured_background():
+    rng = np.random.default_rng(0)
+    img = (rng.integers(90, 140, (64, 64, 1)) * np.array([[[0.4, 1.0, 0.5]]])).astype(np.uint8)  # grass-like noise
+    yy, xx = np.mgrid[:64, :64]
+    disc = (yy - 24) ** 2 + (xx - 40) ** 2 < 14**2
+    img[disc] = np.where((xx[disc] // 4 % 2)[:, None] == 0, [220, 30, 30], [245, 245, 245])
+    m = sdx.cutout(Image.fromarray(img))
+    assert (m & disc).sum() / (m | disc).sum() > 0.85
