@@ -706,7 +706,8 @@ def attention_with_probs(attn: Attention, q, k, v):
 def hooked(model: nn.Module, *, processor=None, attn: str = "attn2", after_attn1=None, after_attn2=None,
            after_block=None, where: Callable[[str], bool] = lambda name: True):
     """Install hooks on every BasicTransformerBlock of `model` whose name passes `where`, and
-    restore the previous values on exit, also when the body raises.
+    restore the previous values on exit, also when the body raises. With gradient checkpointing,
+    blocks (and their hooks) run again during backward: keep the scope open until after backward.
 
     processor goes on the block's `attn` ("attn1", "attn2" or "both"); `where` gets the
     attention's name for processors (`...transformer_blocks.0.attn2`) and the block's for slots.
