@@ -1,0 +1,665 @@
+"""ICO fine-tuning and DCI inference (Jin et al., ECCV 2024, "Customized Generation Reimagined:
+Fidelity and Editability Harmonized", arXiv:2412.04831), on sd_model.py's hooks.
+
+ICO, Image-specific Context Optimization (training). Custom Diffusion (Kumari et al. 2023,
+arXiv:2212.04488) learns concept tokens V and the cross-attention K/V projections from the caption
+"photo of a V noun". ICO replaces the hand-written words around "V noun" by learnt vectors, one
+set per reference image, so the things that differ between the references (background, pose) are
+soaked up by those contexts instead of V (paper Eq. 2):
+    t_i = [SOS] P^i_1..P^i_Lp  V_1..V_Lv  <noun>  S^i_1..S^i_Ls  [EOS]
+P^i / S^i are image i's prefix / suffix contexts (never shared between images, and dropped at
+inference), V the new tokens the user types, <noun> the frozen class word. Trained: V's embedding
+rows, P, S (at 10x the learning rate) and every attn2.to_k / attn2.to_v, with the LDM eps-loss
+(LDM Eq. 2), the SOS key/value detached as Custom Diffusion does, and optional regularization
+images with their own captions filling half of each batch. `--no-contexts` is the manual-template
+baseline: the same code training on "photo of a V noun" (Custom Diffusion without its augmentation).
+
+DCI, Divide, Conquer, then Integrate (sampling). In the early steps (t/1000 > 1 - tau), a second,
+auxiliary branch samples the prompt with "V noun" replaced by a common noun ("a dog in times
+square"), which the base model lays out well. In every cross-attention layer the dual-branch
+integration module (DBIM, Eqs. 3-5) copies the auxiliary branch's attention output into the concept
+branch wherever the auxiliary prompt's context words (not its noun) attend, and keeps the concept
+branch's own output where V and the noun attend; strength gamma. Later steps are plain sampling.
+
+Where the official code (jinjianRick/DCI_ICO, card ../shared/methods/dci_ico.md) and the paper
+differ, we follow the code: token re-normalisation softmax(10 A) over the real tokens and masks per
+head (card 6.1), the constants 10 and 500 and gamma on the auxiliary logit (6.2), the window on
+DDPM timesteps, t/1000 > 1 - tau strictly (6.3), the auxiliary branch's own initial noise and the
+shared unconditional term by default (6.4), contexts at 10x the learning rate (6.6). Our own choices:
+  - Position embeddings (card 2.2, 6.6). The code builds V and S^i from embeddings that carry the
+    position embeddings of slots 1..Lv and 1..Ls, although they sit later in the sequence; at
+    inference V gets the positions of its real slots. Here every vector gets the position embedding
+    of the slot it occupies, in training as at inference (`CLIPTextModel` adds them): train and test
+    agree, the ICO prompt at initialisation equals the plain prompt "A V noun ." token for token,
+    and contexts are free vectors anyway. With Lp = 0 the V rows are trained exactly as in the code.
+  - K/V are trained as fp32 deltas added by forward hooks (W x + dW x): the backbone's weights stay
+    bit-identical, and `kv_deltas.safetensors` holds dW (the code saves full weights). Weight decay
+    (AdamW 0.01 on every group, as in the code) therefore pulls K/V towards the base weights, and
+    the pretrained token table is neither decayed nor saved (the code decays all 49,408 rows).
+  - The preset auxiliary nouns and the automatic prompt (paper Sec. 4.5, not in the code): the
+    auxiliary prompt is the concept prompt with the tokens of "V noun" replaced by the noun's tokens;
+    without --aux-noun the noun is the one of AUX_NOUNS whose text embedding is nearest the class
+    word's. Token sets come from the tokenization, so nouns of several tokens work.
+  - Any backbone sampler (the code: DDIM only), batches of prompts (the code: one prompt), and the
+    reference images are sampled with replacement instead of epoch by epoch.
+  - Small things left out: the contexts train at 10x also when there is no suffix (the code drops
+    P^i to 1x when end_token=False); regularization rows are exactly half of each batch (the code
+    shuffles reg and target items together, about half), and its "dish" caption hack is not copied.
+
+    python dci_ico.py train --images refs/ --class-word cat --output-dir out/cat    # + standard flags
+    python dci_ico.py train --images refs/ --class-word cat --no-contexts ...       # the manual template
+    python dci_ico.py sample --concept out/cat --prompt "a V cat in times square" --gamma 1 --save-masks
+    python dci_ico.py sample --concept out/cat --prompt "a V cat in times square" --no-dci
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+import sd_model as sdm
+
+KV_PATTERN = re.compile(r"attn2\.to_[kv]$")  # cross-attention keys/values: all CD and ICO train in the UNet
+# Rows the new tokens start from: Custom Diffusion's rare tokens "ucd</w>", "pll", "ktn" (ids 43514,
+# 47629, 42170); the last Lv of them are used, so with 3 tokens <new1> <- ucd, ..., <new3> <- ktn.
+RARE_TOKENS = ["43514", "47629", "42170"]
+AUX_NOUNS = ("dog", "cat", "bird", "car", "chair", "cup", "vase", "shoe", "bag", "ball", "house", "toy",
+             "circle", "square", "triangle")  # our preset list (paper Sec. 4.5 gives none)
+
+
+# ---- 1. Configuration: the official defaults (card 2.4-2.5 and 4.5) and where they come from.
+
+
+@dataclass
+class ICOArgs(sdm.TrainArgs):
+    images: str = ""  # the reference images
+    class_word: str = ""  # the frozen concept descriptor <noun>, one or more words ("teddy bear")
+    reg_images: str = ""  # regularization images + captions.jsonl ({"file", "caption"}) or NAME.txt beside each
+    tokens: list[str] = field(default_factory=lambda: ["<new1>", "<new2>", "<new3>"])  # V, Lv = 3 (train.sh)
+    init_tokens: list[str] = field(default_factory=lambda: list(RARE_TOKENS))  # ids or one-token words
+    contexts: bool = True  # --no-contexts: the manual-template (Custom Diffusion) baseline
+    template: str = "photo of a {}"  # the baseline's caption; {} = "V noun"
+    prefix_init: str = "A"  # words P^i starts from (train.sh --init_ctx), Lp = their token count
+    suffix_init: str = "."  # words S^i starts from (train.sh --ctx_end_init)
+    n_prefix: int = 4  # Lp and Ls when the init words are "": random N(0, 0.02^2) (--n_ctx, --n_end_ctx)
+    n_suffix: int = 2
+    max_images: int = 12  # rows of the context table (train.sh --figure_num)
+    context_lr_scale: float = 10.0  # P and S train at 10x the learning rate (configure_optimizers)
+    weight_decay: float = 0.01  # AdamW's default, on every group as in the code
+    hflip: bool = True  # RandomHorizontalFlip(0.5); CD's rescale augmentation is off in ICO
+    # finetune_addtoken.yaml: base lr 1e-5 x batch 2 x 3 GPUs = 6e-5, 900 steps, seed 23 (train.py -s)
+    learning_rate: float = 1e-5
+    scale_lr: bool = True
+    train_batch_size: int = 2
+    gradient_accumulation_steps: int = 3  # stands in for the 3 GPUs
+    max_train_steps: int = 900
+    seed: int = 23
+    checkpointing_steps: int = 100
+    validation_steps: int = 100
+
+
+@dataclass
+class DCIArgs(sdm.SampleArgs):
+    concept: str = ""  # a folder written by `train` (or one of its checkpoint-N folders)
+    prompt_file: str = ""  # more prompts, one a line; all prompts go into one batch
+    aux_noun: str = ""  # "" = the preset noun nearest the class word
+    tau: float = 0.3  # the window: t/1000 > 1 - tau (--agg_time)
+    gamma: float = 0.0  # integration strength, typically -2..2 (--agg_lambda); 0 still injects, -inf never
+    share_guidance: bool = True  # one unconditional row for both branches (3 rows a sample, not 4)
+    share_noise: bool = False  # the auxiliary branch starts from x_T too (the code draws its own)
+    dci: bool = True  # --no-dci: plain sampling of the fine-tuned model
+    save_masks: bool = False  # PNG overlays of the auxiliary share M_a per layer
+    steps: int = 200  # sample.py: DDIM 200 steps, eta 1, scale 6
+    eta: float = 1.0
+    guidance_scale: float = 6.0
+
+
+# ---- 2. ICO's parameters and the prompt of Eq. 2.
+
+
+def sos_detached(attn, q, k, v):
+    """Cross-attention with the SOS key/value cut from the graph (Custom Diffusion's new_forward, kept by
+    ICO): the encoder is causal, so the SOS feature is the same in every prompt; a K/V update learnt
+    through it would shift every prompt's image, not only the concept's. No effect at inference."""
+    k, v = (torch.cat([z[:, :, :1].detach(), z[:, :, 1:]], dim=2) for z in (k, v))
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _add_delta(delta, module, inputs, out):
+    return out + F.linear(inputs[0], delta.to(out.dtype))  # (W + dW) x without touching W
+
+
+class ICO(nn.Module):
+    """ICO's trainables (card 2.1-2.4): V's token rows, the per-image context tables P^i and S^i of
+    Eq. 2 (one row per reference image), and Custom Diffusion's attn2 K/V, here as deltas dW."""
+
+    def __init__(self, model: sdm.StableDiffusion, tokens, class_word: str, n_images: int = 1, contexts: bool = True,
+                 prefix_init: str = "A", suffix_init: str = ".", n_prefix: int = 4, n_suffix: int = 2,
+                 template: str = "photo of a {}", init_tokens=tuple(RARE_TOKENS), generator=None):
+        super().__init__()
+        if model.text_encoder_2 is not None:
+            raise ValueError("ICO/DCI work on models with one text encoder (SD 1.x, 2.x, the toy model), not SDXL.")
+        tok, te = model.tokenizer, model.text_encoder
+        self.tokens, self.class_word = list(tokens), class_word.replace("_", " ").strip()
+        self.noun_ids = tok.tokenize(self.class_word)
+        if not self.noun_ids:
+            raise ValueError("the class word is empty; pass --class-word (e.g. cat).")
+        n = te.token_embedding.num_embeddings
+        try:
+            self.token_ids = tok.add_tokens(self.tokens)
+        except ValueError:  # already added (a second ICO on the same model), or not new at all
+            self.token_ids = [tok.token_id(t) for t in self.tokens]
+        if self.token_ids != list(range(n, n + len(self.tokens))):
+            raise ValueError(f"the concept tokens {self.tokens} must be new words, and the first ones added to the tokenizer.")
+        init = [int(w) if w.isdigit() else tok.token_id(w) for w in init_tokens] * len(self.tokens)
+        self.rows = nn.Parameter(te.token_embedding.weight[init[-len(self.tokens):]].detach().float().clone())
+
+        # P^i and S^i, a separate set per reference image: the init words' token rows (Lp, Ls = their
+        # token counts), or N(0, 0.02^2) as in CoOp. Their slots' ids (the words, or "x") only fill the row.
+        def context_table(text, k):
+            if not contexts or not (text or k):
+                return [], None
+            if text:
+                ids = tok.tokenize(text)
+                return ids, nn.Parameter(te.token_embedding.weight[ids].detach().float().expand(n_images, -1, -1).clone())
+            return [tok.token_id("x")] * k, nn.Parameter(0.02 * torch.randn(n_images, k, te.cfg.width, generator=generator))
+
+        self.template = None if contexts else template
+        pre, self.prefix = context_table(prefix_init, n_prefix)  # P^i: (images, Lp, width)
+        suf, self.suffix = context_table(suffix_init, n_suffix)  # S^i: (images, Ls, width)
+        self.n_prefix, self.n_suffix = len(pre), len(suf)
+        layout = [tok.bos_id, *pre, *self.token_ids, *self.noun_ids, *suf, tok.eos_id]
+        if len(layout) > tok.length:
+            raise ValueError(f"the ICO prompt is {len(layout)} tokens, over CLIP's {tok.length}; use fewer context vectors.")
+        pad = [te.cfg.pad_id] * (tok.length - len(layout))
+        self.register_buffer("ico_ids", torch.tensor([layout + pad]), persistent=False)
+
+        names = [name for name, _ in model.unet.named_modules() if KV_PATTERN.search(name)]
+        weights = dict(model.unet.named_parameters())
+        self.kv_names = {name.replace(".", "_"): name for name in names}
+        self.kv = nn.ParameterDict({k: nn.Parameter(torch.zeros(weights[f"{name}.weight"].shape)) for k, name in self.kv_names.items()})
+        self._installed = False
+
+    @property
+    def phrase(self) -> str:
+        return " ".join(self.tokens) + " " + self.class_word
+
+    @contextlib.contextmanager
+    def install(self, unet: sdm.UNetModel, processor=sos_detached):
+        """Add the K/V deltas (forward hooks) and put `processor` on every attn2; undone on exit.
+        Re-entrant: inside an open install (training, whose scope must outlive backward because
+        gradient checkpointing reruns the blocks there) a nested one adds nothing, so dW is never
+        added twice."""
+        if self._installed:
+            yield
+            return
+        modules = dict(unet.named_modules())
+        handles = [modules[name].register_forward_hook(functools.partial(_add_delta, self.kv[key]))
+                   for key, name in self.kv_names.items()]
+        self._installed = True
+        try:
+            with sdm.hooked(unet, processor=processor):
+                yield
+        finally:
+            self._installed = False
+            for h in handles:
+                h.remove()
+
+    def encode_ids(self, model, ids):
+        """The UNet context of token rows that may contain V (plain prompts: inference, reg captions)."""
+        te = model.text_encoder
+        return te(ids, te.embed(ids, self.rows))[0]
+
+    def concept_context(self, model, index):
+        """The training prompt of reference images `index`: Eq. 2 with P^i and S^i, or the template."""
+        if self.template is not None:
+            return self.encode_ids(model, model.tokenize([self.template.format(self.phrase)] * len(index)))
+        te, ids = model.text_encoder, self.ico_ids.expand(len(index), -1)
+        x = te.embed(ids, self.rows)
+        a, b = 1 + self.n_prefix, 1 + self.n_prefix + len(self.token_ids) + len(self.noun_ids)
+        parts = [x[:, :1]]
+        if self.prefix is not None:
+            parts.append(self.prefix[index].to(x.dtype))
+        parts.append(x[:, a:b])
+        if self.suffix is not None:
+            parts.append(self.suffix[index].to(x.dtype))
+        parts.append(x[:, b + self.n_suffix:])
+        return te(ids, torch.cat(parts, dim=1))[0]  # positions are added by slot (module docstring)
+
+    def save(self, folder, metadata: dict, image_names=()):
+        """kv_deltas.safetensors (dW under the UNet's key names), learned_embeds.safetensors (the diffusers
+        textual-inversion format, one key per token), concept.a1111.safetensors (A1111's emb_params,
+        the Lv rows as one embedding) and, to look at, contexts.safetensors (P, S; unused at inference)."""
+        folder = Path(folder)
+        meta = {**metadata, "class_word": self.class_word, "tokens": self.tokens, "n_prefix": self.n_prefix,
+                "n_suffix": self.n_suffix, "template": self.template or ""}
+        sdm.save_safetensors({f"{name}.weight": self.kv[k] for k, name in self.kv_names.items()},
+                             folder / "kv_deltas.safetensors", {**meta, "kv": "delta: W = W_base + this"})
+        sdm.save_embeddings(folder / "learned_embeds.safetensors", {t: self.rows[i:i + 1] for i, t in enumerate(self.tokens)},
+                            "diffusers", meta)
+        # A1111 reads one embedding of Lv vectors, typed as its file name (rename it to the word you want)
+        sdm.save_embeddings(folder / "concept.a1111.safetensors", {"V": self.rows}, "a1111", meta)
+        if self.prefix is not None or self.suffix is not None:
+            ctx = {k: p for k, p in (("prefix", self.prefix), ("suffix", self.suffix)) if p is not None}
+            sdm.save_safetensors(ctx, folder / "contexts.safetensors", {**meta, "images": list(image_names)})
+
+    @classmethod
+    def load(cls, folder, model) -> ICO:
+        """A trained concept, onto `model`; refuses one trained on another base model."""
+        from safetensors import safe_open
+
+        meta = read_metadata(folder)
+        ico = cls(model, meta["tokens"], meta["class_word"], contexts=False).to(model.device)
+        with safe_open(str(Path(folder) / "kv_deltas.safetensors"), "pt") as f:
+            shapes_ok = set(f.keys()) == {f"{n}.weight" for n in ico.kv_names.values()} and all(
+                f.get_slice(f"{n}.weight").get_shape() == list(ico.kv[k].shape) for k, n in ico.kv_names.items())
+            probe = torch.tensor(meta["base_probe"])
+            if not shapes_ok or not torch.allclose(base_probe(model).cpu(), probe, rtol=1e-2, atol=1e-3):
+                raise ValueError(f"'{folder}' was trained on another base model ({meta['base_model'] or 'the toy model'}); "
+                                 "load it with that model (--pretrained-model).")
+            with torch.no_grad():
+                for k, n in ico.kv_names.items():
+                    ico.kv[k].copy_(f.get_tensor(f"{n}.weight"))
+        rows = sdm.load_embeddings(Path(folder) / "learned_embeds.safetensors")
+        with torch.no_grad():
+            ico.rows.copy_(torch.cat([rows[t] for t in ico.tokens]))
+        return ico.requires_grad_(False)
+
+
+def base_probe(model) -> torch.Tensor:
+    """A few weights of the first attn2.to_k: enough to tell base models apart, robust to fp16."""
+    w = next(p for n, p in model.unet.named_parameters() if KV_PATTERN.search(n.removesuffix(".weight")))
+    return w.detach().flatten()[:16].float()
+
+
+def read_metadata(folder) -> dict:
+    from safetensors import safe_open
+
+    path = Path(folder) / "kv_deltas.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"'{folder}' holds no ICO concept (kv_deltas.safetensors is missing); "
+                                "pass the output folder of `dci_ico.py train` or one of its checkpoint-N folders.")
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata()
+    return {k: json.loads(v) if k in ("tokens", "base_probe", "n_prefix", "n_suffix", "steps", "seed") else v
+            for k, v in raw.items()}
+
+
+# ---- 3. DCI: the dual-branch integration module (Eqs. 3-5) and the auxiliary prompt.
+
+
+class Branches(NamedTuple):
+    """Token rows of both branches and the token sets the masks sum over, as (b, 77) booleans:
+    real_c / real_a = the prompt's tokens without SOS/EOS, span_c = S_c (V and the noun),
+    noun_a = the auxiliary noun (S_a = real_a minus noun_a)."""
+    ids_c: torch.Tensor
+    ids_a: torch.Tensor
+    real_c: torch.Tensor
+    span_c: torch.Tensor
+    real_a: torch.Tensor
+    noun_a: torch.Tensor
+    aux_prompts: list
+
+
+class Masks(NamedTuple):
+    tokens_c: torch.Tensor  # Â^c: attention renormalised over the real tokens of p_c
+    tokens_a: torch.Tensor  # Â^a
+    m_c: torch.Tensor  # Eq. 3: the mass on S_c, per pixel
+    m_a: torch.Tensor  # Eq. 3: the mass on S_a = 1 - the mass on the auxiliary noun
+    s_c: torch.Tensor  # Eq. 4: 500 softmax over pixels of 10 m
+    s_a: torch.Tensor
+    aux: torch.Tensor  # M_a = softmax([s_c, gamma s_a])[1] = sigmoid(gamma s_a - s_c); M_c = 1 - M_a
+
+
+def integration_masks(p_c, p_a, br: Branches, gamma: float) -> Masks:
+    """Eqs. 3-4 per sample, head and pixel, from the attention probabilities (b, h, pixels, 77) of the
+    concept and the auxiliary rows. The code's constants: 10 (token and spatial temperature), 500."""
+    real_c, span_c, real_a, noun_a = (m[:, None, None, :] for m in br[2:6])
+    tokens_c = (10 * p_c).masked_fill(~real_c, -torch.inf).softmax(-1)  # SOS/EOS/padding left out
+    tokens_a = (10 * p_a).masked_fill(~real_a, -torch.inf).softmax(-1)
+    m_c = (tokens_c * span_c).sum(-1)
+    m_a = (tokens_a * (real_a & ~noun_a)).sum(-1)
+    s_c, s_a = 500 * (10 * m_c).softmax(-1), 500 * (10 * m_a).softmax(-1)
+    return Masks(tokens_c, tokens_a, m_c, m_a, s_c, s_a, torch.sigmoid(gamma * s_a - s_c))
+
+
+def dbim_processor(rows_c: slice, rows_a: slice, br: Branches, gamma: float, record: dict | None = None):
+    """An attn2 processor for the DCI batch: Eq. 5, O_c <- M_c O_c + M_a O_a (before to_out), on the
+    concept rows only; the unconditional and auxiliary rows pass unchanged."""
+    def proc(attn, q, k, v):
+        out, p = sdm.attention_with_probs(attn, q, k, v)
+        m = integration_masks(p[rows_c], p[rows_a], br, gamma).aux[..., None]
+        out[rows_c] = ((1 - m) * out[rows_c] + m * out[rows_a]).to(out.dtype)
+        if record is not None:
+            record[attn.name] = record.get(attn.name, 0) + m[..., 0].mean(1).cpu()
+        return out
+    return proc
+
+
+def in_window(t: int, tau: float, num_train_timesteps: int = 1000) -> bool:
+    return t / num_train_timesteps > 1 - tau  # strict: with tau = 0.3, t = 701 is in, 700 is out
+
+
+def resolve_prompt(prompt: str, ico: ICO) -> str:
+    """'{}' or a lone capital V stands for the concept phrase ("a V cat" -> "a <new1> <new2> <new3> cat")."""
+    return re.sub(r"(?<!\S)V(?!\S)", " ".join(ico.tokens), prompt.replace("{}", ico.phrase))
+
+
+@torch.no_grad()
+def pick_aux_noun(model, class_word: str, nouns=AUX_NOUNS) -> str:
+    """The preset noun whose pooled text embedding ("a photo of a ...") is nearest the class word's."""
+    words = class_word.lower().split()
+    cands = [n for n in nouns if n not in words]
+    pooled = model.text_encoder(model.tokenize([f"a photo of a {w}" for w in [class_word, *cands]]))[1].float()
+    return cands[int(F.cosine_similarity(pooled[:1], pooled[1:]).argmax())]
+
+
+def _find(ids: list[int], sub: list[int]) -> int:
+    """First position of the run `sub` in `ids`, or -1."""
+    return next((j for j in range(len(ids) - len(sub) + 1) if ids[j:j + len(sub)] == sub), -1)
+
+
+def check_prompts(model, ico: ICO, prompts: list[str], need_noun: bool) -> None:
+    """One sentence for the prompts sampling cannot use: over CLIP's length (the backbone would cut
+    them silently but for a warning), or without the concept: its tokens V (plain sampling), or
+    "V noun" together (DCI, whose token set S_c is that span)."""
+    tok = model.tokenizer
+    want, text = (ico.token_ids + ico.noun_ids, ico.phrase) if need_noun else (ico.token_ids, " ".join(ico.tokens))
+    for p in prompts:
+        ids = tok.tokenize(p)
+        if len(ids) > tok.length - 2:
+            raise ValueError(f"the prompt '{p}' is {len(ids) + 2} tokens, over CLIP's {tok.length}; shorten it.")
+        if _find(ids, want) < 0:
+            raise ValueError(f"the prompt '{p}' does not contain the concept '{text}'; write it, or {{}} or V, "
+                             "where the concept goes.")
+
+
+def make_branches(model, ico: ICO, prompts: list[str], aux_noun: str) -> Branches:
+    """Both branches' token rows from the tokenization: p_a is p_c with the tokens of "V noun" replaced
+    by the auxiliary noun's, so the token sets are known exactly, whatever the nouns' lengths."""
+    tok, pad = model.tokenizer, model.cfg.text.pad_id
+    phrase, noun = ico.token_ids + ico.noun_ids, tok.tokenize(aux_noun)
+    if not noun or aux_noun.strip().lower() == ico.class_word.lower() or noun == ico.noun_ids:
+        raise ValueError(f"the auxiliary noun must be a word other than the class word '{ico.class_word}' (got '{aux_noun}').")
+    check_prompts(model, ico, prompts, need_noun=True)
+    b = len(prompts)
+    rows, aux_prompts, masks = [], [], torch.zeros(4, b, tok.length, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids = tok.tokenize(p)
+        s = _find(ids, phrase)  # the first occurrence is S_c; a second "V noun" would stay in p_a
+        aux = ids[:s] + noun + ids[s + len(phrase):]
+        if len(aux) > tok.length - 2:
+            raise ValueError(f"the auxiliary prompt of '{p}' is over CLIP's {tok.length} tokens; use a shorter --aux-noun.")
+        rows.append([[tok.bos_id, *r, tok.eos_id] + [pad] * (tok.length - 2 - len(r)) for r in (ids, aux)])
+        aux_prompts.append(tok.decode(aux))
+        masks[0, i, 1:1 + len(ids)], masks[1, i, 1 + s:1 + s + len(phrase)] = True, True
+        masks[2, i, 1:1 + len(aux)], masks[3, i, 1 + s:1 + s + len(noun)] = True, True
+    ids = torch.tensor(rows, device=model.device)
+    return Branches(ids[:, 0], ids[:, 1], *masks.to(model.device), aux_prompts)
+
+
+@torch.no_grad()
+def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun: str = "", dci: bool = True,
+           tau: float = 0.3, gamma: float = 0.0, share_guidance: bool = True, share_noise: bool = False,
+           steps: int = 200, sampler: str = "ddim", eta: float = 1.0, guidance_scale: float = 6.0,
+           negative_prompt: str = "", height: int | None = None, width: int | None = None, generator=None,
+           latents=None, aux_latents=None, timesteps=None, branches: Branches | None = None,
+           record: dict | None = None, progress: bool = True):
+    """DCI sampling (card 4.3), or plain sampling of the fine-tuned model when the window is empty.
+
+    The two latents travel as one state [x; x_a] through `sample_loop`, so every sampler works. In the
+    window each UNet call holds [x; x; x_a] with contexts [uncond; c; c_a] (shared guidance) or
+    [x; x; x_a; x_a] with [uncond; c; uncond; c_a]; outside it only x is evaluated and x_a is left
+    behind. Returns (images, auxiliary prompts or None)."""
+    prompts = [resolve_prompt(p, ico) for p in prompts]
+    b, s, T = len(prompts), guidance_scale, model.schedule.cfg.num_train_timesteps
+    ts = list(timesteps) if timesteps is not None else model.schedule.timesteps(steps)
+    window = dci and any(in_window(t, tau, T) for t in ts)
+    h, w = height or model.cfg.image_size, width or model.cfg.image_size
+    f, dev = model.vae.downsample_factor, model.device
+    if h % f or w % f:
+        raise ValueError(f"height and width must be multiples of {f} (got {h}x{w}).")
+    shape = (b, model.cfg.unet.in_channels, h // f, w // f)
+    draw = lambda: torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(dev)
+    if branches is None:
+        check_prompts(model, ico, prompts, need_noun=window)
+    br = branches or (make_branches(model, ico, prompts, aux_noun or pick_aux_noun(model, ico.class_word)) if window else None)
+    latents = draw() if latents is None else latents.to(dev)
+    c = ico.encode_ids(model, br.ids_c if br else model.tokenize(prompts))
+    u = ico.encode_ids(model, model.tokenize([negative_prompt] * b)) if s != 1 else None  # "" is plain CLIP's uncond
+    plain = model.cfg_model_fn(sdm.Cond(c), None if u is None else sdm.Cond(u), s)
+    with ico.install(model.unet):
+        if not window:  # tau = 0, --no-dci, or no step in the window: the batch never grows
+            z = sdm.sample_loop(plain, latents, model.schedule, steps, sampler, eta, generator, ts, progress)
+            return model.decode_latents(z), None
+        a = ico.encode_ids(model, br.ids_a)
+        x_a = latents.clone() if share_noise else (draw() if aux_latents is None else aux_latents.to(dev))
+
+        def fn(x, t, i):
+            xc, xa = x.float().chunk(2)
+            if not in_window(t, tau, T):
+                out = plain(xc, t, i)
+                return torch.cat([out, out])  # x_a is no longer used; the copy keeps it finite and cheap
+            groups = [(xc, c), (xa, a)] if u is None else [(xc, u), (xc, c), (xa, a)] if share_guidance else \
+                [(xc, u), (xc, c), (xa, u), (xa, a)]
+            ic, ia = (0, 1) if u is None else (1, 2 if share_guidance else 3)
+            proc = dbim_processor(slice(ic * b, ic * b + b), slice(ia * b, ia * b + b), br, gamma, record)
+            with sdm.hooked(model.unet, processor=proc):
+                outs = model.unet(torch.cat([g[0] for g in groups]), t, torch.cat([g[1] for g in groups])).chunk(len(groups))
+            if u is None:
+                return torch.cat(outs)
+            e_u, e_c, e_a = outs[0], outs[1], outs[-1]
+            e_ua = e_u if share_guidance else outs[2]  # shared mode: uncond evaluated on x, not x_a (card 4.3)
+            return torch.cat([e_u + s * (e_c - e_u), e_ua + s * (e_a - e_ua)])
+
+        if record is not None:
+            record["_window_steps"] = sum(in_window(t, tau, T) for t in ts)
+        z = sdm.sample_loop(fn, torch.cat([latents, x_a]), model.schedule, steps, sampler, eta, generator, ts, progress)
+    return model.decode_latents(z[:b]), br.aux_prompts
+
+
+def mask_overlays(image, record: dict, index: int, latent_hw):
+    """A row of tiles: the image, then per cross-attention layer (forward order) the mean auxiliary
+    share M_a over the window's steps and the heads, in red over the image."""
+    from PIL import Image
+
+    arr, tiles = np.asarray(image).astype(np.float32), [image]
+    for name, acc in record.items():
+        if name.startswith("_"):
+            continue
+        m = acc[index] / record["_window_steps"]
+        ds = round((latent_hw[0] * latent_hw[1] / m.numel()) ** 0.5)
+        m = m.reshape(1, 1, latent_hw[0] // ds, latent_hw[1] // ds)
+        m = F.interpolate(m, size=arr.shape[:2], mode="nearest")[0, 0].clamp(0, 1).numpy()[..., None] * 0.7
+        tiles.append(Image.fromarray((arr * (1 - m) + np.array([255.0, 0, 0]) * m).round().astype(np.uint8)))
+    return sdm.image_grid(tiles, cols=len(tiles))
+
+
+# ---- 4. Training.
+
+
+def square_crop(img):
+    w, h = img.size
+    s = min(w, h)
+    return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def load_captioned_folder(folder) -> tuple[list, list[str]]:
+    """Regularization images and their captions: captions.jsonl ({"file", "caption"} a line, as
+    `toy_world.py make-data` writes) or a NAME.txt beside each image."""
+    folder = Path(folder)
+    with warnings.catch_warnings():  # the caption files themselves are not images; say nothing about them
+        warnings.filterwarnings("ignore", r"skipping '.*\.(jsonl|txt)'")
+        images = sdm.load_image_folder(folder)
+    index = folder / "captions.jsonl"
+    if index.exists():
+        caps = {r["file"]: r["caption"] for r in (json.loads(line) for line in index.read_text().splitlines() if line.strip())}
+    else:
+        caps = {p.with_suffix("").name: p.read_text().strip() for p in folder.glob("*.txt")}
+        caps = {name: caps[Path(name).stem] for name, _ in images if Path(name).stem in caps}
+    missing = [name for name, _ in images if name not in caps]
+    if missing:
+        raise ValueError(f"no caption for {len(missing)} regularization image(s) in '{folder}' (e.g. {missing[0]}); "
+                         "add captions.jsonl with {\"file\", \"caption\"} lines or a .txt file beside each image.")
+    return [img for _, img in images], [caps[name] for name, _ in images]
+
+
+@torch.no_grad()
+def posterior(model, images, size: int):
+    """VAE posterior mean and std of each image and its mirror image, (n, 2, c, h, w): encoding is
+    deterministic, so sampling these with the generator equals encoding every step (LDM trains on
+    posterior samples). Preprocessing as the code: centre square crop, bicubic resize, [-1, 1]."""
+    x = torch.stack([sdm.image_to_tensor(square_crop(im), size) for im in images])
+    x = rearrange(torch.stack([x, x.flip(-1)], 1), "n f c h w -> (n f) c h w")
+    dists = [model.vae.encode(chunk.to(model.device, model.vae.quant_conv.weight.dtype)) for chunk in x.split(8)]
+    mean, std = (rearrange(torch.cat([getattr(d, k).float() for d in dists]), "(n f) c h w -> n f c h w", f=2)
+                 for k in ("mean", "std"))
+    return mean, std
+
+
+def make_optimizer(ico: ICO, args: ICOArgs):
+    """AdamW, one group for K/V + V rows at lr, P and S at context_lr_scale x lr (configure_optimizers);
+    --scale-lr multiplies by batch x accumulation as train.py does with batch x GPUs x accumulation."""
+    lr = args.learning_rate * (args.train_batch_size * args.gradient_accumulation_steps if args.scale_lr else 1)
+    groups = [{"params": [*ico.kv.values(), ico.rows], "lr": lr}]
+    groups += [{"params": [p], "lr": lr * args.context_lr_scale} for p in (ico.prefix, ico.suffix) if p is not None]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
+
+
+def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
+    if not args.images or not args.class_word:
+        raise ValueError("pass --images DIR and --class-word WORD (the concept's category, e.g. cat).")
+    device = sdm.pick_device(args.device)
+    if model is None:
+        model = sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32" if args.mixed_precision == "fp16" else "", device)
+    model.requires_grad_(False)
+    model.unet.gradient_checkpointing = args.gradient_checkpointing
+    refs = sdm.load_image_folder(args.images)
+    if len(refs) > args.max_images:
+        raise ValueError(f"{len(refs)} reference images but the context table holds {args.max_images} (--max-images); "
+                         "raise --max-images or use fewer images.")
+    ico = ICO(model, args.tokens, args.class_word, len(refs), args.contexts, args.prefix_init, args.suffix_init,
+              args.n_prefix, args.n_suffix, args.template, args.init_tokens, torch.Generator().manual_seed(args.seed)).to(device)
+    size = args.resolution or model.cfg.image_size
+    step = model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)  # the UNet halves the latent
+    if size % step:
+        raise ValueError(f"--resolution must be a multiple of {step} for this model (got {size}).")
+    if args.validation_prompt:  # fail now, not at the first validation
+        check_prompts(model, ico, [resolve_prompt(args.validation_prompt, ico)], need_noun=False)
+    mean, std = posterior(model, [im for _, im in refs], size)
+    reg_mean = reg_std = reg_caps = None
+    if args.reg_images:
+        reg, reg_caps = load_captioned_folder(args.reg_images)
+        reg_mean, reg_std = posterior(model, reg, size)
+    scale, schedule = model.vae.scale_factor, model.schedule
+
+    def loss_fn(g):
+        """LDM's eps-loss (LDM Eq. 2) on the ICO prompts, reg images with their captions in half the batch."""
+        bs = args.train_batch_size
+        n_reg = bs // 2 + int(bs % 2 == 1 and bool(torch.rand((), generator=g) < 0.5)) if reg_caps else 0
+        idx = torch.randint(len(refs), (bs - n_reg,), generator=g)
+        ridx = torch.randint(len(reg_caps), (n_reg,), generator=g) if n_reg else idx[:0]
+        flip = (torch.rand(bs, generator=g) < 0.5).long() if args.hflip else torch.zeros(bs, dtype=torch.long)
+        m = torch.cat([mean[idx, flip[:len(idx)]], *([reg_mean[ridx, flip[len(idx):]]] if n_reg else [])])
+        sd = torch.cat([std[idx, flip[:len(idx)]], *([reg_std[ridx, flip[len(idx):]]] if n_reg else [])])
+        z0 = (m + sd * torch.randn(m.shape, generator=g).to(device)) * scale
+        t = torch.randint(0, schedule.cfg.num_train_timesteps, (bs,), generator=g).to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
+        ctx = [ico.concept_context(model, idx.to(device))]
+        if n_reg:
+            with torch.no_grad():
+                ctx.append(ico.encode_ids(model, model.tokenize([reg_caps[i] for i in ridx.tolist()])))
+        pred = model.unet(schedule.q_sample(z0, t, noise), t, torch.cat(ctx))  # inside ico.install (below)
+        return F.mse_loss(pred.float(), schedule.target(z0, noise, t)), {"reg_rows": n_reg}
+
+    meta = {"method": "ico" if args.contexts else "cd-template", "base_model": args.pretrained_model,
+            "base_probe": base_probe(model).tolist(), "seed": args.seed}
+    save = lambda folder: ico.save(folder, {**meta, "steps": int(folder.name.split("-")[1]) if folder.name.startswith("checkpoint-")
+                                            else args.max_train_steps}, [n for n, _ in refs])
+
+    def validate():
+        g = torch.Generator(device).manual_seed(args.seed)
+        images, _ = sample(model, ico, [args.validation_prompt] * args.num_validation_images, dci=False, steps=25, eta=0.0,
+                           generator=g, progress=False)
+        return sdm.tensor_to_images(images)
+
+    tensors = {"rows": ico.rows, **{f"kv.{k}": v for k, v in ico.kv.items()},
+               **{k: p for k, p in (("prefix", ico.prefix), ("suffix", ico.suffix)) if p is not None}}
+    # One install for the whole run: with --gradient-checkpointing the blocks run again during
+    # backward, after loss_fn has returned, and must see the same K/V deltas and SOS detach.
+    with ico.install(model.unet):
+        return sdm.train_loop(args, make_optimizer(ico, args), tensors, loss_fn, save, torch.Generator().manual_seed(args.seed),
+                              validate, device=device, metadata={"method": meta["method"]})
+
+
+# ---- 5. Command line.
+
+
+def run_sample(a: DCIArgs):
+    if not a.concept:
+        raise ValueError("pass --concept DIR, the output folder of `dci_ico.py train`.")
+    meta = read_metadata(a.concept)
+    device = sdm.pick_device(a.device)
+    model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant)
+    ico = ICO.load(a.concept, model)
+    prompts = [p for p in [a.prompt, *(Path(a.prompt_file).read_text().splitlines() if a.prompt_file else [])] if p.strip()]
+    if not prompts:
+        raise ValueError("pass --prompt (with V, {} or the concept tokens) or --prompt-file.")
+    prompts = [resolve_prompt(p, ico) for p in prompts for _ in range(a.batch_size)]
+    window = a.dci and any(in_window(t, a.tau, model.schedule.cfg.num_train_timesteps) for t in model.schedule.timesteps(a.steps))
+    check_prompts(model, ico, prompts, need_noun=window)  # bad prompts fail before anything is written
+    if window and a.aux_noun:
+        make_branches(model, ico, prompts[:1], a.aux_noun)
+    out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
+    record = {} if a.save_masks else None
+    images, aux = sample(model, ico, prompts, aux_noun=a.aux_noun, dci=a.dci, tau=a.tau, gamma=a.gamma,
+                         share_guidance=a.share_guidance, share_noise=a.share_noise, steps=a.steps, sampler=a.sampler,
+                         eta=a.eta, guidance_scale=a.guidance_scale, negative_prompt=a.negative_prompt,
+                         height=a.height or None, width=a.width or None, generator=torch.Generator(device).manual_seed(a.seed),
+                         record=record)
+    rows = []
+    for i, img in enumerate(sdm.tensor_to_images(images)):
+        name = f"{a.seed:04d}_{i:02d}"
+        sdm.save_image(img, out / f"{name}.png")
+        if record:
+            hw = (images.shape[-2] // model.vae.downsample_factor, images.shape[-1] // model.vae.downsample_factor)
+            sdm.save_image(mask_overlays(img, record, i, hw), out / f"{name}_masks.png")
+        rows.append({"file": f"{name}.png", "prompt": prompts[i], "aux_prompt": aux[i] if aux else None, "seed": a.seed})
+    sdm.atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    sdm.atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(a), indent=1)))
+    print(f"wrote {len(rows)} image(s) to {out}" + (f"; auxiliary prompt: '{aux[0]}'" if aux else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"train": (ICOArgs, "ICO fine-tuning (or --no-contexts: the manual template)"),
+                "sample": (DCIArgs, "DCI sampling of a trained concept (or --no-dci: plain sampling)")}
+    if not argv or argv[0] not in commands:
+        sys.exit("usage: python dci_ico.py {train,sample} [options]; see python dci_ico.py train --help")
+    cls, desc = commands[argv[0]]
+    args = sdm.parse_args(cls, argv[1:], argparse.ArgumentParser(prog=f"dci_ico.py {argv[0]}", description=desc))
+    try:
+        if argv[0] == "train":
+            print(f"wrote {train(args)}")
+        else:
+            run_sample(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""ICO and DCI (dci_ico.py) on a tiny random Stable Diffusion: the identities of the method card
+(methods/dci_ico.md, section 7), prompt assembly, gradient isolation, checkpoints and resume."""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close
+from PIL import Image
+from safetensors.torch import load_file
+
+import dci_ico as di
+import sd_model as sdm
+
+PHRASE = "<new1> <new2> <new3> cat"
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    model = sdm.StableDiffusion(sdm.TINY).eval().requires_grad_(False)
+    with torch.no_grad():  # the default init leaves some paths near zero; make every one count
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny()
+
+
+@pytest.fixture
+def model(base):
+    return copy.deepcopy(base)  # the tokenizer gains tokens in most tests
+
+
+def trained_ico(model, **kw):
+    """An ICO whose K/V deltas and rows are non-zero, as after some training."""
+    ico = di.ICO(model, ["<new1>", "<new2>", "<new3>"], "cat", **kw)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in ico.kv.values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        ico.rows.add_(0.5 * torch.randn(ico.rows.shape, generator=g))
+    return ico
+
+
+def folder_of_images(path, n, seed=0, size=(40, 36)):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path / f"{i:02d}.png")
+    return path
+
+
+def sets(b, real_c, span_c, real_a, noun_a):
+    rows = torch.zeros(4, b, 77, dtype=torch.bool)
+    for k, slots in enumerate((real_c, span_c, real_a, noun_a)):
+        rows[k, :, slots] = True
+    return di.Branches(None, None, *rows, [])
+
+
+# ---- the dual-branch integration module (Eqs. 3-5)
+
+
+def test_mask_algebra_matches_the_official_formulas():
+    g = torch.Generator().manual_seed(0)
+    p_c, p_a = (torch.randn(2, 3, 64, 77, generator=g).mul(3).softmax(-1) for _ in range(2))
+    # p_c = "a <new1> <new2> <new3> cat in the snow" (7 tokens, S_c = slots 2..5), p_a = "a dog in the snow"
+    br = sets(2, range(1, 8), range(2, 6), range(1, 6), [2])
+    m = di.integration_masks(p_c, p_a, br, gamma=0.7)
+    # the code (src/model.py new_forward) with its index lists, 0-based after SOS
+    ref_c = (10 * p_c[..., 1:8]).softmax(-1)
+    ref_a = (10 * p_a[..., 1:6]).softmax(-1)
+    m_c, m_a = ref_c[..., [1, 2, 3, 4]].sum(-1), ref_a.sum(-1) - ref_a[..., [1]].sum(-1)
+    s_c, s_a = 500 * (10 * m_c).softmax(-1), 500 * (10 * m_a).softmax(-1)
+    both = torch.stack([s_c, 0.7 * s_a]).softmax(0)
+    assert_close(m.tokens_c[..., 1:8], ref_c, what="token renormalisation")
+    assert m.tokens_c[..., [0, *range(8, 77)]].abs().max() == 0 and m.tokens_a[..., 6:].abs().max() == 0
+    assert_close(m.tokens_c.sum(-1), torch.ones(2, 3, 64), what="Â^c sums to 1")
+    assert_close(m.m_a, 1 - (m.tokens_a[..., 2]), what="m_a = 1 - aux-noun mass")
+    assert_close(m.s_c.sum(-1), torch.full((2, 3), 500.0), rtol=1e-6, what="s sums to 500 over pixels")
+    assert_close(m.aux, both[1], what="M_a")
+    assert_close(both[0] + m.aux, torch.ones_like(m.aux), what="M_c + M_a = 1")
+    means = [di.integration_masks(p_c, p_a, br, gm).aux.mean().item() for gm in (-2, -1, 0, 1, 2)]
+    assert means == sorted(means) and means[0] < means[-1]
+    assert_close(di.integration_masks(p_c, p_a, br, 0.0).aux, torch.sigmoid(-m.s_c), what="gamma = 0")
+
+
+def unet_batch(b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3 * b, 4, 8, 8, generator=g), torch.randn(3 * b, 77, 64, generator=g)
+
+
+def test_integration_touches_only_the_concept_rows_of_cross_attention(base):
+    x, ctx = unet_batch()
+    br = sets(2, range(1, 8), range(2, 6), range(1, 6), [2])
+    c, a = slice(2, 4), slice(4, 6)
+    runs, records = {}, {}
+    for gamma in (-torch.inf, 2.0, 1e9):
+        records[gamma], equal = {}, []
+        proc = di.dbim_processor(c, a, br, gamma, records[gamma])
+
+        def check(attn, q, k, v, proc=proc):
+            out = proc(attn, q, k, v)
+            equal.append(torch.equal(out[c], out[a]))
+            return out
+
+        with torch.no_grad(), sdm.hooked(base.unet, processor=check, attn="attn2"):
+            runs[gamma] = base.unet(x, 900, ctx)
+        if gamma == 1e9:
+            assert all(equal) and len(equal) == 7  # M_a = 1: O_c = O_a in every layer
+    attn2 = [l.name for l in sdm.attention_layers(base.unet, "attn2")]
+    assert list(records[2.0]) == attn2 and not any(n.endswith("attn1") for n in records[2.0])
+    inert, mixed = runs[-torch.inf], runs[2.0]
+    assert torch.equal(inert[:2], mixed[:2]) and torch.equal(inert[4:], mixed[4:])  # uncond and aux rows bit-identical
+    assert not torch.allclose(inert[2:4], mixed[2:4])
+    with torch.no_grad(), sdm.hooked(base.unet, processor=lambda at, q, k, v: sdm.attention_with_probs(at, q, k, v)[0]):
+        assert torch.equal(base.unet(x, 900, ctx), inert)  # gamma = -inf: M_a = 0, nothing injected
+
+
+# ---- DCI sampling
+
+
+def run(model, ico, prompts, **kw):
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(len(prompts), 4, 16, 16, generator=g)
+    x_a = torch.randn(len(prompts), 4, 16, 16, generator=g)
+    kw = {"steps": 4, "eta": 0.0, "guidance_scale": 5.0, "progress": False, "latents": x_t, **kw}
+    return di.sample(model, ico, prompts, aux_latents=x_a if "share_noise" not in kw else None, **kw)[0]
+
+
+def test_gamma_minus_infinity_and_identical_branches_give_plain_sampling(model):
+    ico = trained_ico(model)
+    prompts = [f"a {PHRASE} in the snow", f"a {PHRASE} at night"]
+    plain = run(model, ico, prompts, dci=False, sampler="dpmpp_2m")
+    inert = run(model, ico, prompts, tau=1.0, gamma=-torch.inf, aux_noun="dog", sampler="dpmpp_2m")
+    assert_close(inert, plain, rtol=1e-4, atol=1e-5, what="gamma = -inf")
+    mixed = run(model, ico, prompts, tau=1.0, gamma=1.0, aux_noun="dog", sampler="dpmpp_2m")
+    assert (mixed - plain).abs().max() > 1e-2  # the test can fail: DCI does change the image
+    separate = run(model, ico, prompts, tau=1.0, gamma=1.0, aux_noun="dog", sampler="dpmpp_2m", share_guidance=False)
+    assert (mixed - separate).abs().max() > 1e-3  # x_a's own unconditional term changes its trajectory
+    # p_a = p_c and x_a = x_T: O_a = O_c, so the mixture is a no-op whatever the masks (card 7.4)
+    same = di.make_branches(model, ico, prompts, "dog")
+    same = same._replace(ids_a=same.ids_c, real_a=same.real_c, noun_a=same.span_c)
+    for share_guidance in (True, False):
+        for sampler in ("ddim", "euler"):
+            ref = run(model, ico, prompts, dci=False, sampler=sampler)
+            out = run(model, ico, prompts, tau=1.0, gamma=0.5, branches=same, share_noise=True,
+                      share_guidance=share_guidance, sampler=sampler)
+            assert_close(out, ref, rtol=1e-4, atol=1e-5, what=f"identical branches, {share_guidance=} {sampler}")
+
+
+def test_window_boundary_and_tau_zero_never_builds_the_larger_batch(model):
+    ico = trained_ico(model)
+    sizes = []
+    hook = model.unet.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    try:
+        prompts = [f"a {PHRASE}", f"a {PHRASE} on the grass"]
+        assert torch.equal(run(model, ico, prompts, tau=0.0, aux_noun="dog"), run(model, ico, prompts, dci=False))
+        assert sizes == [4] * 8
+        for kw, window_rows in (({}, 6), ({"share_guidance": False}, 8), ({"guidance_scale": 1.0}, 4)):
+            sizes.clear()
+            run(model, ico, prompts, tau=0.3, aux_noun="dog", timesteps=[801, 701, 700, 1], **kw)
+            outside = 2 if kw.get("guidance_scale") == 1.0 else 4
+            assert sizes == [window_rows] * 2 + [outside] * 2, kw  # t = 701 is in the window, 700 is not
+    finally:
+        hook.remove()
+    ts = lambda n: sdm.NoiseSchedule().timesteps(n)
+    assert sum(di.in_window(t, 0.3) for t in ts(200)) == 60 and sum(di.in_window(t, 0.3) for t in ts(50)) == 15
+    record = {}  # the sampler's own installation: the DBIM fires in every attn2 and in no attn1, in the window only
+    run(model, ico, prompts, tau=0.3, aux_noun="dog", timesteps=[801, 701, 700, 1], record=record)
+    layers = sdm.attention_layers(model.unet, "attn2", latent_size=16)
+    assert record.pop("_window_steps") == 2 and list(record) == [l.name for l in layers]
+    for l in layers:  # summed M_a over the 2 window steps, per sample and pixel, in [0, 2]
+        assert record[l.name].shape == (2, l.res**2) and 0 < record[l.name].mean() < 2
+
+
+def test_token_sets_from_the_tokenization_with_multi_token_nouns_and_bad_input(model):
+    ico = di.ICO(model, ["<new1>", "<new2>"], "teddy bear")
+    prompt = di.resolve_prompt("a V teddy bear in times square", ico)
+    assert prompt == "a <new1> <new2> teddy bear in times square" == di.resolve_prompt("a {} in times square", ico)
+    br = di.make_branches(model, ico, [prompt], "stuffed animal")
+    slots = lambda m: m[0].nonzero().flatten().tolist()
+    assert br.aux_prompts == ["a stuffed animal in times square"]
+    assert slots(br.span_c) == [2, 3, 4, 5] and slots(br.real_c) == list(range(1, 9))
+    assert slots(br.noun_a) == [2, 3] and slots(br.real_a) == list(range(1, 7))
+    assert br.ids_a[0, 2:4].tolist() == model.tokenizer.tokenize("stuffed animal")
+    assert br.ids_c[0].tolist() == model.tokenize([prompt])[0].tolist()
+    with pytest.raises(ValueError, match="does not contain the concept"):
+        di.make_branches(model, ico, ["a teddy bear in times square"], "dog")
+    with pytest.raises(ValueError, match="does not contain the concept"):
+        di.make_branches(model, ico, ["a <new1> <new2> cat"], "dog")
+    with pytest.raises(ValueError, match="other than the class word"):
+        di.make_branches(model, ico, [prompt], "Teddy Bear")
+    noun = di.pick_aux_noun(model, "teddy bear")
+    assert noun in di.AUX_NOUNS and noun not in ("teddy", "bear")
+
+
+# ---- ICO training
+
+
+def test_ico_prompt_assembly(model):
+    ico = di.ICO(model, ["<new1>", "<new2>", "<new3>"], "cat", n_images=3)  # Lp = 1 ("A"), Ls = 1 (".")
+    plain = model.tokenize([f"A {PHRASE} ."])
+    assert torch.equal(ico.ico_ids, plain) and ico.ico_ids.shape == (1, 77)
+    with torch.no_grad():
+        ctx = ico.concept_context(model, torch.tensor([0, 2]))
+        assert ctx.shape == (2, 77, 64)
+        assert torch.equal(ctx[0], ico.encode_ids(model, plain)[0])  # at init: the plain prompt, slot for slot
+        ico.prefix[2].add_(1.0)
+        moved = ico.concept_context(model, torch.tensor([0, 2]))
+        assert torch.equal(moved[0], ctx[0]) and not torch.equal(moved[1, 1:], ctx[1, 1:])
+        assert torch.equal(moved[1, 0], ctx[1, 0])  # causal encoder: SOS sees nothing later
+        reg = ["a cat on the grass", "a red star"]  # rows without V: exactly plain CLIP
+        assert torch.equal(ico.encode_ids(model, model.tokenize(reg)), model.encode_prompt(reg).context)
+    rnd = di.ICO(copy.deepcopy(model), ["<new1>", "<new2>", "<new3>"], "cat", n_images=2, prefix_init="",
+                 suffix_init="", generator=torch.Generator().manual_seed(0))
+    assert rnd.prefix.shape == (2, 4, 64) and rnd.suffix.shape == (2, 2, 64) and rnd.prefix.std() < 0.03
+    tpl = di.ICO(model, ["<new1>", "<new2>", "<new3>"], "cat", contexts=False)  # tokens already added: reused
+    with torch.no_grad():
+        manual = tpl.encode_ids(model, model.tokenize([f"photo of a {PHRASE}"]))
+        assert tpl.prefix is None and torch.equal(tpl.concept_context(model, torch.tensor([0])), manual)
+
+
+def test_gradients_reach_only_image_i_contexts_v_rows_and_cross_attention_kv(model):
+    ico = di.ICO(model, ["<new1>", "<new2>", "<new3>"], "cat", n_images=3)
+    assert len(ico.kv) == 14 and all(di.KV_PATTERN.search(n) for n in ico.kv_names.values())
+    x, _ = unet_batch(1)
+    with ico.install(model.unet):
+        out = model.unet(x[:2], 500, ico.concept_context(model, torch.tensor([1, 1])))
+    out.square().mean().backward()
+    for p in (ico.prefix, ico.suffix):
+        assert p.grad[1].abs().sum() > 0 and p.grad[[0, 2]].abs().sum() == 0
+    assert ico.rows.grad.abs().sum(-1).gt(0).all() and all(p.grad.abs().sum() > 0 for p in ico.kv.values())
+    assert not any(p.requires_grad for p in model.parameters())
+    k, v = (torch.randn(2, 1, 77, 8, requires_grad=True) for _ in range(2))
+    di.sos_detached(None, torch.randn(2, 1, 16, 8), k, v).square().sum().backward()
+    assert k.grad[:, :, 0].abs().max() == 0 and v.grad[:, :, 0].abs().max() == 0 and k.grad[:, :, 1:].abs().min() > 0
+
+
+def test_optimizer_groups_and_learning_rates(model):
+    ico = di.ICO(model, ["<new1>", "<new2>", "<new3>"], "cat", n_images=2)
+    opt = di.make_optimizer(ico, di.ICOArgs())  # finetune_addtoken.yaml: 1e-5 x batch 2 x 3 GPUs
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([6e-5, 6e-4, 6e-4])
+    assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
+    assert opt.param_groups[0]["params"][-1] is ico.rows and opt.param_groups[1]["params"][0] is ico.prefix
+
+
+def train_args(tmp_path, name, **kw):
+    images = folder_of_images(tmp_path / "refs", 3)
+    reg = folder_of_images(tmp_path / "reg", 2, seed=1, size=(32, 32))
+    (reg / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i:02d}.png", "caption": c}) + "\n"
+                                                for i, c in enumerate(["a cat on the grass", "a cat at night"])))
+    base = dict(images=str(images), class_word="cat", reg_images=str(reg), output_dir=str(tmp_path / name),
+                train_batch_size=3, gradient_accumulation_steps=1, max_train_steps=4, checkpointing_steps=2,
+                learning_rate=1e-3, scale_lr=False, lr_scheduler="cosine", lr_warmup_steps=1)
+    return di.ICOArgs(**{**base, **kw})
+
+
+def test_resume_equals_an_uninterrupted_run_and_the_backbone_is_untouched(tmp_path, base, monkeypatch):
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    di.train(train_args(tmp_path, "full"), model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # unet, text table, VAE
+    calls, real = [0], di.ICO.concept_context
+
+    def dies_in_step_3(self, *a):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(di.ICO, "concept_context", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        di.train(train_args(tmp_path, "resumed"), copy.deepcopy(base))
+    monkeypatch.setattr(di.ICO, "concept_context", real)
+    di.train(train_args(tmp_path, "resumed", resume="latest"), copy.deepcopy(base))
+    for f in ("kv_deltas", "learned_embeds", "contexts"):
+        a, b = (load_file(str(tmp_path / d / f"{f}.safetensors")) for d in ("full", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert logs("full")[-2:] == logs("resumed")[-2:] and {r["reg_rows"] for r in logs("full")} <= {1, 2}
+
+
+def test_checkpoint_round_trip_and_refusing_another_base_model(tmp_path, base):
+    out = di.train(train_args(tmp_path, "run", max_train_steps=2, contexts=False), copy.deepcopy(base))
+    state = load_file(str(out / "checkpoint-2" / "training_state.safetensors"))
+    fresh = copy.deepcopy(base)
+    ico = di.ICO.load(out, fresh)
+    assert torch.equal(ico.rows, state["param.rows"]) and all(torch.equal(v, state[f"param.kv.{k}"]) for k, v in ico.kv.items())
+    assert ico.rows.abs().sum() > 0 and not torch.equal(ico.rows, base.text_encoder.token_embedding.weight[[43514, 47629, 42170]])
+    embeds = sdm.load_embeddings(out / "learned_embeds.safetensors")  # the diffusers textual-inversion layout
+    assert list(embeds) == ico.tokens and torch.equal(torch.cat(list(embeds.values())), ico.rows)
+    assert torch.equal(sdm.load_embeddings(out / "concept.a1111.safetensors")["emb_params"], ico.rows)  # A1111: one embedding, Lv vectors
+    deltas = load_file(str(out / "kv_deltas.safetensors"))
+    assert set(deltas) == {f"{n}.weight" for n in ico.kv_names.values()} and "contexts.safetensors" not in {p.name for p in out.iterdir()}
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in fresh.state_dict().items())  # still the base weights
+    x, ctx = unet_batch(1)
+    with torch.no_grad():  # dW is added once, also by a nested install (validation inside training), and removed on exit
+        with ico.install(fresh.unet):
+            once = fresh.unet(x, 500, ctx)
+            with ico.install(fresh.unet):
+                assert torch.equal(fresh.unet(x, 500, ctx), once)
+        assert torch.equal(fresh.unet(x, 500, ctx), base.unet(x, 500, ctx)) and not torch.allclose(once, base.unet(x, 500, ctx))
+    again = di.ICO.load(out, copy.deepcopy(base))
+    ids = fresh.tokenize([PHRASE])
+    with torch.no_grad():
+        assert torch.equal(ico.encode_ids(fresh, ids), again.encode_ids(fresh, ids))
+    meta = di.read_metadata(out)
+    assert (meta["method"], meta["class_word"], meta["tokens"], meta["steps"]) == ("cd-template", "cat", ico.tokens, 2)
+    with pytest.raises(ValueError, match="another base model"):
+        di.ICO.load(out, tiny(seed=7))
+    with pytest.raises(ValueError, match="context table holds 2"):
+        di.train(train_args(tmp_path, "too_many", max_images=2), copy.deepcopy(base))
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path, base):
+    """The hooks stay installed through backward, where checkpointed blocks run again."""
+    runs = {}
+    for ckpt in (False, True):
+        out = di.train(train_args(tmp_path, f"ckpt{ckpt}", max_train_steps=2, checkpointing_steps=0,
+                                  gradient_checkpointing=ckpt), copy.deepcopy(base))
+        runs[ckpt] = load_file(str(out / "kv_deltas.safetensors"))
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[False]:
+        assert runs[False][k].abs().sum() > 0
+        assert_close(runs[True][k], runs[False][k], rtol=1e-4, what=f"K/V delta with checkpointing, {k}")
+
+
+def test_reference_preprocessing_and_regularization_captions(base, tmp_path):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 36, 3), dtype=np.uint8))  # 36 wide, 40 high
+    assert np.array_equal(np.asarray(di.square_crop(img)), np.asarray(img)[2:38])  # centre square crop
+    mean, std = di.posterior(base, [img], 32)
+    x = sdm.image_to_tensor(di.square_crop(img), 32)[None]  # bicubic resize to the resolution, [-1, 1]
+    with torch.no_grad():
+        for f, view in enumerate((x, x.flip(-1))):  # index 1 is the horizontal flip (p = 0.5 at training)
+            d = base.vae.encode(view)
+            assert_close(mean[:, f], d.mean, what="posterior mean")
+            assert_close(std[:, f], d.std, what="posterior std")
+    reg = folder_of_images(tmp_path / "reg", 2)
+    (reg / "00.txt").write_text("a cat on the grass\n")
+    with pytest.raises(ValueError, match="no caption for 1 regularization image.*01.png"):
+        di.load_captioned_folder(reg)
+    (reg / "01.txt").write_text("a cat at night")
+    images, caps = di.load_captioned_folder(reg)
+    assert len(images) == 2 and caps == ["a cat on the grass", "a cat at night"]
+
+
+# ---- the command line and bad input
+
+
+@pytest.fixture(scope="module")
+def model_dirs(base, tmp_path_factory):
+    """The tiny model as a converted folder, and a second one with other weights."""
+    import weights_convert as wc
+
+    dirs = []
+    for m in (base, tiny(seed=7)):
+        folder = tmp_path_factory.mktemp("tiny")
+        wc.write_parts(folder, sdm.TINY, {p: getattr(m, p).state_dict() for p in ("unet", "vae", "text_encoder")})
+        dirs.append(folder)
+    return dirs
+
+
+def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp_path, capsys):
+    sd, other = model_dirs
+    imgs = folder_of_images(tmp_path / "refs", 2)
+    (imgs / "notes.txt").write_text("not an image")
+    run = tmp_path / "run"
+    train = ["train", "--pretrained-model", str(sd), "--images", str(imgs), "--class-word", "cat", "--output-dir", str(run)]
+    with pytest.warns(UserWarning, match="skipping 'notes.txt'"):
+        di.main([*train, "--max-train-steps", "2", "--checkpointing-steps", "1", "--train-batch-size", "1",
+                 "--gradient-accumulation-steps", "1", "--mixed-precision", "bf16", "--validation-prompt", "a V cat",
+                 "--validation-steps", "2", "--num-validation-images", "1"])
+    for f in ("kv_deltas.safetensors", "learned_embeds.safetensors", "concept.a1111.safetensors", "contexts.safetensors",
+              "checkpoint-1/kv_deltas.safetensors", "checkpoint-2/training_state.safetensors", "validation/step-000002.png",
+              "log.jsonl", "args.json"):
+        assert (run / f).exists(), f
+    assert f"wrote {run}" in capsys.readouterr().out
+    assert all(v.abs().sum() > 0 for v in load_file(str(run / "kv_deltas.safetensors")).values())  # bf16 autocast trains dW
+    assert load_file(str(run / "contexts.safetensors"))["prefix"].shape == (2, 1, 64)
+
+    out = tmp_path / "dci"
+    (tmp_path / "prompts.txt").write_text("a {} at night\n\n")
+    sample = ["sample", "--concept", str(run), "--steps", "4", "--sampler", "euler"]  # the base model comes from the concept
+    di.main([*sample, "--prompt", "a V cat on the grass", "--prompt-file", str(tmp_path / "prompts.txt"), "--tau", "0.5",
+             "--gamma", "1", "--aux-noun", "dog", "--save-masks", "--output-dir", str(out)])
+    rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["aux_prompt"] for r in rows] == ["a dog on the grass", "a dog at night"]
+    assert rows[1]["prompt"] == "a <new1> <new2> <new3> cat at night"
+    assert Image.open(out / "0000_01.png").size == (32, 32)
+    assert Image.open(out / "0000_01_masks.png").size == (32 * 8, 32)  # the image + one tile per attn2 layer
+    assert "auxiliary prompt: 'a dog on the grass'" in capsys.readouterr().out
+    di.main([*sample, "--prompt", "a V cat", "--no-dci", "--save-masks", "--batch-size", "2", "--output-dir", str(tmp_path / "plain")])
+    assert sorted(p.name for p in (tmp_path / "plain").glob("*.png")) == ["0000_00.png", "0000_01.png"]  # no window: no masks
+
+    bad, empty = tmp_path / "bad", tmp_path / "empty"
+    empty.mkdir()
+    errors = {
+        "no concept in the prompt": ([*sample, "--prompt", "a cat on the grass"], "does not contain the concept '<new1> <new2> <new3> cat'"),
+        "plain, no tokens": ([*sample, "--prompt", "a cat", "--no-dci"], "does not contain the concept '<new1> <new2> <new3>'"),
+        "aux noun = class word": ([*sample, "--prompt", "a V cat", "--aux-noun", "Cat"], "other than the class word 'cat'"),
+        "too long": ([*sample, "--prompt", "a V cat " + "very " * 80], "over CLIP's 77"),
+        "another base model": ([*sample, "--prompt", "a V cat", "--pretrained-model", str(other)], "trained on another base model"),
+        "not a concept": (["sample", "--concept", str(imgs), "--prompt", "a V cat"], "holds no ICO concept"),
+        "more images than contexts": ([*train, "--max-images", "1"], "context table holds 1"),
+        "empty folder": ([*train[:3], "--images", str(empty), "--class-word", "cat", "--output-dir", str(bad)], "no readable images"),
+        "missing folder": ([*train[:3], "--images", str(tmp_path / "nope"), "--class-word", "cat", "--output-dir", str(bad)],
+                           "'.*nope' does not exist"),
+        "no class word": (train[:5] + ["--output-dir", str(bad)], "--class-word"),
+        "token exists": ([*train, "--tokens", "cat", "--overwrite"], "must be new words"),
+        "validation prompt": ([*train, "--validation-prompt", "a cat", "--overwrite"], "does not contain the concept"),
+        "resolution": ([*train, "--resolution", "30", "--overwrite"], "multiple of 4"),
+    }
+    for what, (argv, msg) in errors.items():
+        if argv[0] == "sample":
+            argv = [*argv, "--output-dir", str(bad)]
+        with pytest.raises(SystemExit, match=msg), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            di.main(argv)
+        assert not bad.exists(), what  # nothing written
+    assert len(list(run.glob("checkpoint-*"))) == 2  # the failed runs left the first one alone
