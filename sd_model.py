@@ -1048,6 +1048,9 @@ class StableDiffusion(nn.Module):
         file (.ckpt/.safetensors). No path: the project's toy model (assets/toy/sd)."""
         import weights_convert
 
+        if path is None and not (TOY_MODEL_PATH / "config.json").exists():
+            raise FileNotFoundError(f"no --pretrained-model given and the toy model is missing from {TOY_MODEL_PATH}; "
+                                    "train it with `python toy_world.py pretrain` or pass a model.")
         path = Path(path) if path is not None else TOY_MODEL_PATH
         cfg, parts = weights_convert.load_any(path, variant=variant)
         with torch.device("meta"):

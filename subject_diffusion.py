@@ -742,14 +742,8 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed-precision {cfg.mixed_precision}: use no, fp16 or bf16.")
     resume_from = sdm.find_checkpoint(out, cfg.resume)
-    if main:
-        if not cfg.resume:
-            sdm.prepare_output_dir(out, cfg.overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
-        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
-    if world > 1:
-        dist.barrier()
+    if main and not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise FileExistsError(f"output directory '{out}' exists and is not empty; pass --overwrite or choose another.")
     torch.manual_seed(cfg.seed)
     frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
     sd = sdm.load_model(cfg.pretrained_model, frozen, "", device)
@@ -757,6 +751,14 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
     model = Objective(method, sd, vision, cfg, sd.tokenize([""]))
+    if main:  # only once the models loaded, so that a bad --pretrained-model leaves nothing behind
+        if not cfg.resume:
+            sdm.prepare_output_dir(out, cfg.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
+        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
+    if world > 1:
+        dist.barrier()
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
     params = [p for p in method.parameters() if p.requires_grad]

@@ -350,6 +350,11 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "half"), "--resume", "latest"]))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a model that fails to load leaves no output folder behind (a retry would meet "exists, not empty")
+    bad_model = [*common[2:], "--pretrained-model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "bad")]
+    with pytest.raises((FileNotFoundError, ValueError, SystemExit)):
+        sdx.train(sdm.parse_args(sdx.TrainConfig, bad_model))
+    assert not (tmp_path / "bad").exists()
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("fuser.") and "alpha" in k)
     # sampling from the trained weights: one and two subjects, maps, and the bad inputs
     ref = tmp_path / "ref.png"
