@@ -36,7 +36,6 @@ import shutil
 import sys
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -132,9 +131,8 @@ class SDConfig:
 
 CLIP_L = CLIPTextConfig()  # openai/clip-vit-large-patch14, 123,060,480 parameters
 OPENCLIP_H = CLIPTextConfig(width=1024, layers=23, heads=16, mlp_dim=4096, act="gelu", pad_id=0)  # SD2 drops layer 24
-OPENCLIP_BIGG = CLIPTextConfig(
-    width=1280, layers=32, heads=20, mlp_dim=5120, act="gelu", projection_dim=1280, pad_id=0, penultimate=True
-)
+OPENCLIP_BIGG = CLIPTextConfig(width=1280, layers=32, heads=20, mlp_dim=5120, act="gelu", projection_dim=1280, pad_id=0,
+                               penultimate=True)
 SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 
 SD15 = SDConfig("sd15", UNetConfig(), VAEConfig(), CLIP_L)
@@ -148,13 +146,10 @@ SDXL = SDConfig(
 # For tests: the SD1 layout at toy widths. It follows the SD1 rules the weights cannot show
 # (8 heads, 32 GroupNorm groups, 64-wide text heads), so it also survives a trip through a single file.
 TINY = SDConfig(
-    "tiny",
-    UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2, 1), num_res_blocks=1,
-               transformer_depth=(1, 1), context_dim=64),
-    VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-    CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=128),
-    image_size=32,
-)
+    "tiny", UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2, 1), num_res_blocks=1,
+                       transformer_depth=(1, 1), context_dim=64),
+    VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1), CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=128),
+    image_size=32)
 PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": SD21_BASE,
            "sd21-base": SD21_BASE, "sdxl": SDXL, "tiny": TINY}
 
@@ -162,10 +157,8 @@ PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": 
 def config_from_dict(d: dict) -> SDConfig:
     """Inverse of `dataclasses.asdict` (JSON turns tuples into lists; turn them back)."""
     def build(cls, v):
-        if v is None:
-            return None
-        return cls(**{f.name: tuple(v[f.name]) if isinstance(v[f.name], list) else v[f.name]
-                      for f in fields(cls) if f.name in v})
+        return None if v is None else cls(**{f.name: tuple(v[f.name]) if isinstance(v[f.name], list) else v[f.name]
+                                             for f in fields(cls) if f.name in v})
     return SDConfig(d["name"], build(UNetConfig, d["unet"]), build(VAEConfig, d["vae"]),
                     build(CLIPTextConfig, d["text"]), build(CLIPTextConfig, d.get("text2")),
                     build(ScheduleConfig, d.get("schedule", {})), d.get("image_size", 512))
@@ -193,9 +186,8 @@ def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig
         heads = {"num_head_channels": 64} if family == "sd2" else {"num_heads": 8}
         text = text_config_from_weights(parts["text_encoder"], *(("gelu", 0) if family == "sd2" else ("quick_gelu", 49407)))
         text2 = None
-    scale = 0.13025 if family == "sdxl" else 0.18215
     cfg = SDConfig("custom-" + family, unet_config_from_weights(parts["unet"], **heads),
-                   vae_config_from_weights(parts["vae"], scale), text, text2,
+                   vae_config_from_weights(parts["vae"], 0.13025 if family == "sdxl" else 0.18215), text, text2,
                    image_size={"sd1": 512, "sd2": 768, "sdxl": 1024}[family])
     same = lambda p: (p.unet, p.vae, p.text, p.text2) == (cfg.unet, cfg.vae, cfg.text, cfg.text2)
     fits = [name for name, p in PRESETS.items() if same(p)]
@@ -249,8 +241,7 @@ class CLIPTokenizer:
             [pre_tokenizers.Split(words, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
         self._tok.decoder = decoders.ByteLevel()
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in vocab[-2:]])
-        self._added: list[str] = []
-        self._AddedToken = AddedToken
+        self._added, self._AddedToken = [], AddedToken
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -391,8 +382,7 @@ class CLIPTextModel(nn.Module):
         last = tm.final_layer_norm(x)
         eot = (input_ids == CLIPTokenizer.eos_id).int().argmax(dim=-1)  # first <|endoftext|>, also with added tokens
         pooled = last[torch.arange(len(last), device=last.device), eot]
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
+        pooled = pooled if self.text_projection is None else self.text_projection(pooled)
         return (penultimate if self.cfg.penultimate else last), pooled
 
 
@@ -437,8 +427,7 @@ class CLIPVisionModel(nn.Module):
 
     def preprocess(self, images):
         """[-1, 1] images (b, 3, h, w) -> CLIP input: bicubic resize of the short side, centre crop."""
-        s = self.cfg.image_size
-        h, w = images.shape[-2:]
+        s, (h, w) = self.cfg.image_size, images.shape[-2:]
         images = F.interpolate(images.float(), scale_factor=s / min(h, w), mode="bicubic", align_corners=False, antialias=True)
         top, left = (images.shape[-2] - s) // 2, (images.shape[-1] - s) // 2
         images = (images[..., top : top + s, left : left + s] + 1) / 2
@@ -547,15 +536,11 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, ctx=None):
         x = x + self.attn1(self.norm1(x))
-        if self.after_attn1 is not None:
-            x = self.after_attn1(self, x, ctx)
+        x = x if self.after_attn1 is None else self.after_attn1(self, x, ctx)
         x = x + self.attn2(self.norm2(x), ctx)
-        if self.after_attn2 is not None:
-            x = self.after_attn2(self, x, ctx)
+        x = x if self.after_attn2 is None else self.after_attn2(self, x, ctx)
         x = x + self.ff(self.norm3(x))
-        if self.after_block is not None:
-            x = self.after_block(self, x, ctx)
-        return x
+        return x if self.after_block is None else self.after_block(self, x, ctx)
 
 
 class SpatialTransformer(nn.Module):
@@ -571,8 +556,7 @@ class SpatialTransformer(nn.Module):
         self.linear = linear
 
     def forward(self, x, ctx):
-        h, w = x.shape[-2:]
-        t = self.norm(x)
+        (h, w), t = x.shape[-2:], self.norm(x)
         if self.linear:  # SD2/XL project tokens, SD1 projects the map; the weights differ only in shape
             t = self.proj_in(rearrange(t, "b c h w -> b (h w) c"))
         else:
@@ -616,14 +600,12 @@ class UNetModel(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg, mc, g = cfg, cfg.model_channels, cfg.norm_groups
-        emb_dim = 4 * mc
+        self.cfg, mc, g, emb_dim = cfg, cfg.model_channels, cfg.norm_groups, 4 * cfg.model_channels
         self.gradient_checkpointing = False
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.adm_in_channels:  # SDXL: key label_emb.0.0 (a Sequential inside a Sequential in sgm)
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-        else:
-            self.label_emb = None
+        mlp = lambda n: nn.Sequential(nn.Linear(n, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = mlp(mc)
+        # SDXL: key label_emb.0.0 (a Sequential inside a Sequential in sgm)
+        self.label_emb = nn.Sequential(mlp(cfg.adm_in_channels)) if cfg.adm_in_channels else None
 
         def transformer(ch, depth, ds):
             d_head = ch // cfg.num_heads if cfg.num_heads else cfg.num_head_channels
@@ -637,8 +619,7 @@ class UNetModel(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_dim, mult * mc, g)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, cfg.transformer_depth[level], ds))
+                layers += [transformer(ch, cfg.transformer_depth[level], ds)] if ds in cfg.attention_resolutions else []
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -652,8 +633,7 @@ class UNetModel(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + chans.pop(), emb_dim, mult * mc, g)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, cfg.transformer_depth[level], ds))
+                layers += [transformer(ch, cfg.transformer_depth[level], ds)] if ds in cfg.attention_resolutions else []
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -675,8 +655,7 @@ class UNetModel(nn.Module):
             if y is None:
                 raise ValueError("this UNet (SDXL) needs the vector condition y (pooled text + size/crop ids).")
             emb = emb + self.label_emb(y.to(emb.dtype))
-        h, skips = x.to(emb.dtype), []
-        context = context.to(emb.dtype)
+        h, skips, context = x.to(emb.dtype), [], context.to(emb.dtype)
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
@@ -714,9 +693,7 @@ def hooked(model: nn.Module, *, processor=None, attn: str = "attn2", after_attn1
     """
     saved = []
     try:
-        for m in model.modules():
-            if not isinstance(m, BasicTransformerBlock):
-                continue
+        for m in (m for m in model.modules() if isinstance(m, BasicTransformerBlock)):
             if processor is not None:
                 for a in (m.attn1, m.attn2) if attn == "both" else (getattr(m, attn),):
                     if where(a.name):
@@ -742,14 +719,11 @@ class AttentionLayer(NamedTuple):
 
 def attention_layers(unet: UNetModel, which: str = "attn2", latent_size: int = 64) -> list[AttentionLayer]:
     """Every attention layer of the UNet, in forward order, with its place and resolution."""
-    out = []
-    for name, st in unet.named_modules():
-        if isinstance(st, SpatialTransformer):
-            place = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}[name.split(".")[0]]
-            for block in st.transformer_blocks:
-                for a in (block.attn1, block.attn2) if which == "both" else (getattr(block, which),):
-                    out.append(AttentionLayer(a.name, a, place, latent_size // st.ds))
-    return out
+    places = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}
+    pick = lambda block: (block.attn1, block.attn2) if which == "both" else (getattr(block, which),)
+    return [AttentionLayer(a.name, a, places[name.split(".")[0]], latent_size // st.ds)
+            for name, st in unet.named_modules() if isinstance(st, SpatialTransformer)
+            for block in st.transformer_blocks for a in pick(block)]
 
 
 # ---- 6. VAE: KL-regularised autoencoder, f = 2^(len(ch_mult)-1) (LDM Sec. 3.1, App. G). LDM names.
@@ -777,8 +751,7 @@ class AttnBlock(nn.Module):
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
-        h, w = x.shape[-2:]
-        t = self.norm(x)
+        (h, w), t = x.shape[-2:], self.norm(x)
         q, k, v = (rearrange(f(t), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(out)
@@ -825,8 +798,7 @@ class VAELevel(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        g, n = cfg.norm_groups, cfg.num_res_blocks
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        g, n, widths = cfg.norm_groups, cfg.num_res_blocks, [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         ins = [cfg.ch, *widths[:-1]]
         self.down = nn.ModuleList(
@@ -845,8 +817,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        g, n = cfg.norm_groups, cfg.num_res_blocks
-        widths = [cfg.ch * m for m in cfg.ch_mult]
+        g, n, widths = cfg.norm_groups, cfg.num_res_blocks, [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
         self.mid = VAEMid(widths[-1], g)
         # up[i] works at the resolution of down[i]; the decoder runs them from the last to the first.
@@ -967,10 +938,8 @@ def dpmpp_2m_step(x_t, x0, x0_last, a_t, a_prev, a_last):
     alpha_prev, sigma_prev, sigma_t = a_prev**0.5, (1 - a_prev) ** 0.5, (1 - a_t) ** 0.5
     h = lam(a_prev) - lam(a_t)
     phi = -math.expm1(-h)  # 1 - e^{-h}
-    d = x0
-    if x0_last is not None:
-        r = (lam(a_t) - lam(a_last)) / h
-        d = x0 + 0.5 / r * (x0 - x0_last)
+    r = None if x0_last is None else (lam(a_t) - lam(a_last)) / h
+    d = x0 if x0_last is None else x0 + 0.5 / r * (x0 - x0_last)
     return (sigma_prev / sigma_t) * x_t + alpha_prev * phi * d
 
 
@@ -987,8 +956,7 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
     ac = schedule.alphas_cumprod.tolist()
     # DDIM's last step lands on a_0 (SD's set_alpha_to_one=False); the others end at a = 1 (x0 itself).
     final = ac[0] if sampler == "ddim" else 1.0
-    x = x.float()
-    x0_last = a_last = None
+    x, x0_last, a_last = x.float(), None, None
     for i, t in enumerate(_progress(ts, progress, desc=sampler)):
         eps, x0 = schedule.eps_x0(model_fn(x, t, i), x, t)
         a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else final)
@@ -1014,7 +982,6 @@ def _progress(it, enabled=True, **kw):
     if not enabled:
         return it
     from tqdm.auto import tqdm
-
     return tqdm(it, **kw)
 
 
@@ -1032,11 +999,9 @@ class StableDiffusion(nn.Module):
     def __init__(self, cfg: SDConfig):
         super().__init__()
         self.cfg = cfg
-        self.unet, self.vae = UNetModel(cfg.unet), AutoencoderKL(cfg.vae)
-        self.text_encoder = CLIPTextModel(cfg.text)
+        self.unet, self.vae, self.text_encoder = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
         self.text_encoder_2 = CLIPTextModel(cfg.text2) if cfg.text2 else None
-        self.tokenizer = CLIPTokenizer()
-        self.schedule = NoiseSchedule(cfg.schedule)
+        self.tokenizer, self.schedule = CLIPTokenizer(), NoiseSchedule(cfg.schedule)
 
     @property
     def device(self):
@@ -1080,8 +1045,7 @@ class StableDiffusion(nn.Module):
         return model.to(device, dtype).eval().requires_grad_(False)
 
     def tokenize(self, prompts, second: bool = False):
-        cfg = self.cfg.text2 if second else self.cfg.text
-        return self.tokenizer(prompts, pad_id=cfg.pad_id).to(self.device)
+        return self.tokenizer(prompts, pad_id=(self.cfg.text2 if second else self.cfg.text).pad_id).to(self.device)
 
     def encode_prompt(self, prompts, size: tuple[int, int] | None = None, extra=(None, None)) -> Cond:
         """Exactly what the UNet receives for these prompts. `extra` holds the embedding rows of tokens
@@ -1140,8 +1104,7 @@ class StableDiffusion(nn.Module):
         """Text -> images in [-1, 1], (b, 3, h, w)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        h, w = height or self.cfg.image_size, width or self.cfg.image_size
-        f = self.vae.downsample_factor
+        h, w, f = height or self.cfg.image_size, width or self.cfg.image_size, self.vae.downsample_factor
         if h % f or w % f:
             raise ValueError(f"height and width must be multiples of {f} (got {h}x{w}).")
         cond = self.encode_prompt(prompts, (h, w))
@@ -1177,9 +1140,7 @@ def load_image_folder(folder) -> list[tuple[str, "Image.Image"]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder '{folder}' does not exist or is not a directory.")
     out = []
-    for p in sorted(folder.iterdir()):
-        if p.is_dir() or p.name.startswith("."):
-            continue
+    for p in sorted(p for p in folder.iterdir() if not p.is_dir() and not p.name.startswith(".")):
         try:
             out.append((p.name, load_image(p)))
         except Exception as e:  # PIL raises several kinds; all mean "not an image we can read"
@@ -1210,8 +1171,7 @@ def image_grid(images: list, cols: int | None = None):
     from PIL import Image
 
     cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
+    rows, (w, h) = math.ceil(len(images) / cols), images[0].size
     grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
@@ -1362,15 +1322,12 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
         for k, v in tensors.items():
             v.copy_(state[f"param.{k}"])
     osd = {"state": {}, "param_groups": meta["param_groups"]}
-    for k, v in state.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            osd["state"].setdefault(int(i), {})[name] = v
+    for (_, i, name), v in ((k.split(".", 2), v) for k, v in state.items() if k.startswith("optim.")):
+        osd["state"].setdefault(int(i), {})[name] = v
     optimizer.load_state_dict(osd)
-    if scheduler is not None and meta["scheduler"]:
-        scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta["scaler"]:
-        scaler.load_state_dict(meta["scaler"])
+    for obj, key in ((scheduler, "scheduler"), (scaler, "scaler")):
+        if obj is not None and meta[key]:
+            obj.load_state_dict(meta[key])
     torch.set_rng_state(state["rng.torch"])
     if generator is not None:
         generator.set_state(state["rng.generator"])
