@@ -1,6 +1,7 @@
 """The toy Stable Diffusion: every pretraining stage runs end to end on a few images and the
 result loads with `from_pretrained`; the committed model reproduces a stored sample."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import sd_model as sdm
-import toy_world as tw
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script (below)
+import sd_model as sdm  # noqa: E402
+import toy_world as tw  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "data" / "toy_sample.png"
 
