@@ -636,6 +636,16 @@ def write_jsonl(path, rows):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
+def save_generated(folder, images, concept_id, prompt_ids, method, per_prompt=1):
+    """Write a method's images for `eval` (METHOD_CONCEPT_PROMPT_K.png) and return their manifest rows."""
+    rows = []
+    for k, (im, pid) in enumerate(zip(images, prompt_ids)):
+        name = f"{method}_{concept_id}_{pid}_{k % per_prompt}.png"
+        sdm.save_image(im, Path(folder) / name)
+        rows.append({"file": name, "concept": concept_id, "prompt": pid, "method": method})
+    return rows
+
+
 def make_data(out, n, seed=0, size=64, overwrite=False):
     prepare_out(out, overwrite)
     rows = []

@@ -133,10 +133,7 @@ def main():
     rows, timing, t_start = [], {}, time.time()
 
     def emit(images, concept, prompt_ids, method):
-        for k, (im, pid) in enumerate(zip(images, prompt_ids)):
-            name = f"{method}_{concept.id}_{pid}_{k % a.per_prompt}.png"
-            sdm.save_image(im, img_dir / name)
-            rows.append({"file": name, "concept": concept.id, "prompt": pid, "method": method})
+        rows.extend(tw.save_generated(img_dir, images, concept.id, prompt_ids, method, a.per_prompt))
 
     def timed(key, n, fn, *args):
         t0 = time.time()

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -182,3 +183,20 @@ def test_eval_end_to_end_on_oracle_images(tmp_path, capsys):
     assert oracle["concept_fidelity"] >= 0.8 and oracle["prompt_fidelity"] >= 0.8, oracle
     assert swapped["concept_fidelity"] < oracle["concept_fidelity"] - 0.3
     assert set(res["per_concept"]["oracle"]) == set(ids)
+
+
+@needs_probes
+def test_images_saved_for_eval_score_like_the_originals(tmp_path):
+    images = tmp_path / "oracle"
+    tw.make_oracle(str(images), per_prompt=1)
+    with open(images / "manifest.jsonl") as f:
+        c = tw.CONCEPTS[0].id
+        mine = [r for r in map(json.loads, f) if r["concept"] == c][:4]
+    pics = [Image.open(images / r["file"]) for r in mine]
+    new = tw.save_generated(images, pics, c, [r["prompt"] for r in mine], "resaved", per_prompt=2)
+    assert [r["file"] for r in new] == [f"resaved_{c}_{r['prompt']}_{k % 2}.png" for k, r in enumerate(mine)]
+    probes, _ = tw.load_probes(PROBES)
+    res = tw.evaluate(str(images), mine + new, probes)
+    a, b = res["methods"]["oracle"], res["methods"]["resaved"]
+    assert a["n"] == b["n"] == 4
+    assert (a["concept_fidelity"], a["prompt_fidelity"]) == (b["concept_fidelity"], b["prompt_fidelity"])
