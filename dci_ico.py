@@ -545,7 +545,8 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         raise ValueError("pass --images DIR and --class-word WORD (the concept's category, e.g. cat).")
     device = sdm.pick_device(args.device)
     if model is None:
-        model = sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32" if args.mixed_precision == "fp16" else "", device)
+        model = sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32" if args.mixed_precision == "fp16" else "",
+                               device, "", args.compile, args.channels_last)
     model.requires_grad_(False)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     refs = sdm.load_image_folder(args.images)
@@ -614,7 +615,8 @@ def run_sample(a: DCIArgs):
         raise ValueError("pass --concept DIR, the output folder of `dci_ico.py train`.")
     meta = read_metadata(a.concept)
     device = sdm.pick_device(a.device)
-    model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant)
+    model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant,
+                           a.compile, a.channels_last)
     ico = ICO.load(a.concept, model)
     prompts = [p for p in [a.prompt, *(Path(a.prompt_file).read_text().splitlines() if a.prompt_file else [])] if p.strip()]
     if not prompts:

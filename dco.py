@@ -565,7 +565,7 @@ def train(a: DCOArgs) -> Path:
     torch.manual_seed(a.seed)
     images, prompts, bases, tokens, inits = load_data(a)  # bad input fails before the model loads
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
-    model = sdm.load_model(a.pretrained_model, half, "fp32", device)  # frozen parts in half, VAE fp32 (l.490)
+    model = sdm.load_model(a.pretrained_model, half, "fp32", device, "", a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
     f = model.vae.downsample_factor
     if res % f:
@@ -688,7 +688,8 @@ def main(argv=None):
             p.add_argument("--w-text", dest="guidance_scale", type=float, default=7.5, help="alias of --guidance-scale")
             a = sdm.parse_args(DCOSampleArgs, rest, p)
             out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
-            model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant)
+            model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant,
+                                   a.compile, a.channels_last)
             loras, found = load_adapters(model, a.lora, a.lora_scale)
             files = [*a.embeddings, *found]
             if len(files) > 1:

@@ -690,7 +690,8 @@ def import_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder) -> No
     method.grounding.load_state_dict(read("proj"))
 
 
-def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", precision: str = "fp32", device: str = ""):
+def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", precision: str = "fp32", device: str = "",
+                 compile: bool = False, channels_last: bool = False):
     """(sd, vision, method, metadata) from a training output folder (or one of its checkpoint-N), or an
     official-layout folder; the base model defaults to the one the weights were trained on."""
     from safetensors import safe_open
@@ -706,7 +707,8 @@ def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", p
         with safe_open(str(ours), "pt") as f:
             meta = f.metadata() or {}
     device = sdm.pick_device(device)
-    sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, "fp32" if precision == "fp16" else "", device)
+    sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, "fp32" if precision == "fp16" else "", device,
+                        "", compile, channels_last)
     vision = sdm.StableDiffusion.load_image_encoder(image_encoder or meta.get("image_encoder") or pretrained_model
                                                     or meta.get("base_model") or None, device, sdm.DTYPES[precision])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg)
@@ -746,7 +748,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         raise FileExistsError(f"output directory '{out}' exists and is not empty; pass --overwrite or choose another.")
     torch.manual_seed(cfg.seed)
     frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
-    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device)
+    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, "", cfg.compile, cfg.channels_last)
     vision = sdm.StableDiffusion.load_image_encoder(cfg.image_encoder or cfg.pretrained_model or None, device, sdm.DTYPES[frozen])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
@@ -1019,7 +1021,8 @@ def sample_main(a: SampleConfig) -> None:
     if a.mask and len(a.mask) != len(a.subject):
         raise ValueError("give one --mask per --subject, or none for the automatic cut-out.")
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
-    sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device)
+    sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
+                                            a.compile, a.channels_last)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
     subjects = []
     for i, (path, word) in enumerate(zip(a.subject, a.entity)):

@@ -1302,6 +1302,10 @@ def train_unet(a: ToyArgs):
     ids = tok(captions + [""])
     unet = sdm.UNetModel(cfg.unet)
     unet.gradient_checkpointing = a.gradient_checkpointing
+    if a.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if a.compile:
+        unet.compile()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     schedule = sdm.NoiseSchedule(cfg.schedule)
     opt = torch.optim.AdamW(unet.parameters(), lr=a.learning_rate, weight_decay=0.0)
@@ -1415,6 +1419,8 @@ def main(argv=None):
         cls, fn = STAGES[argv[0]]
         a = sdm.parse_args(cls, argv[1:], argparse.ArgumentParser(prog=f"toy_world.py {argv[0]}",
                                                                   description=fn.__doc__))
+        if fn is not train_unet and (a.compile or a.channels_last):
+            sys.exit("--compile and --channels-last apply to the UNet (train-unet) only.")
         torch.set_num_threads(a.threads)
         return fn(a)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

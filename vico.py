@@ -516,7 +516,8 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     concepts = [sdm.load_image_folder(d) for d in args.images]
     device = sdm.pick_device(args.device)
     torch.manual_seed(args.seed)
-    model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device)
+    model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device,
+                                            compile=args.compile, channels_last=args.channels_last)
     size = args.resolution or model.cfg.image_size
     table = model.text_encoder.token_embedding
     init_ids = [model.tokenizer.token_id(w) for w in args.init_word]  # one clear error if not one token
@@ -603,7 +604,7 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     if missing:
         raise FileNotFoundError(f"reference image '{missing[0]}' does not exist.")
     device = sdm.pick_device(a.device)
-    model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant)
+    model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
     h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
     refs = [sdm.image_to_tensor(sdm.load_image(r), (h, w)) for r in a.reference]

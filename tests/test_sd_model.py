@@ -116,3 +116,24 @@ def test_sample_cli_on_a_random_tiny_model(tmp_path, capsys):
         sdm.main(["sample", "--pretrained-model", str(tmp_path / "nope"), "--prompt", "x", "--output-dir", str(tmp_path / "o2")])
     with pytest.raises(SystemExit, match="multiples of 2"):
         sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(tmp_path / "o3"), "--height", "33"])
+
+
+def test_speed_switches_change_the_speed_not_the_result():
+    """--channels-last gives the same images; --compile compiles in place (lazily), so checkpoints keep
+    their keys. Compiling for real takes minutes on a CPU: the slow test below runs it on a GPU."""
+    plain, fast = sdm.load_model(""), sdm.load_model("", channels_last=True, compile=True)
+    assert fast.unet._compiled_call_impl is not None and fast.unet.state_dict().keys() == plain.unet.state_dict().keys()
+    fast.unet._compiled_call_impl = None  # eager from here: channels-last alone
+    assert fast.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    a, b = (m.sample(["a red star"], steps=2, latents=latents, progress=False) for m in (plain, fast))
+    assert torch.allclose(a, b, atol=1e-4)  # other convolution kernels: rounding differs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_unet_matches_eager_on_gpu():
+    plain, fast = sdm.load_model("", device="cuda"), sdm.load_model("", device="cuda", compile=True)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).cuda()
+    a, b = (m.sample(["a red star", "a blue moon"], steps=3, latents=latents, progress=False) for m in (plain, fast))
+    assert torch.allclose(a, b, atol=1e-3)

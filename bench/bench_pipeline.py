@@ -1,0 +1,159 @@
+"""A whole text-to-image run, ours against the diffusers StableDiffusionPipeline, on the same weights.
+
+    python bench/bench_pipeline.py --height 256 --width 256 --steps 20          # CPU: a feasible size
+    python bench/bench_pipeline.py --device cuda --dtype bf16                   # GPU: 50 DDIM steps at 512x512
+
+One SD1.5-size pipeline with random weights (UNet, VAE, CLIP ViT-L/14 text tower, the real CLIP
+tokenizer vocabulary) is saved once as a diffusers folder (--work); each implementation then loads
+that folder the way a user would (ours through weights_convert, diffusers through from_pretrained)
+in its own subprocess, so load time and peak memory are its own. A timed run is everything a user
+waits for: tokenizing, text encoding with the unconditional prompt, the DDIM loop with classifier-
+free guidance, and the VAE decode. Both start from the same initial latents, and the script prints
+how far apart the two images are, so the two timed runs are shown to compute the same thing.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PROMPT = "a photo of a red striped star on the snow, top left"
+SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+             clip_sample=False, set_alpha_to_one=False)
+
+
+def build(folder: Path) -> None:
+    """SD1.5's architecture with diffusers' random initialisation, written as a diffusers folder."""
+    import torch
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from bench_unet import SD15
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import write_hf_tokenizer_files
+
+    torch.manual_seed(0)
+    tok_dir = write_hf_tokenizer_files(Path(tempfile.mkdtemp()))
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                        num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768,
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  sample_size=512)
+    unet = diffusers.UNet2DConditionModel(**SD15)
+    pipe = diffusers.StableDiffusionPipeline(vae, text, tok, unet, diffusers.DDIMScheduler(**SCHED), None, None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+def run_one(impl: str, a) -> dict:
+    import torch
+
+    dev, dtype = torch.device(a.device), {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    latents = torch.randn(a.batch, 4, a.height // 8, a.width // 8, generator=torch.Generator().manual_seed(a.seed))
+    prompts = [PROMPT] * a.batch
+    t0 = time.perf_counter()
+    if impl == "ours":
+        import sd_model as sdm
+
+        model = sdm.StableDiffusion.from_pretrained(a.work, dev, dtype).eval()
+        unet = model.unet
+
+        def generate(steps):
+            return model.sample(prompts, steps=steps, guidance_scale=a.guidance_scale, sampler="ddim", height=a.height,
+                                width=a.width, latents=latents, progress=False)
+    else:
+        import diffusers
+
+        model = diffusers.StableDiffusionPipeline.from_pretrained(a.work, torch_dtype=dtype, safety_checker=None).to(dev)
+        model.set_progress_bar_config(disable=True)
+        unet = model.unet
+
+        def generate(steps):
+            images = model(prompts, num_inference_steps=steps, guidance_scale=a.guidance_scale, height=a.height,
+                           width=a.width, latents=latents.to(dev, dtype), output_type="pt").images
+            return images * 2 - 1  # diffusers returns [0, 1]; ours [-1, 1]
+    sync()
+    load_s = time.perf_counter() - t0
+    if a.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if a.compile:
+        unet.compile()
+    with torch.no_grad():
+        for _ in range(a.warmup):
+            generate(min(a.steps, 3))
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(a.runs):
+            t0 = time.perf_counter()
+            images = generate(a.steps)
+            sync()
+            times.append(time.perf_counter() - t0)
+    torch.save(images.float().cpu(), a.images_to)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"median_s": statistics.median(times), "times": times, "load_s": load_s, "peak_gib": peak,
+            "threads": torch.get_num_threads()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench_sd15_random"),
+                   help="the random SD1.5 diffusers folder (built on the first run, about 4 GB)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of 3 steps first (compilation, allocator)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true", help="both UNets in channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile both UNets")
+    p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--images-to", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.impl:
+        print(json.dumps(run_one(a.impl, a)))
+        return
+    if not (Path(a.work) / "model_index.json").exists():
+        print(f"building the random SD1.5 pipeline in {a.work} (once)", file=sys.stderr)
+        build(Path(a.work))
+    import torch
+
+    res, images = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for impl in ("diffusers", "ours"):
+            dst = Path(tmp) / f"{impl}.pt"
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--images-to", str(dst)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr)
+            res[impl], images[impl] = json.loads(out.stdout.strip().splitlines()[-1]), torch.load(dst)
+    diff = (images["ours"] - images["diffusers"]).abs().max().item()
+    mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
+    print(f"SD1.5 text-to-image, {a.steps} DDIM steps, CFG {a.guidance_scale}, {a.height}x{a.width}, batch {a.batch}, "
+          f"{a.device} {a.dtype}{' channels-last' if a.channels_last else ''}{' compiled' if a.compile else ''}, "
+          f"{res['ours']['threads']} threads, median of {a.runs}")
+    print(f"| impl | time (s) | load (s) | {mem} (GiB) |\n|---|---|---|---|")
+    for impl in ("ours", "diffusers"):
+        r = res[impl]
+        print(f"| {impl} | {r['median_s']:.3f} | {r['load_s']:.1f} | {r['peak_gib']:.2f} |")
+    print(f"ratio ours / diffusers: {res['ours']['median_s'] / res['diffusers']['median_s']:.3f}; "
+          f"max |image difference| {diff:.2e} (images in [-1, 1])")
+
+
+if __name__ == "__main__":
+    main()
