@@ -124,8 +124,8 @@ def main():
     rows, timing, t_start = [], {}, time.time()
     settings = [("cfg", 0.0)] + [("consistency", w) for w in a.w_cons]
 
-    def emit(images, concept, prompt_ids, method):
-        rows.extend(tw.save_generated(img_dir, images, concept.id, prompt_ids, method, a.per_prompt))
+    def emit(images, concept, prompt_ids, method, per_prompt=a.per_prompt):
+        rows.extend(tw.save_generated(img_dir, images, concept.id, prompt_ids, method, per_prompt))
 
     for cid in a.concepts:
         concept = tw.find_concept(cid)
@@ -157,7 +157,7 @@ def main():
             run = out / "runs" / f"{method}_{concept.id}"
             for tag, dirs in (("alone", [run]), ("merged", [run, style])):
                 imgs = generate(model, dirs, [q["text"].format(token)] * (2 * a.per_prompt), "consistency", 3.0, a, 2)
-                emit(imgs, concept, [q["id"]] * (2 * a.per_prompt), f"merge-{method}-{tag}")
+                emit(imgs, concept, [q["id"]] * (2 * a.per_prompt), f"merge-{method}-{tag}", 2 * a.per_prompt)
         print(f"{concept.id} done at {time.time() - t_start:.0f} s", flush=True)
 
     tw.write_jsonl(str(img_dir / "manifest.jsonl"), rows)
