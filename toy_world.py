@@ -177,6 +177,11 @@ class Concept:
     def attributes(self):
         return dict(zip(IDENTITY, self.key()))
 
+    def init_word(self):
+        """The one CLIP token a learned token starts from (TI, ViCo, DCO): the class word, or the generic
+        noun when the class word is several tokens ("hexagon" = hex + agon, pieces no caption has alone)."""
+        return self.class_word if len(sdm.CLIPTokenizer().tokenize(self.class_word)) == 1 else GENERIC_NOUN
+
 
 CONCEPTS = (
     Concept("candy_star", "star", "star", "red", "striped", "white"),

@@ -675,14 +675,11 @@ def toy_benchmark(argv) -> None:
         c = tw.find_concept(cid)
         folder = out / "concepts" / cid
         reference = sdm.image_to_tensor(sdm.load_image(folder / "00.png"))  # one fixed reference per concept (Sec. 4.1)
-        # S* starts from one token (card 8). "hexagon" is two (hex + agon); its pieces never stand alone in the
-        # captions, so that concept starts from "toy", the world's generic object word (the novel shapes' class word)
-        init = c.class_word if len(model.tokenizer.tokenize(c.class_word)) == 1 else "toy"
         for method in a.methods:
             run = out / "runs" / method / cid
             if not (run / "vico.safetensors").exists():
-                args = ViCoArgs(images=[str(folder)], init_word=[init], output_dir=str(run), max_train_steps=a.steps,
-                                train_batch_size=a.batch_size, checkpointing_steps=a.steps, templates=a.templates,
+                args = ViCoArgs(images=[str(folder)], init_word=[c.init_word()], output_dir=str(run),
+                                max_train_steps=a.steps, train_batch_size=a.batch_size, checkpointing_steps=a.steps, templates=a.templates,
                                 resume="latest", pretrained_model=a.pretrained_model, **variants[method])
                 t0 = time.time()
                 train(args, model)

@@ -44,11 +44,8 @@ def write_concept(folder, concept, token):
         images.append(name)
         prompts.append(caption(scene.objects[0], scene.background, token))
         bases.append(caption(scene.objects[0], scene.background, concept.class_word))
-    # the token starts from one CLIP token: "hexagon" is two (hex + agon), whose pieces never stand alone
-    # in the captions, so that concept starts from "toy", the world's generic object word
-    init = concept.class_word if len(sdm.CLIPTokenizer().tokenize(concept.class_word)) == 1 else "toy"
     cfg = {"images": images, "prompts": prompts, "base_prompts": bases, "inserting_tokens": [token],
-           "initializer_tokens": [init]}
+           "initializer_tokens": [concept.init_word()]}
     (folder / "captions.json").write_text(json.dumps(cfg, indent=1))
 
 

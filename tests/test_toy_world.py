@@ -11,6 +11,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import sd_model as sdm  # noqa: E402
 import toy_world as tw  # noqa: E402
 
 PROBES = os.path.join(ROOT, "assets", "toy", "probes.safetensors")
@@ -78,7 +79,11 @@ def test_concepts_and_held_out_shapes_never_appear_in_pretraining():
 
 def test_concepts_have_references_and_answerable_prompts():
     assert len(tw.CONCEPTS) >= 6 and sum(c.shape in tw.HELD_OUT_SHAPES for c in tw.CONCEPTS) >= 2
+    tok = sdm.CLIPTokenizer()
+    # a learned token starts from one token: the class word, or the generic noun for "hexagon" (hex + agon)
+    assert {c.id: c.init_word() for c in tw.CONCEPTS if c.init_word() != c.class_word} == {"speckled_hexagon": "toy"}
     for c in tw.CONCEPTS:
+        tok.token_id(c.init_word())
         refs = tw.concept_references(c, n=4)
         assert all(s.objects[0].key() == c.key() and len(s.objects) == 1 for s, _ in refs)
         ref_bgs, _ = tw.concept_backgrounds(c)
