@@ -1168,6 +1168,11 @@ class VaeArgs(ToyArgs):
     checkpointing_steps: int = 500
 
 
+# The shipped UNet: UnetArgs' 2400 steps, then the same run resumed with --max-train-steps 7600, which
+# re-spreads the cosine schedule over 7600 steps (a warm restart at 2400) while the EMA and data order carry on.
+SHIPPED_UNET_STEPS = (2400, 7600)
+
+
 @dataclass
 class UnetArgs(ToyArgs):
     output_dir: str = "outputs/toy/unet"
@@ -1385,17 +1390,22 @@ def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out
 
 
 def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2):
-    """Every stage in order, each resumable: data, CLIP, VAE, UNet (see the stage commands)."""
+    """Every stage in order, each resumable and skipped once finished: data, CLIP, VAE, and the UNet in
+    the shipped model's two phases (SHIPPED_UNET_STEPS)."""
     torch.set_num_threads(threads)
     data = os.path.join(work, "data")
     if not os.path.isfile(os.path.join(data, "images.npy")):
         pretrain_data(data, n)
     common = dict(data=data, stage_dir=work, resume="latest", threads=threads)
-    for cls, fn, done in ((ClipArgs, train_clip, "text_encoder.safetensors"), (VaeArgs, train_vae, "vae.safetensors"),
-                          (UnetArgs, train_unet, "config.json")):
-        a = cls(**common, output_dir=os.path.join(work, fn.__name__.split("_")[1]))
+    for name, cls, fn, done in (("clip", ClipArgs, train_clip, "text_encoder.safetensors"),
+                                ("vae", VaeArgs, train_vae, "vae.safetensors")):
+        a = cls(**common, output_dir=os.path.join(work, name))
         if not os.path.isfile(os.path.join(a.output_dir, done)):
-            fn(sdm.replace(a, export=export) if cls is UnetArgs else a)
+            fn(a)
+    unet = UnetArgs(**common, output_dir=os.path.join(work, "unet"), export=export)
+    for steps in SHIPPED_UNET_STEPS:
+        if not os.path.isdir(os.path.join(unet.output_dir, f"checkpoint-{steps}")):
+            train_unet(sdm.replace(unet, max_train_steps=steps))
 
 
 # ----------------------------------------------------------------------------------------------

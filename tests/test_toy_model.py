@@ -52,6 +52,30 @@ def toy_sample():
 
 
 @pytest.mark.skipif(not (Path(tw.TOY_DIR) / "config.json").exists(), reason="the toy model is not trained yet")
+def test_pretrain_runs_each_stage_once_and_the_unet_in_the_shipped_two_phases(tmp_path, monkeypatch):
+    """`pretrain` = the shipped recipe: CLIP, VAE, UNet to 2400, the same run resumed to 7600; a rerun
+    skips what is finished (stages stubbed: this pins the order and the skipping, not the training)."""
+    calls = []
+
+    def stage(name, done):
+        def run(a):
+            calls.append((name, a.max_train_steps, a.resume, getattr(a, "export", None)))
+            path = Path(a.output_dir) / done.format(steps=a.max_train_steps)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        return run
+
+    monkeypatch.setattr(tw, "pretrain_data", lambda out, n: (Path(out).mkdir(parents=True), (Path(out) / "images.npy").touch()))
+    monkeypatch.setattr(tw, "train_clip", stage("clip", "text_encoder.safetensors"))
+    monkeypatch.setattr(tw, "train_vae", stage("vae", "vae.safetensors"))
+    monkeypatch.setattr(tw, "train_unet", stage("unet", "checkpoint-{steps}/x"))
+    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1)
+    assert calls == [("clip", 600, "latest", None), ("vae", 6000, "latest", None),
+                     ("unet", 2400, "latest", str(tmp_path / "sd")), ("unet", 7600, "latest", str(tmp_path / "sd"))]
+    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1)
+    assert len(calls) == 4
+
+
 def test_committed_toy_model_loads_strictly_and_reproduces_a_stored_sample():
     if not REFERENCE.exists():
         pytest.skip("no stored sample yet; write it with `python tests/test_toy_model.py`")
