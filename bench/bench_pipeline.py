@@ -14,9 +14,6 @@ how far apart the two images are, so the two timed runs are shown to compute the
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (bench/, beside this script)
 PROMPT = "a photo of a red striped star on the snow, top left"
 SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
              clip_sample=False, set_alpha_to_one=False)
@@ -57,8 +55,7 @@ def build(folder: Path) -> None:
 def run_one(impl: str, a) -> dict:
     import torch
 
-    dev, dtype = torch.device(a.device), {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dev, dtype, sync = torch.device(a.device), common.dtype(a.dtype), common.sync_for(a.device)
     latents = torch.randn(a.batch, 4, a.height // 8, a.width // 8, generator=torch.Generator().manual_seed(a.seed))
     prompts = [PROMPT] * a.batch
     t0 = time.perf_counter()
@@ -88,22 +85,14 @@ def run_one(impl: str, a) -> dict:
         unet.to(memory_format=torch.channels_last)
     if a.compile:
         unet.compile()
+    last = {}
+
+    def run():
+        last["images"] = generate(a.steps)
     with torch.no_grad():
-        for _ in range(a.warmup):
-            generate(min(a.steps, 3))
-        sync()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(a.runs):
-            t0 = time.perf_counter()
-            images = generate(a.steps)
-            sync()
-            times.append(time.perf_counter() - t0)
-    torch.save(images.float().cpu(), a.images_to)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"median_s": statistics.median(times), "times": times, "load_s": load_s, "peak_gib": peak,
-            "threads": torch.get_num_threads()}
+        res = common.timed(run, a.runs, dev, a.warmup, lambda: generate(min(a.steps, 3)))
+    torch.save(last["images"].float().cpu(), a.images_to)
+    return {**res, "load_s": load_s}
 
 
 def main():
@@ -137,11 +126,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for impl in ("diffusers", "ours"):
             dst = Path(tmp) / f"{impl}.pt"
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--images-to", str(dst)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(out.stderr)
-            res[impl], images[impl] = json.loads(out.stdout.strip().splitlines()[-1]), torch.load(dst)
+            res[impl], images[impl] = common.run_impl(__file__, "--impl", impl, "--images-to", str(dst)), torch.load(dst)
     diff = (images["ours"] - images["diffusers"]).abs().max().item()
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"SD1.5 text-to-image, {a.steps} DDIM steps, CFG {a.guidance_scale}, {a.height}x{a.width}, batch {a.batch}, "

@@ -25,9 +25,7 @@ resolution, precision and checkpointing. Each run is its own subprocess; the med
 import argparse
 import inspect
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (bench/, beside this script)
 PAIRS = {"ti": "textual_inversion", "vico": None, "lora": "train_dreambooth_lora", "dco": None,
          "template": "train_custom_diffusion", "ico": None}
 
@@ -94,7 +93,7 @@ def reference(name: str, a, images: Path, sync) -> list[float]:
 
     import sd_model as sdm
 
-    dev, wdt = torch.device(a.device), {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.mixed_precision]
+    dev, wdt = torch.device(a.device), common.dtype({"no": "fp32"}.get(a.mixed_precision, a.mixed_precision))
     unet = diffusers.UNet2DConditionModel.from_pretrained(a.work, subfolder="unet")
     vae = diffusers.AutoencoderKL.from_pretrained(a.work, subfolder="vae")
     text = CLIPTextModel.from_pretrained(a.work, subfolder="text_encoder")
@@ -180,8 +179,7 @@ def run_one(a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads) if a.threads else None
-    dev = torch.device(a.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = common.sync_for(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         images = write_images(Path(tmp) / "images", a.resolution)
         if a.impl == "ours":
@@ -189,8 +187,8 @@ def run_one(a) -> dict:
         else:
             steps = reference(a.method, a, images, sync)
     steps = steps[a.warmup :]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"median_s": statistics.median(steps), "steps": steps, "peak_gib": peak, "threads": torch.get_num_threads()}
+    return {"median_s": statistics.median(steps), "steps": steps, "peak_gib": common.peak_gib(a.device),
+            "threads": torch.get_num_threads()}
 
 
 def main():
@@ -226,11 +224,7 @@ def main():
     for name in a.methods:
         res = {}
         for impl in ("ours", "diffusers") if PAIRS[name] else ("ours",):
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--method", name],
-                                 capture_output=True, text=True, check=False)
-            if out.returncode:
-                sys.exit(f"{name} ({impl}) failed:\n{out.stderr[-3000:]}")
-            res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            res[impl] = common.run_impl(__file__, "--impl", impl, "--method", name)
         o, d = res["ours"], res.get("diffusers")
         ref = f"{PAIRS[name]} | {d['median_s']:.3f} | {d['peak_gib']:.2f} | {o['median_s'] / d['median_s']:.3f}" if d else "- | - | - | -"
         print(f"| {name} | {o['median_s']:.3f} | {o['peak_gib']:.2f} | {ref} |", flush=True)

@@ -11,15 +11,12 @@ median of several timed runs. Prints both times, the ratio ours / diffusers, and
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (bench/, beside this script)
 SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
             down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
             in_channels=4, out_channels=4, sample_size=64)
@@ -33,7 +30,7 @@ def run_one(impl: str, a) -> dict:
     import weights_convert as wc
 
     torch.manual_seed(0)
-    dev, dtype = torch.device(a.device), {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    dev, dtype = torch.device(a.device), common.dtype(a.dtype)
     ref = UNet2DConditionModel(**SD15)
     if impl == "ours":
         cfg = wc.diffusers_unet_config(SD15)
@@ -53,7 +50,6 @@ def run_one(impl: str, a) -> dict:
     x = torch.randn(a.batch, 4, a.latent, a.latent, generator=g).to(dev, dtype)
     ctx = torch.randn(a.batch, 77, 768, generator=g).to(dev, dtype)
     t = torch.tensor([500] * a.batch, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step():
         if a.sample_steps:  # a plain loop of guided UNet calls (batch doubled for CFG)
@@ -66,19 +62,8 @@ def run_one(impl: str, a) -> dict:
         else:
             with torch.no_grad():
                 fwd(x, t, ctx)
-        sync()
 
-    for _ in range(a.warmup):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(a.runs):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"median_s": statistics.median(times), "times": times, "peak_gib": peak, "threads": torch.get_num_threads()}
+    return common.timed(step, a.runs, dev, a.warmup)
 
 
 def main():
@@ -98,12 +83,7 @@ def main():
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return
-    res = {}
-    for impl in ("diffusers", "ours"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--impl", impl], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(out.stderr)
-        res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    res = {impl: common.run_impl(__file__, "--impl", impl) for impl in ("diffusers", "ours")}
     what = "sampling loop" if a.sample_steps else "forward+backward" if a.backward else "forward"
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"SD1.5 UNet {what}, {a.device} {a.dtype}, batch {a.batch}, latent {a.latent}x{a.latent}, "

@@ -20,7 +20,6 @@ Run from the repository root. Writes OUT/images (+ manifest.jsonl, eval_results.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
