@@ -21,6 +21,10 @@ prompt fidelity per prompt kind (scene / position / size / colour / pattern / se
         --out /tmp/dci_b --model /tmp/toyrand --concepts candy_star --steps 2 --eval-steps 1 2 \
         --sample-steps 4 --per-prompt 1 --reg 2 --gammas 1                                 # smoke test
 
+On several cores, run shards into the same --out, e.g. `--concepts candy_star ...` in one process and
+the rest in another: each finished concept leaves OUT/parts/<concept>.json (its manifest rows and
+timings), and every run scores the union of the parts it finds; `--score-only` just re-scores them.
+
 The auxiliary noun defaults to "square": a plain shape the toy model knows, that is no concept's
 class word, and that differs from the second object the eval prompts ask for (always a circle).
 `--aux-noun ""` lets dci_ico pick from its preset list by text similarity instead, which on the toy
@@ -122,6 +126,7 @@ def main():
     p.add_argument("--per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--score-only", action="store_true", help="score the finished concepts in OUT/parts, train nothing")
     a = p.parse_args()
     if max(a.eval_steps) > a.steps or min(a.eval_steps) < 1:
         sys.exit("error: every --eval-steps must lie in 1..--steps.")
@@ -129,7 +134,9 @@ def main():
     out = Path(a.out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    model = sdm.load_model(a.model)
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    model = sdm.load_model(a.model) if not a.score_only else None
     rows, timing, t_start = [], {}, time.time()
 
     def emit(images, concept, prompt_ids, method):
@@ -141,8 +148,9 @@ def main():
         timing.setdefault(key, []).append((time.time() - t0) / n)
         return result
 
-    for cid in a.concepts:
+    for cid in a.concepts if not a.score_only else []:
         concept = tw.find_concept(cid)
+        rows, timing = [], {}
         refs, reg = out / "data" / cid / "refs", (out / "data" / cid / "reg") if a.reg else None
         write_references(refs, concept)
         if reg:
@@ -168,8 +176,18 @@ def main():
                     imgs = timed("sample_dci_s_per_image", len(prompts), generate, model, folder, prompts, a, True, gamma,
                                  a.dci_steps or a.sample_steps, a.seed + 1)
                     emit(imgs, concept, pids, f"{method}-{step}-dci{gamma:g}")
+        tw.atomic_write(parts / f"{cid}.json", json.dumps({"rows": rows, "timing": timing}).encode())
         print(f"{cid} done at {time.time() - t_start:.0f} s", flush=True)
 
+    rows, timing = [], {}  # the union of every finished concept, this run's and other shards'
+    for part in sorted(parts.glob("*.json")):
+        done = json.loads(part.read_text())
+        rows += done["rows"]
+        for k, v in done["timing"].items():
+            timing.setdefault(k, []).extend(v)
+    if not rows:
+        sys.exit(f"error: no finished concept in {parts}.")
+    pids = sorted({r["prompt"] for r in rows})
     tw.write_jsonl(str(img_dir / "manifest.jsonl"), rows)
     probes, _ = tw.load_probes(tw.PROBES_PATH)
     model_dir = a.model or tw.TOY_DIR
