@@ -107,6 +107,7 @@ def main():
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of 3 steps first (compilation, allocator)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels-last", action="store_true", help="both UNets in channels-last memory format")
@@ -122,21 +123,21 @@ def main():
         build(Path(a.work))
     import torch
 
-    res, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for impl in ("diffusers", "ours"):
-            dst = Path(tmp) / f"{impl}.pt"
-            res[impl], images[impl] = common.run_impl(__file__, "--impl", impl, "--images-to", str(dst)), torch.load(dst)
+        dst = {impl: Path(tmp) / f"{impl}.pt" for impl in ("ours", "diffusers")}
+        res, ratios = common.compare(__file__, {impl: ["--impl", impl, "--images-to", str(f)] for impl, f in dst.items()},
+                                     a.rounds)
+        images = {impl: torch.load(f) for impl, f in dst.items()}
     diff = (images["ours"] - images["diffusers"]).abs().max().item()
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"SD1.5 text-to-image, {a.steps} DDIM steps, CFG {a.guidance_scale}, {a.height}x{a.width}, batch {a.batch}, "
           f"{a.device} {a.dtype}{' channels-last' if a.channels_last else ''}{' compiled' if a.compile else ''}, "
-          f"{res['ours']['threads']} threads, median of {a.runs}")
+          f"{res['ours']['threads']} threads, median of {a.runs} x {a.rounds} round(s)")
     print(f"| impl | time (s) | load (s) | {mem} (GiB) |\n|---|---|---|---|")
     for impl in ("ours", "diffusers"):
         r = res[impl]
         print(f"| {impl} | {r['median_s']:.3f} | {r['load_s']:.1f} | {r['peak_gib']:.2f} |")
-    print(f"ratio ours / diffusers: {res['ours']['median_s'] / res['diffusers']['median_s']:.3f}; "
+    print(f"ratio ours / diffusers: {common.ratio_text(ratios)}; "
           f"max |image difference| {diff:.2e} (images in [-1, 1])")
 
 

@@ -204,6 +204,7 @@ def main():
     p.add_argument("--rank", type=int, default=4, help="LoRA rank for lora/dco (train_dreambooth_lora.py's default)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -218,15 +219,15 @@ def main():
         build(Path(a.work))
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"SD1.5 training step, {a.resolution}x{a.resolution}, batch {a.batch}, {a.device}, mixed precision {a.mixed_precision}"
-          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, median of {a.runs} after {a.warmup} warm-up")
+          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, median of {a.runs} after {a.warmup} warm-up, "
+          f"{a.rounds} round(s)")
     print(f"| method | ours (s) | ours {mem} (GiB) | diffusers script | diffusers (s) | diffusers {mem} (GiB) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name in a.methods:
-        res = {}
-        for impl in ("ours", "diffusers") if PAIRS[name] else ("ours",):
-            res[impl] = common.run_impl(__file__, "--impl", impl, "--method", name)
+        impls = ("ours", "diffusers") if PAIRS[name] else ("ours",)
+        res, ratios = common.compare(__file__, {impl: ["--impl", impl, "--method", name] for impl in impls}, a.rounds)
         o, d = res["ours"], res.get("diffusers")
-        ref = f"{PAIRS[name]} | {d['median_s']:.3f} | {d['peak_gib']:.2f} | {o['median_s'] / d['median_s']:.3f}" if d else "- | - | - | -"
+        ref = f"{PAIRS[name]} | {d['median_s']:.3f} | {d['peak_gib']:.2f} | {common.ratio_text(ratios)}" if d else "- | - | - | -"
         print(f"| {name} | {o['median_s']:.3f} | {o['peak_gib']:.2f} | {ref} |", flush=True)
 
 

@@ -74,6 +74,7 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--sample-steps", type=int, default=0, help="time a loop of this many CFG UNet calls")
     p.add_argument("--channels-last", action="store_true")
@@ -83,15 +84,15 @@ def main():
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return
-    res = {impl: common.run_impl(__file__, "--impl", impl) for impl in ("diffusers", "ours")}
+    res, ratios = common.compare(__file__, {impl: ["--impl", impl] for impl in ("ours", "diffusers")}, a.rounds)
     what = "sampling loop" if a.sample_steps else "forward+backward" if a.backward else "forward"
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"SD1.5 UNet {what}, {a.device} {a.dtype}, batch {a.batch}, latent {a.latent}x{a.latent}, "
-          f"{res['ours']['threads']} threads, median of {a.runs}")
+          f"{res['ours']['threads']} threads, median of {a.runs} x {a.rounds} round(s)")
     print(f"| impl | time (s) | {mem} (GiB) |\n|---|---|---|")
     for impl in ("ours", "diffusers"):
         print(f"| {impl} | {res[impl]['median_s']:.3f} | {res[impl]['peak_gib']:.2f} |")
-    print(f"ratio ours / diffusers: {res['ours']['median_s'] / res['diffusers']['median_s']:.3f}")
+    print(f"ratio ours / diffusers: {common.ratio_text(ratios)}")
 
 
 if __name__ == "__main__":
