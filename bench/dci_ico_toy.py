@@ -24,6 +24,7 @@ prompt fidelity per prompt kind (scene / position / size / colour / pattern / se
 On several cores, run shards into the same --out, e.g. `--concepts candy_star ...` in one process and
 the rest in another: each finished concept leaves OUT/parts/<concept>.json (its manifest rows and
 timings), and every run scores the union of the parts it finds; `--score-only` just re-scores them.
+`--out NEW --runs-from OUT` samples OUT's checkpoints again (other γ, τ or steps) without training.
 
 The auxiliary noun defaults to "square": a plain shape the toy model knows, that is no concept's
 class word, and that differs from the second object the eval prompts ask for (always a circle).
@@ -49,7 +50,7 @@ import toy_world as tw  # noqa: E402
 
 
 def to_pil(img):
-    return sdm.tensor_to_images(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    return sdm.tensor_to_images(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
 
 
 def write_references(folder, concept):
@@ -126,6 +127,7 @@ def main():
     p.add_argument("--per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs-from", default="", help="sample the checkpoints an earlier --out trained (e.g. other --gammas)")
     p.add_argument("--score-only", action="store_true", help="score the finished concepts in OUT/parts, train nothing")
     a = p.parse_args()
     if max(a.eval_steps) > a.steps or min(a.eval_steps) < 1:
@@ -162,9 +164,14 @@ def main():
                          generator=torch.Generator().manual_seed(a.seed + 1), progress=False)
         emit(sdm.tensor_to_images(x), concept, pids, "pretrained")
         for method in a.methods:
-            run = out / "runs" / f"{method}_{cid}"
-            timing.setdefault(f"train_{method}_s_per_step", []).append(train(a, model, refs, reg, run, concept.class_word,
-                                                                                method == "ico"))
+            run = Path(a.runs_from or out) / "runs" / f"{method}_{cid}"
+            if a.runs_from:
+                missing = [s for s in a.eval_steps if not (run / f"checkpoint-{s}").is_dir()]
+                if missing:
+                    sys.exit(f"error: {run} has no checkpoint for steps {missing}; train them first (drop --runs-from).")
+            else:
+                timing.setdefault(f"train_{method}_s_per_step", []).append(
+                    train(a, model, refs, reg, run, concept.class_word, method == "ico"))
             phrase = " ".join(di.read_metadata(run)["tokens"]) + " " + concept.class_word
             prompts = [q["text"].format(phrase) for q in ps for _ in range(a.per_prompt)]
             for step in sorted(set(a.eval_steps)):
@@ -198,7 +205,7 @@ def main():
     curves = ["| variant | step | concept fidelity | prompt fidelity |", "|---|---|---|---|"]
     points = []
     for name, s in res["methods"].items():  # "ico-300-dci1" -> ("ico-dci1", 300); "pretrained" -> step 0
-        method, step, how = name.split("-") if name.count("-") == 2 else (name, "0", "")
+        method, step, how = name.split("-", 2) if name.count("-") >= 2 else (name, "0", "")  # "dci-1": gamma -1
         points.append((f"{method}-{how}" if how else method, int(step), s))
     for variant, step, s in sorted(points, key=lambda v: v[:2]):
         curves.append(f"| {variant} | {step} | {s['concept_fidelity']:.3f} | {s['prompt_fidelity']:.3f} |")
