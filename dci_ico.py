@@ -434,7 +434,11 @@ def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun
     if h % f or w % f:
         raise ValueError(f"height and width must be multiples of {f} (got {h}x{w}).")
     shape = (b, model.cfg.unet.in_channels, h // f, w // f)
-    draw = lambda: torch.randn(shape, generator=generator, device=generator.device if generator else "cpu").to(dev)
+    gdev = generator.device if generator else "cpu"
+    # The auxiliary rows draw from their own stream, so the concept rows get exactly plain sampling's noise, x_T and
+    # every stochastic step (DDIM eta > 0, DDPM): DCI and --no-dci with one seed differ only where DCI acts.
+    aux_gen = torch.Generator(gdev).manual_seed(generator.initial_seed() + 1) if generator else None
+    draw = lambda n=b, g=generator: torch.randn((n, *shape[1:]), generator=g, device=gdev).to(dev)
     if branches is None:
         check_prompts(model, ico, prompts, need_noun=window)
     br = branches or (make_branches(model, ico, prompts, aux_noun or pick_aux_noun(model, ico.class_word)) if window else None)
@@ -447,7 +451,8 @@ def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun
             z = sdm.sample_loop(plain, latents, model.schedule, steps, sampler, eta, generator, ts, progress)
             return model.decode_latents(z), None
         a = ico.encode_ids(model, br.ids_a)
-        x_a = latents.clone() if share_noise else (draw() if aux_latents is None else aux_latents.to(dev))
+        x_a = latents.clone() if share_noise else (draw(g=aux_gen) if aux_latents is None else aux_latents.to(dev))
+        noise = lambda x: torch.cat([draw(len(x) // 2), draw(len(x) // 2, aux_gen)])
 
         def fn(x, t, i):
             xc, xa = x.float().chunk(2)
@@ -468,7 +473,7 @@ def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun
 
         if record is not None:
             record["_window_steps"] = sum(in_window(t, tau, T) for t in ts)
-        z = sdm.sample_loop(fn, torch.cat([latents, x_a]), model.schedule, steps, sampler, eta, generator, ts, progress)
+        z = sdm.sample_loop(fn, torch.cat([latents, x_a]), model.schedule, steps, sampler, eta, noise, ts, progress)
     return model.decode_latents(z[:b]), br.aux_prompts
 
 

@@ -948,8 +948,8 @@ SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m")
 
 def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
                 generator=None, timesteps: list[int] | None = None, progress: bool = True, callback=None):
-    """Run a sampler from x = x_T. `model_fn(x, t, i)` returns the network output at step i
-    (guidance included); `callback(i, t, x, x0)` sees every step."""
+    """Run a sampler from x = x_T. `model_fn(x, t, i)` returns the network output at step i (guidance included);
+    `callback(i, t, x, x0)` sees every step; `generator` may be a function x -> noise shaped like x."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     ts = schedule.timesteps(steps) if timesteps is None else list(timesteps)
@@ -957,14 +957,15 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
     # DDIM's last step lands on a_0 (SD's set_alpha_to_one=False); the others end at a = 1 (x0 itself).
     final = ac[0] if sampler == "ddim" else 1.0
     x, x0_last, a_last = x.float(), None, None
+    draw = generator if callable(generator) else lambda x: torch.randn(x.shape, generator=generator, device=x.device)
     for i, t in enumerate(_progress(ts, progress, desc=sampler)):
         eps, x0 = schedule.eps_x0(model_fn(x, t, i), x, t)
         a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else final)
         if sampler == "ddim":
-            noise = torch.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
+            noise = draw(x) if eta > 0 else None
             x_new = ddim_step(x, eps, x0, a_t, a_prev, eta, noise)
         elif sampler == "ddpm":
-            noise = torch.randn(x.shape, generator=generator, device=x.device) if i + 1 < len(ts) else None
+            noise = draw(x) if i + 1 < len(ts) else None
             x_new = ddpm_step(x, eps, x0, a_t, a_prev, noise)
         elif sampler == "euler":
             x_new = euler_step(x, eps, x0, a_t, a_prev)

@@ -154,6 +154,20 @@ def test_gamma_minus_infinity_and_identical_branches_give_plain_sampling(model):
             assert_close(out, ref, rtol=1e-4, atol=1e-5, what=f"identical branches, {share_guidance=} {sampler}")
 
 
+def test_stochastic_samplers_pair_dci_with_plain_sampling_step_by_step(model):
+    # The aux rows draw from their own stream: with one seed, x_T and every step's noise of the concept rows are
+    # plain sampling's, so gamma = -inf reproduces --no-dci even with DDIM eta 1 and DDPM (it did not at first: the
+    # doubled batch shifted the generator, and a 160-image benchmark scored the same model differently).
+    ico = trained_ico(model)
+    prompts = [f"a {PHRASE} in the snow", f"a {PHRASE} at night"]
+    for sampler, eta in (("ddim", 1.0), ("ddpm", 0.0)):
+        kw = {"steps": 4, "eta": eta, "sampler": sampler, "guidance_scale": 5.0, "progress": False}
+        plain = di.sample(model, ico, prompts, dci=False, generator=torch.Generator().manual_seed(3), **kw)[0]
+        inert = di.sample(model, ico, prompts, tau=1.0, gamma=-torch.inf, aux_noun="dog",
+                          generator=torch.Generator().manual_seed(3), **kw)[0]
+        assert_close(inert, plain, rtol=1e-4, atol=1e-5, what=f"gamma = -inf, {sampler} eta {eta}")
+
+
 def test_window_boundary_and_tau_zero_never_builds_the_larger_batch(model):
     ico = trained_ico(model)
     sizes = []
