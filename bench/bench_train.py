@@ -187,7 +187,7 @@ def run_one(a) -> dict:
         else:
             steps = reference(a.method, a, images, sync)
     steps = steps[a.warmup :]
-    return {"median_s": statistics.median(steps), "steps": steps, "peak_gib": common.peak_gib(a.device),
+    return {"median_s": statistics.median(steps), "times": steps, "peak_gib": common.peak_gib(a.device),
             "threads": torch.get_num_threads()}
 
 

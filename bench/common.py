@@ -76,7 +76,7 @@ def compare(script: str, variants: dict, rounds: int = 1) -> tuple[dict, list[fl
             per[name].append(run_impl(script, *extra))
     pooled = {}
     for name, results in per.items():
-        times = [t for r in results for t in r.get("times", r.get("steps", []))] or [r["median_s"] for r in results]
+        times = [t for r in results for t in r["times"]]
         pooled[name] = {**results[-1], "median_s": statistics.median(times), "times": times,
                         "peak_gib": max(r["peak_gib"] for r in results)}
         if "load_s" in results[-1]:
