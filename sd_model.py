@@ -518,8 +518,8 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals.
-
+    """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals, each added
+    second (a sum takes its first operand's strides, and x comes in as a transposed view of a feature map).
     Three hook slots, each `fn(block, x, ctx) -> x` or None: after_attn1 (GLIGEN-style adapters),
     after_attn2, after_block (ViCo's image cross-attention). `ctx_dim=None` makes attn2 attend
     to `dim`-wide tokens (ViCo's image block is this class with that setting).
@@ -535,11 +535,11 @@ class BasicTransformerBlock(nn.Module):
         self.name = ""
 
     def forward(self, x, ctx=None):
-        x = x + self.attn1(self.norm1(x))
+        x = self.attn1(self.norm1(x)) + x
         x = x if self.after_attn1 is None else self.after_attn1(self, x, ctx)
-        x = x + self.attn2(self.norm2(x), ctx)
+        x = self.attn2(self.norm2(x), ctx) + x
         x = x if self.after_attn2 is None else self.after_attn2(self, x, ctx)
-        x = x + self.ff(self.norm3(x))
+        x = self.ff(self.norm3(x)) + x
         return x if self.after_block is None else self.after_block(self, x, ctx)
 
 
@@ -565,7 +565,7 @@ class SpatialTransformer(nn.Module):
             t = block(t, ctx)
         if self.linear:
             return x + rearrange(self.proj_out(t), "b (h w) c -> b c h w", h=h, w=w)
-        return x + self.proj_out(rearrange(t, "b (h w) c -> b c h w", h=h, w=w))
+        return x + self.proj_out(rearrange(t, "b (h w) c -> b c h w", h=h, w=w).contiguous())
 
 
 class Downsample(nn.Module):
@@ -743,7 +743,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over pixels; q/k/v are 1x1 convs, as stored in the checkpoint."""
+    """Single-head self-attention over pixels (q/k/v: 1x1 convs, as stored); contiguous, or CPU SDPA builds the matrix."""
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
@@ -752,8 +752,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         (h, w), t = x.shape[-2:], self.norm(x)
-        q, k, v = (rearrange(f(t), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
+        q, k, v = (rearrange(f(t), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v))
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w).contiguous()
         return x + self.proj_out(out)
 
 

@@ -23,33 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402  (bench/, beside this script)
 PROMPT = "a photo of a red striped star on the snow, top left"
-SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-             clip_sample=False, set_alpha_to_one=False)
-
-
-def build(folder: Path) -> None:
-    """SD1.5's architecture with diffusers' random initialisation, written as a diffusers folder."""
-    import torch
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from bench_unet import SD15
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import write_hf_tokenizer_files
-
-    torch.manual_seed(0)
-    tok_dir = write_hf_tokenizer_files(Path(tempfile.mkdtemp()))
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                        num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                  sample_size=512)
-    unet = diffusers.UNet2DConditionModel(**SD15)
-    pipe = diffusers.StableDiffusionPipeline(vae, text, tok, unet, diffusers.DDIMScheduler(**SCHED), None, None,
-                                             requires_safety_checker=False)
-    pipe.save_pretrained(folder)
 
 
 def run_one(impl: str, a) -> dict:
@@ -97,8 +70,7 @@ def run_one(impl: str, a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench_sd15_random"),
-                   help="the random SD1.5 diffusers folder (built on the first run, about 4 GB)")
+    common.add_work_arg(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--height", type=int, default=512)
@@ -118,9 +90,7 @@ def main():
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return
-    if not (Path(a.work) / "model_index.json").exists():
-        print(f"building the random SD1.5 pipeline in {a.work} (once)", file=sys.stderr)
-        build(Path(a.work))
+    common.ensure_random_sd15(a.work)
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:

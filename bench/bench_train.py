@@ -193,8 +193,7 @@ def run_one(a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench_sd15_random"),
-                   help="the random SD1.5 diffusers folder (bench_pipeline.py builds it)")
+    common.add_work_arg(p)
     p.add_argument("--methods", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
@@ -212,11 +211,7 @@ def main():
     if a.impl:
         print(json.dumps(run_one(a)))
         return
-    if not (Path(a.work) / "model_index.json").exists():
-        from bench_pipeline import build
-
-        print(f"building the random SD1.5 pipeline in {a.work} (once)", file=sys.stderr)
-        build(Path(a.work))
+    common.ensure_random_sd15(a.work)
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"SD1.5 training step, {a.resolution}x{a.resolution}, batch {a.batch}, {a.device}, mixed precision {a.mixed_precision}"
           f"{', gradient checkpointing' if a.gradient_checkpointing else ''}, median of {a.runs} after {a.warmup} warm-up, "

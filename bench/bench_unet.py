@@ -3,9 +3,10 @@
     python bench/bench_unet.py                       # CPU: forward at 64x64 latents, fp32
     python bench/bench_unet.py --device cuda --dtype bf16 --backward --sample-steps 50
 
-Each implementation runs in its own subprocess (so peak memory is its own), builds the SD1.5 UNet
-with the same random weights (diffusers' init, converted to our layout), warms up, and reports the
-median of several timed runs. Prints both times, the ratio ours / diffusers, and peak memory
+Each implementation runs in its own subprocess (so peak memory is its own), loads the UNet of the
+random SD1.5 diffusers folder that bench_pipeline.py and bench_train.py use too (ours through
+weights_convert, diffusers through from_pretrained), warms up, and reports the median of several
+timed runs. Prints both times, the ratio ours / diffusers, and peak memory
 (GPU: max allocated; CPU: peak resident set size of the process).
 """
 
@@ -17,9 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402  (bench/, beside this script)
-SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
-            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            in_channels=4, out_channels=4, sample_size=64)
 
 
 def run_one(impl: str, a) -> dict:
@@ -29,17 +27,16 @@ def run_one(impl: str, a) -> dict:
     import sd_model as sdm
     import weights_convert as wc
 
-    torch.manual_seed(0)
     dev, dtype = torch.device(a.device), common.dtype(a.dtype)
-    ref = UNet2DConditionModel(**SD15)
+    folder = Path(a.work) / "unet"
     if impl == "ours":
-        cfg = wc.diffusers_unet_config(SD15)
-        model = sdm.UNetModel(cfg)
-        model.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg))
-        del ref
+        cfg = wc.diffusers_unet_config(json.loads((folder / "config.json").read_text()))
+        with torch.device("meta"):  # as StableDiffusion.from_pretrained: the loaded tensors become the parameters
+            model = sdm.UNetModel(cfg)
+        model.load_state_dict(wc.diffusers_unet_to_ldm(wc.folder_weights(folder, "diffusion_pytorch_model"), cfg), assign=True)
         fwd = lambda x, t, c: model(x, t, c)
     else:
-        model = ref
+        model = UNet2DConditionModel.from_pretrained(folder)
         fwd = lambda x, t, c: model(x, t, c).sample
     model.to(dev, dtype).requires_grad_(a.backward)
     if a.channels_last:
@@ -68,6 +65,7 @@ def run_one(impl: str, a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_work_arg(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--latent", type=int, default=64)
@@ -84,6 +82,7 @@ def main():
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return
+    common.ensure_random_sd15(a.work)
     res, ratios = common.compare(__file__, {impl: ["--impl", impl] for impl in ("ours", "diffusers")}, a.rounds)
     what = "sampling loop" if a.sample_steps else "forward+backward" if a.backward else "forward"
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"

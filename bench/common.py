@@ -8,9 +8,53 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            in_channels=4, out_channels=4, sample_size=64)
+SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+             clip_sample=False, set_alpha_to_one=False)
+
+
+def add_work_arg(p) -> None:
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench_sd15_random"),
+                   help="the random SD1.5 diffusers folder every script loads (built on first use, about 4 GB)")
+
+
+def ensure_random_sd15(folder) -> None:
+    """SD1.5's architecture with diffusers' random initialisation, saved once as a diffusers folder.
+
+    Every side-by-side script loads its weights from here, each implementation the way its users do, so
+    no process carries the other implementation's model (it did: building diffusers' UNet inside our
+    process to copy its weights cost our backward pass about 5 % on CPU, through the allocator)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return
+    print(f"building the random SD1.5 pipeline in {folder} (once)", file=sys.stderr)
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import write_hf_tokenizer_files
+
+    torch.manual_seed(0)
+    tok_dir = write_hf_tokenizer_files(Path(tempfile.mkdtemp()))
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                        num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768,
+                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  sample_size=512)
+    unet = diffusers.UNet2DConditionModel(**SD15)
+    pipe = diffusers.StableDiffusionPipeline(vae, text, tok, unet, diffusers.DDIMScheduler(**SCHED), None, None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(folder)
 
 
 def dtype(name: str):

@@ -33,3 +33,20 @@ def test_compare_alternates_pools_and_pairs(tmp_path, monkeypatch):
     assert ratios == [1 / 4, 3 / 8, 5 / 12]
     assert common.ratio_text(ratios) == "0.375 (median of 3 paired rounds, 0.250..0.417)"
     assert common.ratio_text([1.0123]) == "1.012"
+
+
+def test_scaling_table_measures_every_point_in_its_own_process(tmp_path, hf_tokenizer_dir):
+    """bench_scaling.py end to end on a tiny SD1 diffusers folder: a row per resolution x batch, each cell a number."""
+    import subprocess
+
+    from test_pipeline import build_pipeline
+
+    build_pipeline("sd1", hf_tokenizer_dir).save_pretrained(tmp_path / "tiny")
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_scaling.py"
+    out = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "tiny"), "--resolutions", "16", "32",
+                          "--batches", "2", "--runs", "1", "--warmup", "0"], capture_output=True, text=True, check=True)
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(16, 2), (32, 2)]
+    for r in rows:
+        step, decode, sample_mem, train, train_mem = map(float, r[2:])
+        assert min(step, decode, train) > 0 and min(sample_mem, train_mem) > 0.1
