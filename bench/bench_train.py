@@ -12,7 +12,7 @@
 | `dci_ico.py train --no-contexts` (manual template) | `custom_diffusion/train_custom_diffusion.py` |
 | `dci_ico.py train` (ICO) | none: ours only |
 
-The weights are the random SD1.5-size diffusers folder of bench_pipeline.py (built on first use).
+The weights are the random SD1.5-size diffusers folder every side-by-side script shares (built on first use).
 Ours is the real `train` of each method file, timed between optimizer steps (a wrapper around
 sd_model.train_loop's after_step); the reference is that script's per-step body, written out here
 because the example scripts are not importable: VAE encode, noise, text encoder, UNet, MSE,

@@ -65,33 +65,20 @@ def run_one(impl: str, a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_work_arg(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    common.add_side_by_side_args(p)
     p.add_argument("--latent", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--sample-steps", type=int, default=0, help="time a loop of this many CFG UNet calls")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
         return
     common.ensure_random_sd15(a.work)
-    res, ratios = common.compare(__file__, {impl: ["--impl", impl] for impl in ("ours", "diffusers")}, a.rounds)
     what = "sampling loop" if a.sample_steps else "forward+backward" if a.backward else "forward"
-    mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
-    print(f"SD1.5 UNet {what}, {a.device} {a.dtype}, batch {a.batch}, latent {a.latent}x{a.latent}, "
-          f"{res['ours']['threads']} threads, median of {a.runs} x {a.rounds} round(s)")
-    print(f"| impl | time (s) | {mem} (GiB) |\n|---|---|---|")
-    for impl in ("ours", "diffusers"):
-        print(f"| {impl} | {res[impl]['median_s']:.3f} | {res[impl]['peak_gib']:.2f} |")
-    print(f"ratio ours / diffusers: {common.ratio_text(ratios)}")
+    common.side_by_side(__file__, a, f"SD1.5 UNet {what}, {a.device} {a.dtype}, batch {a.batch}, latent {a.latent}x{a.latent}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ peak memory is its own), every timing waits for the GPU before reading the clock
 --rounds R the implementations take turns R times, so that a machine whose speed drifts over
 minutes (a shared CPU VM, a GPU warming up) slows both alike and the paired ratio stays honest."""
 
+import argparse
 import json
 import resource
 import statistics
@@ -135,3 +136,26 @@ def ratio_text(ratios: list[float]) -> str:
     if len(ratios) == 1:
         return f"{ratios[0]:.3f}"
     return f"{statistics.median(ratios):.3f} (median of {len(ratios)} paired rounds, {min(ratios):.3f}..{max(ratios):.3f})"
+
+
+def add_side_by_side_args(p) -> None:
+    """The options every ours-against-diffusers script shares (see side_by_side)."""
+    add_work_arg(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
+    p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+
+
+def side_by_side(script: str, a, title: str) -> None:
+    """The ours-against-diffusers run of a script whose `--impl NAME` process prints run_one's JSON: both
+    processes `a.rounds` times, then a small table (time, peak memory) and the paired ratio."""
+    res, ratios = compare(script, {impl: ["--impl", impl] for impl in ("ours", "diffusers")}, a.rounds)
+    mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
+    print(f"{title}, {res['ours']['threads']} threads, median of {a.runs} x {a.rounds} round(s)")
+    print(f"| impl | time (s) | {mem} (GiB) |\n|---|---|---|")
+    for impl in ("ours", "diffusers"):
+        print(f"| {impl} | {res[impl]['median_s']:.3f} | {res[impl]['peak_gib']:.2f} |")
+    print(f"ratio ours / diffusers: {ratio_text(ratios)}")

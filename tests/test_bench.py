@@ -1,7 +1,11 @@
-"""bench/common.compare: the implementations take turns, results pool, and paired ratios come per round."""
+"""bench/common.compare: the implementations take turns, results pool, and paired ratios come per round;
+bench_scaling.py and bench_vae.py end to end on a tiny diffusers folder in place of the 4 GB random SD1.5 one."""
 
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import common  # noqa: E402
@@ -35,18 +39,36 @@ def test_compare_alternates_pools_and_pairs(tmp_path, monkeypatch):
     assert common.ratio_text([1.0123]) == "1.012"
 
 
-def test_scaling_table_measures_every_point_in_its_own_process(tmp_path, hf_tokenizer_dir):
-    """bench_scaling.py end to end on a tiny SD1 diffusers folder: a row per resolution x batch, each cell a number."""
-    import subprocess
-
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, hf_tokenizer_dir):
+    """A tiny SD1 pipeline saved as a diffusers folder, standing in for the 4 GB random SD1.5 one."""
     from test_pipeline import build_pipeline
 
-    build_pipeline("sd1", hf_tokenizer_dir).save_pretrained(tmp_path / "tiny")
-    script = Path(__file__).resolve().parents[1] / "bench" / "bench_scaling.py"
-    out = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "tiny"), "--resolutions", "16", "32",
-                          "--batches", "2", "--runs", "1", "--warmup", "0"], capture_output=True, text=True, check=True)
-    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    folder = tmp_path_factory.mktemp("bench") / "tiny"
+    build_pipeline("sd1", hf_tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def bench(script: str, *args: str) -> str:
+    path = Path(__file__).resolve().parents[1] / "bench" / script
+    return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_scaling_table_measures_every_point_in_its_own_process(tiny_folder):
+    """bench_scaling.py end to end: a row per resolution x batch, each cell a number."""
+    out = bench("bench_scaling.py", "--work", str(tiny_folder), "--resolutions", "16", "32", "--batches", "2",
+                "--runs", "1", "--warmup", "0")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [(int(r[0]), int(r[1])) for r in rows] == [(16, 2), (32, 2)]
     for r in rows:
         step, decode, sample_mem, train, train_mem = map(float, r[2:])
         assert min(step, decode, train) > 0 and min(sample_mem, train_mem) > 0.1
+
+
+@pytest.mark.parametrize("mode", [[], ["--encode"]])
+def test_vae_bench_times_both_implementations(tiny_folder, mode):
+    out = bench("bench_vae.py", "--work", str(tiny_folder), "--resolution", "32", "--runs", "1", "--warmup", "0", *mode)
+    times = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| ")
+             and line.split("|")[1].strip() in ("ours", "diffusers")}
+    assert times.keys() == {"ours", "diffusers"} and min(times.values()) > 0
+    assert "ratio ours / diffusers: " in out
