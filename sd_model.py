@@ -518,8 +518,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals, each added
-    second (a sum takes its first operand's strides, and x comes in as a transposed view of a feature map).
+    """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals.
     Three hook slots, each `fn(block, x, ctx) -> x` or None: after_attn1 (GLIGEN-style adapters),
     after_attn2, after_block (ViCo's image cross-attention). `ctx_dim=None` makes attn2 attend
     to `dim`-wide tokens (ViCo's image block is this class with that setting).
@@ -535,16 +534,17 @@ class BasicTransformerBlock(nn.Module):
         self.name = ""
 
     def forward(self, x, ctx=None):
-        x = self.attn1(self.norm1(x)) + x
+        x = x + self.attn1(self.norm1(x))
         x = x if self.after_attn1 is None else self.after_attn1(self, x, ctx)
-        x = self.attn2(self.norm2(x), ctx) + x
+        x = x + self.attn2(self.norm2(x), ctx)
         x = x if self.after_attn2 is None else self.after_attn2(self, x, ctx)
-        x = self.ff(self.norm3(x)) + x
+        x = x + self.ff(self.norm3(x))
         return x if self.after_block is None else self.after_block(self, x, ctx)
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> tokens -> transformer blocks -> feature map, with a residual (LDM Sec. 3.3)."""
+    """Feature map -> tokens -> transformer blocks -> feature map, with a residual (LDM Sec. 3.3). The tokens are
+    made contiguous once: as a transposed view, every LayerNorm would copy them and every residual sum keep the view."""
 
     def __init__(self, ch: int, heads: int, dim_head: int, depth: int, ctx_dim: int, linear: bool, groups: int):
         super().__init__()
@@ -560,7 +560,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:  # SD2/XL project tokens, SD1 projects the map; the weights differ only in shape
             t = self.proj_in(rearrange(t, "b c h w -> b (h w) c"))
         else:
-            t = rearrange(self.proj_in(t), "b c h w -> b (h w) c")
+            t = rearrange(self.proj_in(t), "b c h w -> b (h w) c").contiguous()
         for block in self.transformer_blocks:
             t = block(t, ctx)
         if self.linear:

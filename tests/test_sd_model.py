@@ -130,6 +130,30 @@ def test_speed_switches_change_the_speed_not_the_result():
     assert torch.allclose(a, b, atol=1e-4)  # other convolution kernels: rounding differs
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_attention_inputs_are_contiguous(monkeypatch, linear):
+    """Layout is speed here: a LayerNorm fed a transposed view copies it first (and a residual sum keeps the
+    view), and CPU SDPA given q/k/v whose last dimension is strided falls back to the full attention matrix
+    (the VAE's single head: 1 GiB at 1024 px). README "Performance" has what fixing them gained."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    unet = sdm.UNetModel(replace(sdm.TINY.unet, use_linear_in_transformer=linear))
+    seen = []
+    for m in unet.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    unet(torch.randn(2, 4, 16, 16), 10, torch.randn(2, 77, sdm.TINY.unet.context_dim)).sum().backward()
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} LayerNorm inputs were transposed views"
+    sdpa, qkv = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: qkv.append([t.is_contiguous() for t in (q, k, v)]) or sdpa(q, k, v, *a, **kw))
+    vae = sdm.AutoencoderKL(sdm.TINY.vae)
+    with torch.no_grad():
+        vae.decode(vae.encode(torch.randn(1, 3, 32, 32)).mean)
+    assert qkv == [[True] * 3] * 2  # the encoder's and the decoder's mid-block attention
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_compiled_unet_matches_eager_on_gpu():
