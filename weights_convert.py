@@ -339,6 +339,12 @@ def diffusers_unet_config(c: dict) -> sdm.UNetConfig:
         norm_groups=c.get("norm_num_groups", 32), **head_kw)
 
 
+def diffusers_vae_config(c: dict) -> sdm.VAEConfig:
+    ch = c["block_out_channels"][0]
+    return sdm.VAEConfig(ch, tuple(b // ch for b in c["block_out_channels"]), c["layers_per_block"], c["latent_channels"],
+                         c["in_channels"], c.get("scaling_factor", 0.18215), c.get("norm_num_groups", 32))
+
+
 def _hf_text_config(c: dict, pad_id: int, penultimate: bool) -> sdm.CLIPTextConfig:
     with_proj = "CLIPTextModelWithProjection" in c.get("architectures", [])
     return sdm.CLIPTextConfig(c["vocab_size"], c["max_position_embeddings"], c["hidden_size"], c["num_hidden_layers"],
@@ -371,10 +377,7 @@ def load_diffusers(folder: Path) -> tuple[sdm.SDConfig, dict]:
     js = lambda p: json.loads(p.read_text())
     need = lambda sub: folder / sub
     ucfg = diffusers_unet_config(js(need("unet") / "config.json"))
-    vc = js(need("vae") / "config.json")
-    vcfg = sdm.VAEConfig(vc["block_out_channels"][0], tuple(b // vc["block_out_channels"][0] for b in vc["block_out_channels"]),
-                         vc["layers_per_block"], vc["latent_channels"], vc["in_channels"], vc.get("scaling_factor", 0.18215),
-                         vc.get("norm_num_groups", 32))
+    vcfg = diffusers_vae_config(js(need("vae") / "config.json"))
     xl = (folder / "text_encoder_2").is_dir()
     tcfg = _hf_text_config(js(need("text_encoder") / "config.json"), _pad_id(folder / "tokenizer"), xl)
     t2cfg = _hf_text_config(js(folder / "text_encoder_2" / "config.json"), _pad_id(folder / "tokenizer_2"), True) if xl else None

@@ -64,28 +64,21 @@ def run_one(impl: str, a) -> dict:
         last["images"] = generate(a.steps)
     with torch.no_grad():
         res = common.timed(run, a.runs, dev, a.warmup, lambda: generate(min(a.steps, 3)))
-    torch.save(last["images"].float().cpu(), a.images_to)
+    common.save_output(a, last["images"])
     return {**res, "load_s": load_s}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_work_arg(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    common.add_side_by_side_args(p)  # --warmup: untimed runs of 3 steps
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of 3 steps first (compilation, allocator)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels-last", action="store_true", help="both UNets in channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile both UNets")
-    p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
-    p.add_argument("--images-to", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))
@@ -95,7 +88,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         dst = {impl: Path(tmp) / f"{impl}.pt" for impl in ("ours", "diffusers")}
-        res, ratios = common.compare(__file__, {impl: ["--impl", impl, "--images-to", str(f)] for impl, f in dst.items()},
+        res, ratios = common.compare(__file__, {impl: ["--impl", impl, "--output-to", str(f)] for impl, f in dst.items()},
                                      a.rounds)
         images = {impl: torch.load(f) for impl, f in dst.items()}
     diff = (images["ours"] - images["diffusers"]).abs().max().item()

@@ -18,7 +18,6 @@ includes the loaded weights. A point that fails (out of memory) is printed as su
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,16 +65,6 @@ def train_point(a, res: int, batch: int) -> dict:
     return {"train_s": statistics.median(steps), "peak_gib": common.peak_gib(a.device), "threads": torch.get_num_threads()}
 
 
-def point(kind: str, res: int, batch: int) -> dict:
-    """Run one measurement in a fresh process; an out-of-memory or other failure becomes {"error": ...}."""
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--point", kind, str(res), str(batch)],
-                         capture_output=True, text=True, check=False)
-    if out.returncode:
-        last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
-        return {"error": "killed (out of memory?)" if out.returncode < 0 else last[:120]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_work_arg(p)
@@ -112,8 +101,8 @@ def main():
     for res in a.resolutions:
         for batch in a.batches:
             t0 = time.perf_counter()
-            s = point("sample", res, batch) if a.skip != "sample" else {"error": "-"}
-            tr = point("train", res, batch) if a.skip != "train" else {"error": "-"}
+            s, tr = ({"error": "-"} if a.skip == kind else common.run_impl(__file__, "--point", kind, str(res), str(batch), fatal=False)
+                     for kind in ("sample", "train"))
             cells = ([s["error"]] * 3 if "error" in s else [f"{s['step_s']:.3f}", f"{s['decode_s']:.3f}", f"{s['peak_gib']:.2f}"])
             cells += [tr["error"]] * 2 if "error" in tr else [f"{tr['train_s']:.3f}", f"{tr['peak_gib']:.2f}"]
             print(f"| {res} | {batch} | " + " | ".join(cells) + " |", flush=True)

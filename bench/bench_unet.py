@@ -24,19 +24,12 @@ def run_one(impl: str, a) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    import sd_model as sdm
-    import weights_convert as wc
-
     dev, dtype = torch.device(a.device), common.dtype(a.dtype)
-    folder = Path(a.work) / "unet"
     if impl == "ours":
-        cfg = wc.diffusers_unet_config(json.loads((folder / "config.json").read_text()))
-        with torch.device("meta"):  # as StableDiffusion.from_pretrained: the loaded tensors become the parameters
-            model = sdm.UNetModel(cfg)
-        model.load_state_dict(wc.diffusers_unet_to_ldm(wc.folder_weights(folder, "diffusion_pytorch_model"), cfg), assign=True)
+        model = common.load_ours(a.work, "unet")
         fwd = lambda x, t, c: model(x, t, c)
     else:
-        model = UNet2DConditionModel.from_pretrained(folder)
+        model = UNet2DConditionModel.from_pretrained(a.work, subfolder="unet")
         fwd = lambda x, t, c: model(x, t, c).sample
     model.to(dev, dtype).requires_grad_(a.backward)
     if a.channels_last:
@@ -45,8 +38,10 @@ def run_one(impl: str, a) -> dict:
         fwd = torch.compile(fwd)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(a.batch, 4, a.latent, a.latent, generator=g).to(dev, dtype)
-    ctx = torch.randn(a.batch, 77, 768, generator=g).to(dev, dtype)
+    width = model.cfg.context_dim if impl == "ours" else model.config.cross_attention_dim  # 768 on SD1.5
+    ctx = torch.randn(a.batch, 77, width, generator=g).to(dev, dtype)
     t = torch.tensor([500] * a.batch, device=dev)
+    last = {}
 
     def step():
         if a.sample_steps:  # a plain loop of guided UNet calls (batch doubled for CFG)
@@ -54,13 +49,17 @@ def run_one(impl: str, a) -> dict:
                 z = x
                 for i in range(a.sample_steps):
                     z = z + 0.01 * fwd(torch.cat([z, z]), t.repeat(2), torch.cat([ctx, ctx])).chunk(2)[0]
+                last["out"] = z
         elif a.backward:
-            fwd(x, t, ctx).float().square().mean().backward()
+            last["out"] = fwd(x, t, ctx)
+            last["out"].float().square().mean().backward()
         else:
             with torch.no_grad():
-                fwd(x, t, ctx)
+                last["out"] = fwd(x, t, ctx)
 
-    return common.timed(step, a.runs, dev, a.warmup)
+    res = common.timed(step, a.runs, dev, a.warmup)
+    common.save_output(a, last["out"])
+    return res
 
 
 def main():

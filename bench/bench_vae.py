@@ -24,17 +24,7 @@ def run_one(impl: str, a) -> dict:
 
     dev, dtype = torch.device(a.device), common.dtype(a.dtype)
     if impl == "ours":
-        import sd_model as sdm
-        import weights_convert as wc
-
-        folder = Path(a.work) / "vae"
-        c = json.loads((folder / "config.json").read_text())
-        ch = c["block_out_channels"][0]  # the fields as weights_convert.load_diffusers reads them
-        cfg = sdm.VAEConfig(ch, tuple(w // ch for w in c["block_out_channels"]), c["layers_per_block"], c["latent_channels"],
-                            c["in_channels"], c["scaling_factor"], c["norm_num_groups"])
-        with torch.device("meta"):
-            vae = sdm.AutoencoderKL(cfg)
-        vae.load_state_dict(wc.diffusers_vae_to_ldm(wc.folder_weights(folder, "diffusion_pytorch_model"), cfg), assign=True)
+        vae = common.load_ours(a.work, "vae")
         decode, encode = vae.decode, lambda x: vae.encode(x).mean
     else:
         from diffusers import AutoencoderKL
@@ -44,13 +34,14 @@ def run_one(impl: str, a) -> dict:
     vae.to(dev, dtype).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     if a.encode:
-        x = torch.rand(a.batch, 3, a.resolution, a.resolution, generator=g).to(dev, dtype) * 2 - 1
-        fn = lambda: encode(x)
+        x, run = torch.rand(a.batch, 3, a.resolution, a.resolution, generator=g).to(dev, dtype) * 2 - 1, encode
     else:
-        z = torch.randn(a.batch, 4, a.resolution // 8, a.resolution // 8, generator=g).to(dev, dtype)
-        fn = lambda: decode(z)
+        x, run = torch.randn(a.batch, 4, a.resolution // 8, a.resolution // 8, generator=g).to(dev, dtype), decode
+    last = {}
     with torch.no_grad():
-        return common.timed(fn, a.runs, dev, a.warmup)
+        res = common.timed(lambda: last.update(out=run(x)), a.runs, dev, a.warmup)
+    common.save_output(a, last["out"])
+    return res
 
 
 def main():

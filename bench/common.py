@@ -30,8 +30,8 @@ def ensure_random_sd15(folder) -> None:
     """SD1.5's architecture with diffusers' random initialisation, saved once as a diffusers folder.
 
     Every side-by-side script loads its weights from here, each implementation the way its users do, so
-    no process carries the other implementation's model (it did: building diffusers' UNet inside our
-    process to copy its weights cost our backward pass about 5 % on CPU, through the allocator)."""
+    no process carries the other implementation's model (bench_unet once built diffusers' UNet inside our
+    process to copy its weights: our peak memory counted both, and our allocator held the other's pages)."""
     folder = Path(folder)
     if (folder / "model_index.json").exists():
         return
@@ -99,12 +99,34 @@ def timed(fn, runs: int, device, warmup: int = 1, warmup_fn=None) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def run_impl(script: str, *extra: str) -> dict:
-    """Run `script` again with this command line plus `extra` in a fresh process; its last stdout line is JSON."""
+def run_impl(script: str, *extra: str, fatal: bool = True) -> dict:
+    """Run `script` again with this command line plus `extra` in a fresh process; its last stdout line is JSON.
+    A failed process ends this one, or with fatal=False becomes {"error": why} (a sweep's out-of-memory point)."""
     out = subprocess.run([sys.executable, script, *sys.argv[1:], *extra], capture_output=True, text=True, check=False)
-    if out.returncode:
+    if out.returncode and fatal:
         sys.exit(f"{' '.join(extra)} failed:\n{out.stderr[-3000:]}")
+    if out.returncode:
+        last = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        return {"error": "killed (out of memory?)" if out.returncode < 0 else last[:120]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load_ours(folder, part: str):
+    """Our UNet or VAE from a diffusers folder's `unet/` or `vae/`, built on the meta device and given the converted
+    tensors themselves (as StableDiffusion.from_pretrained does), so its memory is one copy of the weights."""
+    import torch
+
+    import sd_model as sdm
+    import weights_convert as wc
+
+    folder = Path(folder) / part
+    c = json.loads((folder / "config.json").read_text())
+    cfg, cls, convert = ((wc.diffusers_unet_config(c), sdm.UNetModel, wc.diffusers_unet_to_ldm) if part == "unet" else
+                         (wc.diffusers_vae_config(c), sdm.AutoencoderKL, wc.diffusers_vae_to_ldm))
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.load_state_dict(convert(wc.folder_weights(folder, "diffusion_pytorch_model"), cfg), assign=True)
+    return model
 
 
 def compare(script: str, variants: dict, rounds: int = 1) -> tuple[dict, list[float]]:
@@ -147,15 +169,30 @@ def add_side_by_side_args(p) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--output-to", help=argparse.SUPPRESS)
+
+
+def save_output(a, out) -> None:
+    """An --impl process keeps its last timed result, for side_by_side to show that both computed the same thing."""
+    import torch
+
+    if a.output_to:
+        torch.save(out.detach().float().cpu(), a.output_to)
 
 
 def side_by_side(script: str, a, title: str) -> None:
-    """The ours-against-diffusers run of a script whose `--impl NAME` process prints run_one's JSON: both
-    processes `a.rounds` times, then a small table (time, peak memory) and the paired ratio."""
-    res, ratios = compare(script, {impl: ["--impl", impl] for impl in ("ours", "diffusers")}, a.rounds)
+    """The ours-against-diffusers run of a script whose `--impl NAME` process prints run_one's JSON (and calls
+    save_output): both processes `a.rounds` times, then a small table (time, peak memory), the paired ratio and
+    the largest difference between the two outputs."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = {impl: Path(tmp) / f"{impl}.pt" for impl in ("ours", "diffusers")}
+        res, ratios = compare(script, {impl: ["--impl", impl, "--output-to", str(f)] for impl, f in dst.items()}, a.rounds)
+        diff = (torch.load(dst["ours"]) - torch.load(dst["diffusers"])).abs().max().item()
     mem = "GPU max allocated" if a.device.startswith("cuda") else "peak RSS"
     print(f"{title}, {res['ours']['threads']} threads, median of {a.runs} x {a.rounds} round(s)")
     print(f"| impl | time (s) | {mem} (GiB) |\n|---|---|---|")
     for impl in ("ours", "diffusers"):
         print(f"| {impl} | {res[impl]['median_s']:.3f} | {res[impl]['peak_gib']:.2f} |")
-    print(f"ratio ours / diffusers: {ratio_text(ratios)}")
+    print(f"ratio ours / diffusers: {ratio_text(ratios)}; max |output difference| {diff:.2e}")

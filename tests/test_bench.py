@@ -1,6 +1,8 @@
 """bench/common.compare: the implementations take turns, results pool, and paired ratios come per round;
-bench_scaling.py and bench_vae.py end to end on a tiny diffusers folder in place of the 4 GB random SD1.5 one."""
+bench_scaling.py, bench_vae.py and bench_unet.py end to end on a tiny diffusers folder in place of the 4 GB random SD1.5
+one (bench_pipeline.py and bench_train.py need SD1.5's own tokenizer and image sizes)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +67,13 @@ def test_scaling_table_measures_every_point_in_its_own_process(tiny_folder):
         assert min(step, decode, train) > 0 and min(sample_mem, train_mem) > 0.1
 
 
-@pytest.mark.parametrize("mode", [[], ["--encode"]])
-def test_vae_bench_times_both_implementations(tiny_folder, mode):
-    out = bench("bench_vae.py", "--work", str(tiny_folder), "--resolution", "32", "--runs", "1", "--warmup", "0", *mode)
+@pytest.mark.parametrize("script,args", [("bench_vae.py", ["--resolution", "32"]),  # each case ~7 s: two processes
+                                         ("bench_unet.py", ["--latent", "8", "--batch", "2", "--backward"]),
+                                         ("bench_unet.py", ["--latent", "8", "--sample-steps", "2"])])
+def test_side_by_side_scripts_time_both_and_show_they_compute_the_same(tiny_folder, script, args):
+    out = bench(script, "--work", str(tiny_folder), "--runs", "1", "--warmup", "0", *args)
     times = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| ")
              and line.split("|")[1].strip() in ("ours", "diffusers")}
     assert times.keys() == {"ours", "diffusers"} and min(times.values()) > 0
-    assert "ratio ours / diffusers: " in out
+    ratio, diff = re.search(r"ratio ours / diffusers: ([\d.]+); max \|output difference\| ([\d.e+-]+)", out).groups()
+    assert float(ratio) > 0 and float(diff) < 1e-4, out
