@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -116,6 +117,8 @@ class ScheduleConfig:
     beta_end: float = 0.012
     prediction: str = "eps"  # "eps" or "v" (Salimans & Ho 2022, the SD 2.x 768-v models)
     steps_offset: int = 1  # "leading" spacing + 1, as in SD's scheduler configs: 981, 961, ..., 1
+    timestep_spacing: str = "leading"  # or "trailing": 999, 979, ..., 19 (Lin et al. 2024, Sec. 3.3)
+    rescale_betas_zero_snr: bool = False  # a_999 = 0 (Lin et al. 2024, Alg. 1; diffusers' name); needs "v"
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,7 @@ def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig
     The family is read off the text towers (SDXL has two; SD2's is 1024 wide), the architecture
     off the shapes; a preset with the same architecture gives the name, and a `variant` the
     weights contradict is refused. SD 2.x 768-v and 2.x-base share every shape, so for SD2 the
-    prediction type must come from `variant` ("sd21": v, "sd21-base": eps).
-    """
+    prediction type must come from `variant` ("sd21": v, "sd21-base": eps)."""
     from weights_convert import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
 
     if "input_blocks.0.0.weight" not in parts.get("unet", {}):
@@ -220,8 +222,7 @@ class CLIPTokenizer:
     The vocabulary is rebuilt from CLIP's merge list exactly as openai/CLIP's simple_tokenizer does:
     256 byte characters, the same with '</w>', one entry per merge, then the two specials (49,408).
     Text is cleaned as CLIP does (HTML entities, whitespace, lower case; ftfy's mojibake repair is
-    left out). New tokens (placeholders such as "S*") are matched verbatim, case included.
-    """
+    left out). New tokens (placeholders such as "S*") are matched verbatim, case included."""
 
     bos_id, eos_id, length = 49406, 49407, 77
 
@@ -348,8 +349,7 @@ class CLIPTextModel(nn.Module):
     LayerNorm (SD1, SD2), or the penultimate layer without it (SDXL, `cfg.penultimate`). pooled is
     the final-LayerNorm state at the first <|endoftext|>, projected if the model has a projection.
     `token_embeds` replaces the token-embedding lookup (before position embeddings are added): the
-    entry point for textual inversion, ViCo's S*, and Subject-Diffusion's image tokens.
-    """
+    entry point for textual inversion, ViCo's S*, and Subject-Diffusion's image tokens."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -416,8 +416,7 @@ class CLIPVisionModel(nn.Module):
 
     patch tokens: the last layer's outputs without the class token, before `post_layernorm` and
     unprojected (what OpenCLIP returns with `output_tokens=True`); image embedding: post-LN class
-    token through `visual_projection`. Inputs are CLIP-normalised pixels (see `preprocess`).
-    """
+    token through `visual_projection`. Inputs are CLIP-normalised pixels (see `preprocess`)."""
 
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
@@ -473,8 +472,7 @@ class Attention(nn.Module):
     """softmax(QK^T / sqrt(d)) V (Vaswani et al. 2017, Eq. 1); cross-attention to text as in LDM Sec. 3.3.
 
     `processor(attn, q, k, v) -> out` (all `b h n d`, q/k/v already projected) replaces the fused
-    SDPA call; it is the hook methods use to read or edit attention. `name` is the module path.
-    """
+    SDPA call; it is the hook methods use to read or edit attention. `name` is the module path."""
 
     def __init__(self, dim: int, ctx_dim: int | None = None, heads: int = 8, dim_head: int = 64):
         super().__init__()
@@ -521,8 +519,7 @@ class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals.
     Three hook slots, each `fn(block, x, ctx) -> x` or None: after_attn1 (GLIGEN-style adapters),
     after_attn2, after_block (ViCo's image cross-attention). `ctx_dim=None` makes attn2 attend
-    to `dim`-wide tokens (ViCo's image block is this class with that setting).
-    """
+    to `dim`-wide tokens (ViCo's image block is this class with that setting)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, ctx_dim: int | None = None):
         super().__init__()
@@ -689,8 +686,7 @@ def hooked(model: nn.Module, *, processor=None, attn: str = "attn2", after_attn1
     blocks (and their hooks) run again during backward: keep the scope open until after backward.
 
     processor goes on the block's `attn` ("attn1", "attn2" or "both"); `where` gets the
-    attention's name for processors (`...transformer_blocks.0.attn2`) and the block's for slots.
-    """
+    attention's name for processors (`...transformer_blocks.0.attn2`) and the block's for slots."""
     saved = []
     try:
         for m in (m for m in model.modules() if isinstance(m, BasicTransformerBlock)):
@@ -873,12 +869,18 @@ class AutoencoderKL(nn.Module):
 
 class NoiseSchedule:
     """SD's "scaled_linear" betas: sqrt(beta) linear from sqrt(0.00085) to sqrt(0.012), in float64.
-    a_0 = 0.99915, a_999 = 0.00466 (a good test constant)."""
+    a_0 = 0.99915, a_999 = 0.00466 (a good test constant). That last a leaves the image's coarse layout in
+    x_999, which sampling from pure noise never has; the zero-terminal-SNR rescale shifts and scales
+    sqrt(a) to end at 0 and keep a_0 (Lin et al. 2024, Alg. 1), so x_999 is pure noise and x0 = -v there."""
 
     def __init__(self, cfg: ScheduleConfig = ScheduleConfig()):
+        if cfg.rescale_betas_zero_snr and cfg.prediction != "v":
+            raise ValueError("a zero-terminal-SNR schedule needs v-prediction (eps says nothing about x0 at a = 0).")
         self.cfg = cfg
         betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.num_train_timesteps, dtype=torch.float64) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        ac = torch.cumprod(1.0 - betas, dim=0)
+        s, s0, sT = ac.sqrt(), ac[0].sqrt(), ac[-1].sqrt()
+        self.alphas_cumprod = ((s - sT) * s0 / (s0 - sT)) ** 2 if cfg.rescale_betas_zero_snr else ac
 
     def _a(self, t, like):
         return self.alphas_cumprod.to(like.device)[torch.as_tensor(t, device=like.device).long()].float().reshape(-1, *[1] * (like.ndim - 1))
@@ -904,8 +906,10 @@ class NoiseSchedule:
         return a.sqrt() * out + (1 - a).sqrt() * x_t, a.sqrt() * x_t - (1 - a).sqrt() * out
 
     def timesteps(self, steps: int) -> list[int]:
-        """'leading' spacing + offset, as SD's scheduler configs set it: 981, 961, ..., 1 at 50 steps."""
-        ratio = self.cfg.num_train_timesteps // steps
+        """'leading' spacing + offset, as SD's scheduler configs set it: 981, 961, ..., 1 at 50 steps; or 'trailing'."""
+        T, ratio = self.cfg.num_train_timesteps, self.cfg.num_train_timesteps // steps
+        if self.cfg.timestep_spacing == "trailing":
+            return [round(T - i * T / steps) - 1 for i in range(steps)]
         return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
 
 
@@ -926,9 +930,10 @@ def ddpm_step(x_t, eps, x0, a_t, a_prev, noise=None):
 
 def euler_step(x_t, eps, x0, a_t, a_prev):
     """Euler step of the probability-flow ODE in sigma space, x/sqrt(a) = x0 + sigma eps
-    (Karras et al. 2022, Alg. 2 without churn): d(x/sqrt(a))/d(sigma) = eps."""
-    sigma, sigma_prev = ((1 - a_t) / a_t) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
-    return (x_t / a_t**0.5 + (sigma_prev - sigma) * eps) * a_prev**0.5
+    (Karras et al. 2022, Alg. 2 without churn): d(x/sqrt(a))/d(sigma) = eps, taken as (x/sqrt(a) - x0) / sigma
+    as diffusers does: on a zero-SNR schedule (a_999 held at 2^-24, sigma 4096) the model's eps alone drops x0."""
+    sigma, sigma_prev, x = ((1 - a_t) / a_t) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5, x_t / a_t**0.5
+    return (x + (sigma_prev - sigma) * (x - x0) / sigma) * a_prev**0.5
 
 
 def dpmpp_2m_step(x_t, x0, x0_last, a_t, a_prev, a_last):
@@ -953,7 +958,7 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     ts = schedule.timesteps(steps) if timesteps is None else list(timesteps)
-    ac = schedule.alphas_cumprod.tolist()
+    ac = schedule.alphas_cumprod.clamp(min=2**-24).tolist()  # a zero-SNR a_999 = 0 as diffusers: finite sigma
     # DDIM's last step lands on a_0 (SD's set_alpha_to_one=False); the others end at a = 1 (x0 itself).
     final = ac[0] if sampler == "ddim" else 1.0
     x, x0_last, a_last = x.float(), None, None
@@ -1120,10 +1125,8 @@ class StableDiffusion(nn.Module):
 
 # ---- 9. Utilities shared by the method files: images, safetensors, precision.
 
-def load_image(path) -> "Image.Image":
+def load_image(path) -> Image.Image:
     """Any readable image as 8-bit RGB: grayscale, palette, 16-bit and RGBA (on white) are converted."""
-    from PIL import Image
-
     img = Image.open(path)
     if img.mode.startswith("I"):  # 16/32-bit integers: scale to 8 bits instead of clipping
         a = np.asarray(img, dtype=np.float64)
@@ -1153,8 +1156,6 @@ def load_image_folder(folder) -> list[tuple[str, "Image.Image"]]:
 
 def image_to_tensor(img, size: int | tuple[int, int] | None = None):
     """PIL RGB -> (3, h, w) in [-1, 1]; `size` resizes with bicubic filtering (squashing, as LDM does)."""
-    from PIL import Image
-
     if size is not None:
         img = img.resize((size, size) if isinstance(size, int) else (size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
@@ -1162,15 +1163,11 @@ def image_to_tensor(img, size: int | tuple[int, int] | None = None):
 
 def tensor_to_images(x) -> list:
     """(b, 3, h, w) in [-1, 1] -> PIL images."""
-    from PIL import Image
-
     arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
 
 def image_grid(images: list, cols: int | None = None):
-    from PIL import Image
-
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows, (w, h) = math.ceil(len(images) / cols), images[0].size
     grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
@@ -1366,8 +1363,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     loss_fn(generator) -> (loss, logs) for one micro-batch, drawing all randomness from `generator`;
     save_fn(folder) writes the method's outputs; after_step() runs after each optimizer step
     (e.g. renormalising token rows); validate_fn() -> PIL images. `tensors` are the trainables
-    to checkpoint, by name.
-    """
+    to checkpoint, by name."""
     out = Path(args.output_dir)
     resume_from = find_checkpoint(out, args.resume)
     if not args.resume:

@@ -1,6 +1,6 @@
 """Convert the Stable Diffusion and CLIP checkpoints people have into this project's layout, and back.
 
-    python weights_convert.py SRC DST [--variant sd21] [--ema] [--dtype fp16] [--overwrite]
+    python weights_convert.py SRC DST [--variant sd21] [--ema] [--dtype fp16] [--zero-terminal-snr] [--overwrite]
     python weights_convert.py DIR OUT.safetensors --to ldm
 
 SRC is an original single file (CompVis/Stability `.ckpt` or `.safetensors`, SD 1.x / 2.x / XL,
@@ -385,7 +385,9 @@ def load_diffusers(folder: Path) -> tuple[sdm.SDConfig, dict]:
     if sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise ValueError(f"unsupported noise schedule '{sc['beta_schedule']}' (only scaled_linear).")
     sched = sdm.ScheduleConfig(sc.get("num_train_timesteps", 1000), sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
-                               "v" if sc.get("prediction_type") == "v_prediction" else "eps", sc.get("steps_offset", 1))
+                               "v" if sc.get("prediction_type") == "v_prediction" else "eps", sc.get("steps_offset", 1),
+                               "trailing" if sc.get("timestep_spacing") == "trailing" else "leading",
+                               bool(sc.get("rescale_betas_zero_snr", False)))
     size = js(folder / "unet" / "config.json").get("sample_size", 64) * 2 ** (len(vcfg.ch_mult) - 1)
     cfg = sdm.SDConfig("custom", ucfg, vcfg, tcfg, t2cfg, sched, size)
     name = next((n for n, p in sdm.PRESETS.items() if replace(p, name="custom", image_size=cfg.image_size) == cfg), None)
@@ -490,7 +492,9 @@ def save_converted(dst: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=False, vision=False) -> None:
+def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=False, vision=False, zsnr=False) -> None:
+    """`zsnr`: the model was trained with v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024), which a
+    single file cannot say; the converted config then samples with that schedule and trailing timesteps."""
     src, dst = Path(src), Path(dst)
     print(f"reading {src}", file=sys.stderr)
     if vision:
@@ -500,6 +504,8 @@ def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=
         parts, cfg = {"image_encoder": sd}, None
     else:
         cfg, parts = load_any(src, variant, ema, quiet=False)
+        if zsnr:
+            cfg = replace(cfg, schedule=replace(cfg.schedule, prediction="v", rescale_betas_zero_snr=True, timestep_spacing="trailing"))
         with torch.device("meta"):
             model = sdm.StableDiffusion(cfg)
         for part, sd in parts.items():
@@ -527,10 +533,12 @@ def main(argv=None):
     p.add_argument("--clip-vision", action="store_true", help="SRC is a CLIP image tower (HF folder or OpenCLIP file)")
     p.add_argument("--ema", action="store_true", help="take the UNet from the EMA weights of a single file")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: keep the stored dtype")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="a v-prediction model trained on a zero-terminal-SNR schedule (sampled with trailing timesteps)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        convert(a.src, a.dst, a.variant, a.to, a.ema, a.dtype, a.overwrite, a.clip_vision)
+        convert(a.src, a.dst, a.variant, a.to, a.ema, a.dtype, a.overwrite, a.clip_vision, a.zero_terminal_snr)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         sys.exit(f"error: {e}")
 

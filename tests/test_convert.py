@@ -144,6 +144,10 @@ def test_single_file_round_trip_is_bit_exact(tiny_ldm, tmp_path, capsys):
     wc.main([str(ckpt), str(tmp_path / "ema"), "--ema"])
     _, ema = wc.load_any(tmp_path / "ema")
     assert all(torch.equal(ema["unet"][k], parts["unet"][k] + 1) for k in parts["unet"])
+    # a v-prediction zero-terminal-SNR model: the schedule is not in a single file, so the flag puts it in config.json
+    wc.main([str(ckpt), str(tmp_path / "zsnr"), "--zero-terminal-snr"])
+    sched = sdm.StableDiffusion.from_pretrained(tmp_path / "zsnr").schedule
+    assert (sched.cfg.prediction, sched.cfg.timestep_spacing, sched.alphas_cumprod[-1].item()) == ("v", "trailing", 0.0)
     # and the converted folder samples
     loaded = sdm.StableDiffusion.from_pretrained(tmp_path / "ours")
     g = lambda: torch.Generator().manual_seed(0)

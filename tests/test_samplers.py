@@ -74,6 +74,47 @@ def test_sampler_matches_diffusers(sampler, prediction, eta, steps):
     assert_close(got, expect, rtol=2e-5, atol=2e-5, what=f"{sampler} {prediction} eta={eta}")
 
 
+def test_zero_terminal_snr_schedule_and_trailing_spacing():
+    """Lin et al. 2024: a_999 = 0 with a_0 kept (Alg. 1), trailing timesteps from 999 (Sec. 3.3), as diffusers."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cfg = sdm.ScheduleConfig(prediction="v", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    s, plain = sdm.NoiseSchedule(cfg), sdm.NoiseSchedule()
+    ref = DDPMScheduler(**{**SD_SCHEDULE, "timestep_spacing": "trailing"}, rescale_betas_zero_snr=True)
+    assert s.alphas_cumprod[-1].item() == 0 and abs(s.alphas_cumprod[0].item() - plain.alphas_cumprod[0].item()) < 1e-12
+    assert_close(s.alphas_cumprod, ref.alphas_cumprod.double(), rtol=0, atol=1e-6, what="rescaled alphas_cumprod")
+    assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
+    for steps in (10, 25, 50, 7):
+        ddim = DDIMScheduler(**{**SD_SCHEDULE, "timestep_spacing": "trailing"})
+        ddim.set_timesteps(steps)
+        assert s.timesteps(steps) == ddim.timesteps.tolist(), steps
+    assert s.timesteps(50)[:2] == [999, 979] and s.timesteps(50)[-1] == 19
+    x0, noise, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999])
+    assert torch.equal(s.q_sample(x0, t, noise)[3], noise[3]), "x_999 must be pure noise"
+    assert_close(s.target(x0, noise, t)[3], -x0[3], what="v at a = 0 is -x0")
+    eps, x0_hat = s.eps_x0(s.target(x0, noise, t), s.q_sample(x0, t, noise), t)
+    assert_close(x0_hat, x0, atol=1e-3, what="x0") and assert_close(eps, noise, atol=1e-4, what="eps")
+    with pytest.raises(ValueError, match="needs v-prediction"):
+        sdm.NoiseSchedule(sdm.ScheduleConfig(rescale_betas_zero_snr=True))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_samplers_on_a_zero_terminal_snr_schedule_match_diffusers(sampler):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    kw = dict(SD_SCHEDULE, timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    ref = {"ddim": lambda: DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=False),
+           "euler": lambda: EulerDiscreteScheduler(**kw),
+           "dpmpp_2m": lambda: DPMSolverMultistepScheduler(**kw)}[sampler]()
+    ours = sdm.NoiseSchedule(sdm.ScheduleConfig(prediction="v", rescale_betas_zero_snr=True, timestep_spacing="trailing"))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts = ours.timesteps(20)
+    expect = diffusers_loop(ref, x, 20, timesteps=ts if sampler == "dpmpp_2m" else None)
+    got = sdm.sample_loop(lambda x, t, i: toy_model(x, t), x, ours, 20, sampler, progress=False, timesteps=ts)
+    assert torch.isfinite(got).all()
+    assert_close(got, expect, rtol=2e-5, atol=2e-5, what=f"{sampler} on the zero-SNR schedule")
+
+
 def test_unknown_sampler_is_refused():
     with pytest.raises(ValueError, match="unknown sampler"):
         sdm.sample_loop(lambda x, t, i: x, torch.zeros(1), sdm.NoiseSchedule(), 2, "plms")
