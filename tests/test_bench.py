@@ -77,3 +77,33 @@ def test_side_by_side_scripts_time_both_and_show_they_compute_the_same(tiny_fold
     assert times.keys() == {"ours", "diffusers"} and min(times.values()) > 0
     ratio, diff = re.search(r"ratio ours / diffusers: ([\d.]+); max \|output difference\| ([\d.e+-]+)", out).groups()
     assert float(ratio) > 0 and float(diff) < 1e-4, out
+
+
+def test_toy_caption_use_finds_the_words_the_model_uses_and_finetunes_onto_a_zero_snr_schedule(tmp_path):
+    """bench/toy_caption_use.py: on the shipped toy model a swapped background costs far more than a swapped
+    position (the finding in the README); `finetune` writes a loadable model on the zero-terminal-SNR schedule."""
+    import json
+
+    import numpy as np
+    import torch
+
+    import sd_model as sdm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import toy_caption_use as tcu
+
+    rows = {r["t"]: r for r in tcu.gaps(n=16)}
+    assert set(rows) == set(tcu.TS) and rows[800]["background"] > 0.05 > abs(rows[800]["position"])
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "images.npy", np.zeros((4, 64, 64, 3), np.uint8))
+    (data / "captions.json").write_text(json.dumps(["a red star on the grass"] * 4))
+    sdm.save_safetensors({"moments": torch.randn(4, 8, 16, 16).half()}, tmp_path / "latents.safetensors")
+    tcu.finetune(str(tmp_path / "ft"), "v0snr", steps=2, data=str(data), latents=str(tmp_path / "latents.safetensors"),
+                 batch=2, lr=1e-2, ema_decay=0.0)  # no EMA lag: the saved UNet is the trained one
+    m = sdm.StableDiffusion.from_pretrained(tmp_path / "ft" / "step-2")
+    assert m.cfg.schedule == tcu.V0SNR and m.schedule.alphas_cumprod[-1].item() == 0
+    shipped = sdm.StableDiffusion.from_pretrained(None)
+    assert not torch.equal(m.unet.state_dict()["out.2.weight"], shipped.unet.state_dict()["out.2.weight"])
+    assert torch.equal(m.vae.state_dict()["decoder.conv_out.weight"], shipped.vae.state_dict()["decoder.conv_out.weight"])
+    assert json.loads((tmp_path / "ft" / "step-2" / "finetune.json").read_text())["schedule"] == "v0snr"

@@ -1,0 +1,196 @@
+"""Which caption words does the toy UNet use? And does a zero-terminal-SNR schedule make it use more?
+
+`gaps`: for 128 fresh single-object scenes, the x0 error of the denoiser (in latent space, so eps and v
+models compare) given the scene's full caption, and how much it grows when one attribute of the caption is
+swapped for another value (shape, position, colour, size, background) or the caption is empty, at fixed t
+and noise. A word the model ignores costs nothing when swapped. At t = 999 on a zero-terminal-SNR schedule the
+input is pure noise, so the caption is all the model has: there a position the model could place costs
+as much as a wrong object position does.
+
+`leak`: SD's schedule ends at sqrt(a_999) = 0.068, not 0, so in training x_T still shows roughly where the
+object is, and sampling (from pure noise) never has that. Starts DDIM from pure noise, and from the noised
+latent of the same scene moved elsewhere, and asks the probes where the object landed.
+
+`finetune`: the shipped toy UNet (its EMA weights) trained N more steps from the same cached latents and
+captions as `toy_world.py train-unet`, either as before (eps, SD's schedule: `--schedule eps`) or with
+v-prediction on the zero-terminal-SNR schedule with trailing timesteps (Lin et al. 2024, Sec. 3: `v0snr`);
+lr 1e-4 after 100 warm-up steps, batch 32, EMA 0.998 from the shipped weights. Writes a model folder every
+500 steps (`eval-base --model` and `gaps --model` read it).
+
+    python bench/toy_caption_use.py gaps                                    # the shipped model
+    python bench/toy_caption_use.py leak                                    # does x_T decide the position?
+    python bench/toy_caption_use.py finetune --schedule v0snr --steps 2000 --out outputs/toy/ft-v0snr
+    python bench/toy_caption_use.py gaps --model outputs/toy/ft-v0snr/step-2000
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sd_model as sdm  # noqa: E402
+import toy_world as tw  # noqa: E402
+
+SWAPS = ("shape", "position", "color", "size", "background", "empty")
+TS = (50, 200, 400, 600, 800, 950, 999)
+V0SNR = sdm.ScheduleConfig(prediction="v", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+def caption(scene, **change):
+    """eval-base's caption ("a small red star on the snow, in the top left") with attributes changed."""
+    o, bg = scene.objects[0], change.pop("background", scene.background)
+    o = tw.Obj(**{**{k: getattr(o, k) for k in ("shape", "color", "pattern", "color2", "size", "position", "cx", "cy", "r")}, **change})
+    return f"{tw.object_phrase(o, o.shape)} {tw.BG_PHRASE[bg]}, {tw.POS_PHRASE[o.position]}"
+
+
+def swapped(rng, scene, what):
+    """The caption with `what` changed to another value the world allows (a colour never equal to the second one)."""
+    o, other = scene.objects[0], lambda seq, cur: tw._pick(rng, [x for x in seq if x != cur])
+    change = {"shape": lambda: {"shape": other(tw.SHAPES, o.shape)},
+              "position": lambda: {"position": other(tw.POSITIONS, o.position)},
+              "color": lambda: {"color": other([c for c in tw.COLORS if c != o.color2], o.color)},
+              "size": lambda: {"size": other(list(tw.SIZES), o.size)},
+              "background": lambda: {"background": other(tw.BACKGROUNDS, scene.background)},
+              "empty": None}[what]
+    return "" if change is None else caption(scene, **change())
+
+
+@torch.no_grad()
+def gaps(model_dir=None, n=128, seed=5):
+    m = sdm.StableDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    scenes = [tw.sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
+    prompts = {"true": [caption(s) for s in scenes], **{w: [swapped(rng, s, w) for s in scenes] for w in SWAPS}}
+    x = torch.stack([torch.from_numpy(np.array(tw.render(s)[0])).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    z0 = m.encode_images(x, sample=False)
+    ctx = {k: m.encode_prompt(v).context for k, v in prompts.items()}
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for t in tqdm(TS, desc="t"):
+        tt = torch.full((n,), t)
+        zt = m.schedule.q_sample(z0, tt, noise)
+        err = {k: (m.schedule.eps_x0(m.unet(zt, tt, c), zt, tt)[1] - z0).square().mean().item() for k, c in ctx.items()}
+        rows.append({"t": t, "x0_mse": err["true"], **{w: err[w] - err["true"] for w in SWAPS}})
+    s = m.cfg.schedule
+    print(f"{model_dir or 'shipped toy model'}: {s.prediction}, zero-terminal SNR {s.rescale_betas_zero_snr}, {n} scenes\n")
+    # what the swap does to the text encoder's output: per-token change, and the pooled (<|endoftext|>) state
+    eot = lambda k: ctx[k][torch.arange(n), (m.tokenize(prompts[k]) == m.tokenizer.eos_id).int().argmax(1)]
+    print(f"context: token norm {ctx['true'].norm(dim=-1).mean():.2f}; per swap, mean / largest per-token change, "
+          "cosine of the <|endoftext|> state")
+    for w in SWAPS:
+        d = (ctx[w] - ctx["true"]).norm(dim=-1)
+        print(f"  {w:>10}: {d.mean():.2f} / {d.max(1).values.mean():.2f}, cos {F.cosine_similarity(eot(w), eot('true')).mean():.3f}")
+    print()
+    print("| t | x0 MSE, true caption | " + " | ".join(f"+ {w}" for w in SWAPS) + " |\n" + "|---" * (len(SWAPS) + 2) + "|")
+    for r in rows:
+        print(f"| {r['t']} | {r['x0_mse']:.4f} | " + " | ".join(f"{r[w] * 1e3:+.2f}" for w in SWAPS) + " |")
+    print("\n(the swapped columns: growth of the x0 MSE, x 1e-3)")
+    return rows
+
+
+@torch.no_grad()
+def leak(model_dir=None, n=96, steps=25, seed=11):
+    """Where does the object land: where the prompt says, or where x_T says? DDIM from pure noise, and from
+    q_sample(z0, T) of the same scene drawn at another position; the probes read the position."""
+    m = sdm.StableDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval()
+    probes, _ = tw.load_probes(tw.PROBES_PATH)
+    rng = np.random.default_rng(seed)
+    scenes = [tw.sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
+    moved = []
+    for s in scenes:
+        o = s.objects[0]
+        pos = tw._pick(rng, [p for p in tw.POSITIONS if p != o.position])
+        moved.append(tw.Scene(s.background, (tw.Obj(o.shape, o.color, o.pattern, o.color2, o.size, pos, *tw.place(rng, o.size, pos)),),
+                              s.texture_seed))
+    z0 = m.encode_images(torch.stack([torch.from_numpy(np.array(tw.render(s)[0])).permute(2, 0, 1).float() / 127.5 - 1
+                                      for s in moved]), sample=False)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    T = m.schedule.timesteps(steps)[0]
+    print(f"first timestep {T}, sqrt(a_T) = {m.schedule.alphas_cumprod[T].sqrt().item():.4f}; chance 0.111")
+    for name, x_T in (("pure noise", noise), (f"q_sample(moved scene, {T})", m.schedule.q_sample(z0, torch.full((n,), T), noise))):
+        images = m.sample([caption(s) for s in scenes], steps=steps, guidance_scale=5.0, latents=x_T, progress=False)
+        pred = tw.predict(probes, [np.asarray(im) for im in sdm.tensor_to_images(images)])
+        to = lambda ss: np.mean([p["position"] == s.objects[0].position for p, s in zip(pred, ss)])
+        print(f"  from {name}: the prompt's position {to(scenes):.3f}, the moved scene's {to(moved):.3f}")
+
+
+def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents="outputs/toy/latents-32000.safetensors",
+             lr=1e-4, batch=32, ema_decay=0.998, seed=1):
+    m = sdm.StableDiffusion.from_pretrained(None, dtype=torch.float32).eval()
+    cfg = sdm.replace(m.cfg, schedule=V0SNR if schedule == "v0snr" else m.cfg.schedule)
+    _, captions = tw.load_pretrain_data(data)
+    if not os.path.isfile(latents):
+        sys.exit(f"{latents} is missing: `toy_world.py train-unet` writes it (the cached latents of the pretraining images).")
+    with safe_open(latents, "pt") as f:
+        moments = f.get_tensor("moments")
+    n, sched, unet, text = len(moments), sdm.NoiseSchedule(cfg.schedule), m.unet.train().requires_grad_(True), m.text_encoder
+    ids = sdm.CLIPTokenizer()(captions[:n] + [""])
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(1, steps + 1), desc=f"finetune ({schedule})")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 100)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        drop = torch.rand(batch, generator=g) < 0.1  # the empty caption, as in train-unet
+        with torch.no_grad():
+            context = text(ids[torch.where(drop, n, idx)])[0]
+        d = sdm.DiagonalGaussian(moments[idx].float())
+        z0 = (d.mean + d.std * torch.randn(d.mean.shape, generator=g)) * m.cfg.vae.scale_factor
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        loss = F.mse_loss(unet(sched.q_sample(z0, t, noise), t, context), sched.target(z0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].lerp_(v, 1 - ema_decay) if v.is_floating_point() else ema[k].copy_(v)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 500 == 0 or step == steps:
+            parts = {"unet": ema, **{p: getattr(m, p).state_dict() for p in ("vae", "text_encoder")},
+                     "image_encoder": sdm.StableDiffusion.load_image_encoder().state_dict()}
+            tw.save_toy(os.path.join(out, f"step-{step}"), parts, cfg)
+            with open(os.path.join(out, f"step-{step}", "finetune.json"), "w") as f:
+                json.dump({"schedule": schedule, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("gaps", help="x0 error with the true caption and with one attribute swapped")
+    c.add_argument("--model", default=None, help="a model folder (default: the shipped toy model)")
+    c.add_argument("--n", type=int, default=128)
+    c.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("leak", help="does the object land where the prompt or where x_T says?")
+    c.add_argument("--model", default=None)
+    c.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("finetune", help="the shipped UNet, N more steps under a schedule")
+    c.add_argument("--out", required=True)
+    c.add_argument("--schedule", choices=["eps", "v0snr"], default="v0snr")
+    c.add_argument("--steps", type=int, default=2000)
+    c.add_argument("--data", default="outputs/toy/data")
+    c.add_argument("--latents", default="outputs/toy/latents-32000.safetensors")
+    c.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.cmd == "gaps":
+        gaps(a.model, a.n)
+    elif a.cmd == "leak":
+        leak(a.model)
+    else:
+        finetune(a.out, a.schedule, a.steps, a.data, a.latents)
+
+
+if __name__ == "__main__":
+    main()
