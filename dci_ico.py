@@ -101,6 +101,7 @@ class ICOArgs(sdm.TrainArgs):
     context_lr_scale: float = 10.0  # P and S train at 10x the learning rate (configure_optimizers)
     weight_decay: float = 0.01  # AdamW's default, on every group as in the code
     hflip: bool = True  # RandomHorizontalFlip(0.5); CD's rescale augmentation is off in ICO
+    cache_latents: bool = True  # encode each image and its mirror once, sample the posterior each step (exact)
     # finetune_addtoken.yaml: base lr 1e-5 x batch 2 x 3 GPUs = 6e-5, 900 steps, seed 23 (train.py -s)
     learning_rate: float = 1e-5
     scale_lr: bool = True
@@ -523,13 +524,18 @@ def load_captioned_folder(folder) -> tuple[list, list[str]]:
     return [img for _, img in images], [caps[name] for name, _ in images]
 
 
+def views(images, size: int):
+    """Each image and its mirror image, (n, 2, 3, size, size). Preprocessing as the code: centre square crop,
+    bicubic resize, [-1, 1]."""
+    x = torch.stack([sdm.image_to_tensor(square_crop(im), size) for im in images])
+    return torch.stack([x, x.flip(-1)], 1)
+
+
 @torch.no_grad()
 def posterior(model, images, size: int):
-    """VAE posterior mean and std of each image and its mirror image, (n, 2, c, h, w): encoding is
-    deterministic, so sampling these with the generator equals encoding every step (LDM trains on
-    posterior samples). Preprocessing as the code: centre square crop, bicubic resize, [-1, 1]."""
-    x = torch.stack([sdm.image_to_tensor(square_crop(im), size) for im in images])
-    x = rearrange(torch.stack([x, x.flip(-1)], 1), "n f c h w -> (n f) c h w")
+    """VAE posterior mean and std of `views`, (n, 2, c, h, w): encoding is deterministic, so sampling these
+    with the generator equals encoding every step (LDM trains on posterior samples)."""
+    x = rearrange(views(images, size), "n f c h w -> (n f) c h w")
     dists = [model.vae.encode(chunk.to(model.device, model.vae.quant_conv.weight.dtype)) for chunk in x.split(8)]
     mean, std = (rearrange(torch.cat([getattr(d, k).float() for d in dists]), "(n f) c h w -> n f c h w", f=2)
                  for k in ("mean", "std"))
@@ -566,11 +572,12 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         raise ValueError(f"--resolution must be a multiple of {step} for this model (got {size}).")
     if args.validation_prompt:  # fail now, not at the first validation
         check_prompts(model, ico, [resolve_prompt(args.validation_prompt, ico)], need_noun=False)
-    mean, std = posterior(model, [im for _, im in refs], size)
+    latents = posterior if args.cache_latents else lambda model, images, size: (views(images, size), None)
+    mean, std = latents(model, [im for _, im in refs], size)  # --no-cache-latents: mean holds the pixels
     reg_mean = reg_std = reg_caps = None
     if args.reg_images:
         reg, reg_caps = load_captioned_folder(args.reg_images)
-        reg_mean, reg_std = posterior(model, reg, size)
+        reg_mean, reg_std = latents(model, reg, size)
     scale, schedule = model.vae.scale_factor, model.schedule
 
     def loss_fn(g):
@@ -581,7 +588,12 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         ridx = torch.randint(len(reg_caps), (n_reg,), generator=g) if n_reg else idx[:0]
         flip = (torch.rand(bs, generator=g) < 0.5).long() if args.hflip else torch.zeros(bs, dtype=torch.long)
         m = torch.cat([mean[idx, flip[:len(idx)]], *([reg_mean[ridx, flip[len(idx):]]] if n_reg else [])])
-        sd = torch.cat([std[idx, flip[:len(idx)]], *([reg_std[ridx, flip[len(idx):]]] if n_reg else [])])
+        if args.cache_latents:
+            sd = torch.cat([std[idx, flip[:len(idx)]], *([reg_std[ridx, flip[len(idx):]]] if n_reg else [])])
+        else:
+            with torch.no_grad():
+                d = model.vae.encode(m.to(device, model.vae.quant_conv.weight.dtype))
+            m, sd = d.mean.float(), d.std.float()
         z0 = (m + sd * torch.randn(m.shape, generator=g).to(device)) * scale
         t = torch.randint(0, schedule.cfg.num_train_timesteps, (bs,), generator=g).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)

@@ -82,6 +82,7 @@ class DCOArgs(sdm.TrainArgs):
     text_encoder_lr: float = 5e-6  # learned-token rows (README)
     adam_weight_decay: float = 1e-4
     center_crop: bool = False  # the official dataset random-crops after resizing the short side
+    cache_latents: bool = True  # images already at the resolution: encode once, sample the posterior each step (exact)
     learning_rate: float = 5e-5
     max_grad_norm: float = 1.0  # clipped before AdamW (card Sec. 2.4: early steps are all clipped at beta/2)
     max_train_steps: int = 2000  # subject; 1000 for a style
@@ -575,9 +576,9 @@ def train(a: DCOArgs) -> Path:
     ti = LearnedTokens.from_initializers(model, tokens, inits, gen) if tokens else None
     model.unet.gradient_checkpointing = a.gradient_checkpointing
     pix = [to_training_tensor(img, res) for img in images]
-    fixed = all(p.shape[1:] == (res, res) for p in pix)
+    fixed = a.cache_latents and all(p.shape[1:] == (res, res) for p in pix)
     moments = None
-    if fixed:  # no crop to draw: encode once, sample the posterior every step
+    if fixed:  # no crop to draw: encode once, sample the posterior every step (the encoder is deterministic)
         with torch.no_grad():
             moments = model.vae.encode(torch.stack(pix).to(device, model.vae.quant_conv.weight.dtype))
     cache: dict[str, sdm.Cond] = {}
@@ -598,8 +599,9 @@ def train(a: DCOArgs) -> Path:
             crops = []
             for i in idx:
                 H, W = pix[i].shape[1:]
-                top = (H - res) // 2 if a.center_crop else int(torch.randint(0, H - res + 1, (1,), generator=g))
-                left = (W - res) // 2 if a.center_crop else int(torch.randint(0, W - res + 1, (1,), generator=g))
+                # no draw where there is nothing to crop: --no-cache-latents then draws as the cached path does
+                top = (H - res) // 2 if a.center_crop or H == res else int(torch.randint(0, H - res + 1, (1,), generator=g))
+                left = (W - res) // 2 if a.center_crop or W == res else int(torch.randint(0, W - res + 1, (1,), generator=g))
                 crops.append(pix[i][:, top : top + res, left : left + res])
             with torch.no_grad():
                 d = model.vae.encode(torch.stack(crops).to(device, model.vae.quant_conv.weight.dtype))

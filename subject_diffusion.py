@@ -947,7 +947,7 @@ def generate(method: SubjectDiffusion, sd: sdm.StableDiffusion, vision: sdm.CLIP
         warnings.simplefilter("ignore")
         ids = sd.tokenize([prompt + "".join(f", the {s.entity} is sks" for s in subjects)])
     if int((ids == SKS_ID).sum()) != k:
-        raise ValueError(f"the prompt is too long: with the ', the <entity> is sks' clauses it passes CLIP's 77 tokens; shorten it.")
+        raise ValueError("the prompt is too long: with the ', the <entity> is sks' clauses it passes CLIP's 77 tokens; shorten it.")
     S = vision.cfg.image_size
     entity = torch.zeros(MAX_SUBJECTS, 3, S, S)
     boxes, valid = torch.zeros(1, MAX_SUBJECTS, 4), torch.arange(MAX_SUBJECTS) < k

@@ -46,7 +46,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,6 +89,7 @@ class ViCoArgs(sdm.TrainArgs):
     zero_init_image_attn: bool = False  # zero A_I's three output Linears: exactly SD at step 0 (deviation, card 11 #9)
     templates: list[str] = field(default_factory=lambda: ["imagenet"])  # "imagenet" = TI's 81, or "a {}" ...
     seed: int = 23  # main.py --seed in the README's command
+    cache_latents: bool = True  # encode each image once and sample its posterior every step (exact; --no-: every step)
 
 
 # ---- 1. The parts of ViCo that are plain functions: layers, Otsu mask, regulariser, masked attention.
@@ -530,9 +531,11 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
 
     # posterior moments of every image, once: each step then samples a fresh latent (LDM samples, card 2)
     images = [torch.stack([sdm.image_to_tensor(im, size) for _, im in c]) for c in concepts]
-    with torch.no_grad():
-        post = [model.vae.encode(x.to(device, model.vae.quant_conv.weight.dtype)) for x in images]
-    post = [(d.mean.float(), d.std.float()) for d in post]
+    encode = lambda x: model.vae.encode(x.to(device, model.vae.quant_conv.weight.dtype))
+    latent_shape = (model.cfg.vae.z_channels, size // model.vae.downsample_factor, size // model.vae.downsample_factor)
+    if args.cache_latents:
+        with torch.no_grad():
+            post = [(d.mean.float(), d.std.float()) for d in map(encode, images)]
     opt = make_optimizer(vico, args)
     n_blocks = sum(p.numel() for p in vico.image_blocks.parameters())
     print(f"trainable: {vico.embeddings.numel():,} (tokens, lr {opt.param_groups[0]['lr']:g}) + {n_blocks:,} (image blocks, lr "
@@ -541,12 +544,20 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
 
     def loss_fn(g):
         draws = draw_batch(g, [len(c) for c in concepts], len(templates), args.train_batch_size)
-        def sample(c, i):  # a fresh posterior sample, scaled as the UNet expects
-            mean, std = post[c][0][i], post[c][1][i]
-            return (mean + std * torch.randn(mean.shape, generator=g).to(device)) * model.vae.scale_factor
+        def sample(c, i, needed=True):  # a fresh posterior sample, scaled as the UNet expects
+            eps = torch.randn(latent_shape, generator=g).to(device)  # drawn even when not needed: one random stream
+            if not needed:
+                return None
+            if args.cache_latents:
+                mean, std = post[c][0][i], post[c][1][i]
+            else:
+                with torch.no_grad():
+                    d = encode(images[c][i : i + 1])
+                mean, std = d.mean[0].float(), d.std[0].float()
+            return (mean + std * eps) * model.vae.scale_factor
 
         z0 = torch.stack([sample(c, i) for c, i, _, _ in draws])
-        zr = torch.stack([sample(c, j) for c, _, j, _ in draws])
+        zr = [sample(c, j, vico.visual_condition) for c, _, j, _ in draws]  # textual inversion has no reference
         prompts = [templates[k].format(placeholders[c]) for c, _, _, k in draws]
         t = torch.randint(0, model.schedule.cfg.num_train_timesteps, (len(draws),), generator=g).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
@@ -556,7 +567,7 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
             ids = model.tokenize(prompts)
             cols = torch.stack([ids[b] == ids_of[placeholders[c]] for b, (c, *_) in enumerate(draws)]).int().argmax(-1)
             eot = (ids == model.tokenizer.eos_id).int().argmax(-1)  # the first EOT (card 5.2)
-            eps, reg = vico.denoise(model.unet, x_t, t, ctx, zr[None], cols[None], eot)
+            eps, reg = vico.denoise(model.unet, x_t, t, ctx, torch.stack(zr)[None], cols[None], eot)
         else:
             eps, reg = model.unet(x_t, t, ctx), torch.zeros((), device=device)
         mse = F.mse_loss(eps.float(), model.schedule.target(z0, noise, t).float())

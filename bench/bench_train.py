@@ -1,6 +1,7 @@
 """One training step of each method, ours against the closest diffusers training script, same weights.
 
     python bench/bench_train.py --resolution 256 --runs 3                      # CPU: SD1.5 size, slow
+    python bench/bench_train.py --resolution 256 --runs 3 --no-cache-latents   # ours encodes every step too
     python bench/bench_train.py --device cuda --mixed-precision bf16 --gradient-checkpointing
 
 | ours | reference step (diffusers examples) |
@@ -13,7 +14,7 @@
 | `dci_ico.py train` (ICO) | none: ours only |
 
 The weights are the random SD1.5-size diffusers folder every side-by-side script shares (built on first use).
-Ours is the real `train` of each method file, timed between optimizer steps (a wrapper around
+Ours is the real `train` of each method file (its VAE latents cached unless --no-cache-latents), timed between optimizer steps (a wrapper around
 sd_model.train_loop's after_step); the reference is that script's per-step body, written out here
 because the example scripts are not importable: VAE encode, noise, text encoder, UNet, MSE,
 backward, clipping where the script clips, AdamW, and the script's own bookkeeping (restoring the
@@ -72,7 +73,8 @@ def ours(name: str, a, images: Path, out: Path, sync) -> list[float]:
     sdm.train_loop = timed_loop
     common = dict(pretrained_model=a.work, output_dir=str(out), max_train_steps=a.warmup + a.runs + 1, resolution=a.resolution,
                   train_batch_size=a.batch, gradient_accumulation_steps=1, mixed_precision=a.mixed_precision,
-                  gradient_checkpointing=a.gradient_checkpointing, checkpointing_steps=0, device=a.device, overwrite=True)
+                  gradient_checkpointing=a.gradient_checkpointing, checkpointing_steps=0, device=a.device, overwrite=True,
+                  cache_latents=not a.no_cache_latents)
     if name in ("ti", "vico"):
         vico.train(vico.ViCoArgs(images=[str(images)], init_word=["star"], templates=["a photo of a {}"],
                                  visual_condition=name == "vico", **common))
@@ -205,6 +207,8 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="alternate the two processes this many times (paired ratios)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--no-cache-latents", action="store_true",
+                   help="ours encodes the images every step, as the diffusers scripts do (by default it samples cached posteriors)")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     a = p.parse_args()

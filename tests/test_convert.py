@@ -1,6 +1,5 @@
 """weights_convert.py: full-size configs, key sets, round trips, and bad input."""
 
-import json
 import warnings
 
 import pytest

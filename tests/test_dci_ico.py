@@ -275,6 +275,17 @@ def train_args(tmp_path, name, **kw):
     return di.ICOArgs(**{**base, **kw})
 
 
+def test_cached_latents_train_as_encoding_every_step(tmp_path, base):
+    """The cache (each image and its mirror, and the regularization images) is exact: --no-cache-latents draws the
+    same views and noise and trains the same way (to float rounding: a batch encoded against all views at once)."""
+    di.train(train_args(tmp_path, "cached"), copy.deepcopy(base))
+    di.train(train_args(tmp_path, "encoded", cache_latents=False), copy.deepcopy(base))
+    logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(logs("cached")) == 4 and {r["reg_rows"] for r in logs("cached")} <= {1, 2}
+    for a, b in zip(logs("cached"), logs("encoded")):
+        assert a["reg_rows"] == b["reg_rows"] and abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+
+
 def test_resume_equals_an_uninterrupted_run_and_the_backbone_is_untouched(tmp_path, base, monkeypatch):
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -337,6 +337,18 @@ def test_resume_equals_an_uninterrupted_run(model, tmp_path):
     assert logs("a")[2:] == logs("b")[2:] and all(r["reg"] > 0 for r in logs("a"))
 
 
+def test_cached_latents_train_as_encoding_every_step(model, tmp_path):
+    """The cache is exact: the same draws from the same posterior, so --no-cache-latents trains the same way (to
+    float rounding: one image encoded alone against all at once; Adam's first steps are sign-like, hence the losses)."""
+    images = write_images(tmp_path / "imgs", 3)
+    run_train(model, tmp_path / "a", 3, images=images, train_batch_size=2)
+    run_train(model, tmp_path / "b", 3, images=images, train_batch_size=2, cache_latents=False)
+    logs = lambda d: [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+    assert len(logs("a")) == len(logs("b")) == 3
+    for a, b in zip(logs("a"), logs("b")):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]) and abs(a["reg"] - b["reg"]) <= 1e-4 * abs(a["reg"]), (a, b)
+
+
 def test_textual_inversion_mode_has_no_blocks_and_trains_the_token(model, tmp_path):
     v = run_train(model, tmp_path / "a", 1, images=write_images(tmp_path / "imgs", 2), visual_condition=False)
     assert not v.layers and len(v.image_blocks) == 0 and len(vico.make_optimizer(v, vico.ViCoArgs()).param_groups) == 1
