@@ -2,6 +2,7 @@
 
     python bench/bench_unet.py                       # CPU: forward at 64x64 latents, fp32
     python bench/bench_unet.py --device cuda --dtype bf16 --backward --sample-steps 50
+    python bench/bench_unet.py --no-sdpa             # what SDPA buys: both with explicit softmax attention
 
 Each implementation runs in its own subprocess (so peak memory is its own), loads the UNet of the
 random SD1.5 diffusers folder that bench_pipeline.py and bench_train.py use too (ours through
@@ -32,6 +33,17 @@ def run_one(impl: str, a) -> dict:
         model = UNet2DConditionModel.from_pretrained(a.work, subfolder="unet")
         fwd = lambda x, t, c: model(x, t, c).sample
     model.to(dev, dtype).requires_grad_(a.backward)
+    if a.no_sdpa:  # the SDPA speed feature off: explicit softmax(QK^T)V on both sides
+        if impl == "ours":
+            import sd_model as sdm
+
+            for m in model.modules():
+                if isinstance(m, sdm.Attention):
+                    m.processor = lambda attn, q, k, v: sdm.attention_with_probs(attn, q, k, v)[0]
+        else:
+            from diffusers.models.attention_processor import AttnProcessor
+
+            model.set_attn_processor(AttnProcessor())
     if a.channels_last:
         model.to(memory_format=torch.channels_last)
     if a.compile:
@@ -71,6 +83,7 @@ def main():
     p.add_argument("--sample-steps", type=int, default=0, help="time a loop of this many CFG UNet calls")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-sdpa", action="store_true", help="both UNets without SDPA (explicit softmax attention)")
     a = p.parse_args()
     if a.impl:
         print(json.dumps(run_one(a.impl, a)))

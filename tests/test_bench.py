@@ -69,7 +69,8 @@ def test_scaling_table_measures_every_point_in_its_own_process(tiny_folder):
 
 @pytest.mark.parametrize("script,args", [("bench_vae.py", ["--resolution", "32"]),  # each case ~7 s: two processes
                                          ("bench_unet.py", ["--latent", "8", "--batch", "2", "--backward"]),
-                                         ("bench_unet.py", ["--latent", "8", "--sample-steps", "2"])])
+                                         ("bench_unet.py", ["--latent", "8", "--sample-steps", "2"]),
+                                         ("bench_unet.py", ["--latent", "8", "--no-sdpa"])])
 def test_side_by_side_scripts_time_both_and_show_they_compute_the_same(tiny_folder, script, args):
     out = bench(script, "--work", str(tiny_folder), "--runs", "1", "--warmup", "0", *args)
     times = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| ")
