@@ -669,7 +669,7 @@ def attention_probs(attn: Attention, q, k):
     """The softmax SDPA never returns: (b, h, n_q, n_k), computed in fp32. Self-attention at 64x64
     is 4096^2 per head, so ask for it on cross-attention (attn2) where you can."""
     with torch.autocast(q.device.type, enabled=False):  # autocast would recast the fp32 matmul to half
-        return (q.float() @ k.float().transpose(-1, -2) * attn.scale).softmax(dim=-1)
+        return ((q.float() * attn.scale) @ k.float().transpose(-1, -2)).softmax(dim=-1)  # scale n x d, not n x n
 
 
 def attention_with_probs(attn: Attention, q, k, v):
