@@ -517,6 +517,7 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to the context, GEGLU feed-forward; pre-LN residuals.
+
     Three hook slots, each `fn(block, x, ctx) -> x` or None: after_attn1 (GLIGEN-style adapters),
     after_attn2, after_block (ViCo's image cross-attention). `ctx_dim=None` makes attn2 attend
     to `dim`-wide tokens (ViCo's image block is this class with that setting)."""
@@ -874,6 +875,8 @@ class NoiseSchedule:
     sqrt(a) to end at 0 and keep a_0 (Lin et al. 2024, Alg. 1), so x_999 is pure noise and x0 = -v there."""
 
     def __init__(self, cfg: ScheduleConfig = ScheduleConfig()):
+        if cfg.timestep_spacing not in ("leading", "trailing"):
+            raise ValueError(f"unknown timestep_spacing '{cfg.timestep_spacing}'; choose leading or trailing.")
         if cfg.rescale_betas_zero_snr and cfg.prediction != "v":
             raise ValueError("a zero-terminal-SNR schedule needs v-prediction (eps says nothing about x0 at a = 0).")
         self.cfg = cfg
