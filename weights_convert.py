@@ -496,6 +496,8 @@ def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=
     """`zsnr`: the model was trained with v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024), which a
     single file cannot say; the converted config then samples with that schedule and trailing timesteps."""
     src, dst = Path(src), Path(dst)
+    if zsnr and (vision or to == "ldm"):
+        raise ValueError("--zero-terminal-snr describes a converted folder's schedule; an image tower or an original single file cannot hold it.")
     print(f"reading {src}", file=sys.stderr)
     if vision:
         vcfg, sd = load_clip_vision(src)

@@ -96,6 +96,8 @@ def test_zero_terminal_snr_schedule_and_trailing_spacing():
     assert_close(x0_hat, x0, atol=1e-3, what="x0") and assert_close(eps, noise, atol=1e-4, what="eps")
     with pytest.raises(ValueError, match="needs v-prediction"):
         sdm.NoiseSchedule(sdm.ScheduleConfig(rescale_betas_zero_snr=True))
+    with pytest.raises(ValueError, match="unknown timestep_spacing 'linspace'"):
+        sdm.NoiseSchedule(sdm.ScheduleConfig(timestep_spacing="linspace"))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
