@@ -572,12 +572,13 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         raise ValueError(f"--resolution must be a multiple of {step} for this model (got {size}).")
     if args.validation_prompt:  # fail now, not at the first validation
         check_prompts(model, ico, [resolve_prompt(args.validation_prompt, ico)], need_noun=False)
-    latents = posterior if args.cache_latents else lambda model, images, size: (views(images, size), None)
-    mean, std = latents(model, [im for _, im in refs], size)  # --no-cache-latents: mean holds the pixels
-    reg_mean = reg_std = reg_caps = None
+    # cached: the posterior (mean, std) of every view; --no-cache-latents: the views' pixels, encoded each step
+    store = (lambda ims: posterior(model, ims, size)) if args.cache_latents else (lambda ims: (views(ims, size), None))
+    data, std = store([im for _, im in refs])
+    reg_data = reg_std = reg_caps = None
     if args.reg_images:
         reg, reg_caps = load_captioned_folder(args.reg_images)
-        reg_mean, reg_std = latents(model, reg, size)
+        reg_data, reg_std = store(reg)
     scale, schedule = model.vae.scale_factor, model.schedule
 
     def loss_fn(g):
@@ -587,7 +588,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         idx = torch.randint(len(refs), (bs - n_reg,), generator=g)
         ridx = torch.randint(len(reg_caps), (n_reg,), generator=g) if n_reg else idx[:0]
         flip = (torch.rand(bs, generator=g) < 0.5).long() if args.hflip else torch.zeros(bs, dtype=torch.long)
-        m = torch.cat([mean[idx, flip[:len(idx)]], *([reg_mean[ridx, flip[len(idx):]]] if n_reg else [])])
+        m = torch.cat([data[idx, flip[:len(idx)]], *([reg_data[ridx, flip[len(idx):]]] if n_reg else [])])
         if args.cache_latents:
             sd = torch.cat([std[idx, flip[:len(idx)]], *([reg_std[ridx, flip[len(idx):]]] if n_reg else [])])
         else:
