@@ -275,11 +275,16 @@ def train_args(tmp_path, name, **kw):
     return di.ICOArgs(**{**base, **kw})
 
 
-def test_cached_latents_train_as_encoding_every_step(tmp_path, base):
+def test_cached_latents_train_as_encoding_every_step(tmp_path, base, monkeypatch):
     """The cache (each image and its mirror, and the regularization images) is exact: --no-cache-latents draws the
     same views and noise and trains the same way (to float rounding: a batch encoded against all views at once)."""
+    calls, encode = [], sdm.AutoencoderKL.encode
+    monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
     di.train(train_args(tmp_path, "cached"), copy.deepcopy(base))
+    assert len(calls) == 2  # the references' views and the regularization images', once each
+    calls.clear()
     di.train(train_args(tmp_path, "encoded", cache_latents=False), copy.deepcopy(base))
+    assert calls == [3] * 4  # each step's batch of 3
     logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(logs("cached")) == 4 and {r["reg_rows"] for r in logs("cached")} <= {1, 2}
     for a, b in zip(logs("cached"), logs("encoded")):

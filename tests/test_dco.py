@@ -350,13 +350,18 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path):
     assert (tmp_path / "b" / "checkpoint-4" / "lora_kohya.safetensors").exists()
 
 
-def test_cached_latents_train_as_encoding_every_step(setup, tmp_path):
+def test_cached_latents_train_as_encoding_every_step(setup, tmp_path, monkeypatch):
     """The cache is exact: the same draws from the same posterior, so --no-cache-latents gives the same LoRA."""
     root, sd1, _ = setup
     write_images(tmp_path / "square", size=(32, 32))  # already at the resolution: the cached path
     kw = dict(images=str(tmp_path / "square"), resolution=32)
+    calls, encode = [], sdm.AutoencoderKL.encode
+    monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
     dco.train(train_args(root, sd1, tmp_path / "cached", **kw))
+    assert calls == [3]  # the three images, once
+    calls.clear()
     dco.train(train_args(root, sd1, tmp_path / "encoded", cache_latents=False, **kw))
+    assert calls == [1] * 4  # each step's batch of 1
     a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("cached", "encoded"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k or "up" in k)

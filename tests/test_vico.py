@@ -337,12 +337,19 @@ def test_resume_equals_an_uninterrupted_run(model, tmp_path):
     assert logs("a")[2:] == logs("b")[2:] and all(r["reg"] > 0 for r in logs("a"))
 
 
-def test_cached_latents_train_as_encoding_every_step(model, tmp_path):
+def test_cached_latents_train_as_encoding_every_step(model, tmp_path, monkeypatch):
     """The cache is exact: the same draws from the same posterior, so --no-cache-latents trains the same way (to
     float rounding: one image encoded alone against all at once; Adam's first steps are sign-like, hence the losses)."""
-    images = write_images(tmp_path / "imgs", 3)
+    images, calls, encode = write_images(tmp_path / "imgs", 3), [], model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: calls.append(len(x)) or encode(x))
     run_train(model, tmp_path / "a", 3, images=images, train_batch_size=2)
+    assert calls == [3]  # the three images, once
+    calls.clear()
     run_train(model, tmp_path / "b", 3, images=images, train_batch_size=2, cache_latents=False)
+    assert calls == [1] * 12  # 3 steps x 2 samples x (training image + reference)
+    calls.clear()
+    run_train(model, tmp_path / "ti", 3, images=images, train_batch_size=2, cache_latents=False, visual_condition=False)
+    assert calls == [1] * 6  # textual inversion has no reference to encode
     logs = lambda d: [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(logs("a")) == len(logs("b")) == 3
     for a, b in zip(logs("a"), logs("b")):
