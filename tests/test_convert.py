@@ -175,6 +175,7 @@ def test_bad_input_gets_one_clear_sentence_and_nothing_half_written(tiny_ldm, tm
     assert "not a Stable Diffusion single-file checkpoint" in run_cli([tmp_path / "other.pt", out], capsys)
     assert "not a 'sdxl' model" in run_cli([ckpt, out, "--variant", "sdxl"], capsys)
     assert "cannot hold it" in run_cli([ckpt, tmp_path / "o.safetensors", "--to", "ldm", "--zero-terminal-snr"], capsys)
+    assert "cannot hold it" in run_cli([ckpt, out, "--clip-vision", "--zero-terminal-snr"], capsys)
     sd = wc.read_state_dict(ckpt)
     torch.save({**sd, "model.diffusion_model.extra.weight": torch.zeros(1)}, tmp_path / "odd.ckpt")
     assert "0 missing key(s) [], 1 unexpected [extra.weight]" in run_cli([tmp_path / "odd.ckpt", out], capsys)
