@@ -83,6 +83,7 @@ class DCOArgs(sdm.TrainArgs):
     adam_weight_decay: float = 1e-4
     center_crop: bool = False  # the official dataset random-crops after resizing the short side
     cache_latents: bool = True  # images already at the resolution: encode once, sample the posterior each step (exact)
+    cache_text_embeddings: bool = True  # frozen prompts (no learned tokens) encoded once, as --pre_compute_text_embeddings
     learning_rate: float = 5e-5
     max_grad_norm: float = 1.0  # clipped before AdamW (card Sec. 2.4: early steps are all clipped at beta/2)
     max_train_steps: int = 2000  # subject; 1000 for a style
@@ -584,8 +585,9 @@ def train(a: DCOArgs) -> Path:
     cache: dict[str, sdm.Cond] = {}
 
     def encode(ps, extra=(None, None), grad=False):
-        if grad:
-            return model.encode_prompt(ps, (res, res), extra)
+        if grad or not a.cache_text_embeddings:
+            with torch.set_grad_enabled(grad):
+                return model.encode_prompt(ps, (res, res), extra)
         for p in set(ps) - set(cache):
             with torch.no_grad():
                 cache[p] = model.encode_prompt([p], (res, res))

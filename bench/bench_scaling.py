@@ -58,7 +58,8 @@ def train_point(a, res: int, batch: int) -> dict:
 
     sync = common.sync_for(a.device)
     ns = SimpleNamespace(work=a.work, warmup=a.warmup, runs=a.runs, resolution=res, batch=batch, rank=a.rank,
-                         mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing, device=a.device, no_cache_latents=False)
+                         mixed_precision=a.mixed_precision, gradient_checkpointing=a.gradient_checkpointing, device=a.device,
+                         no_cache_latents=False, no_cache_text=False)
     with tempfile.TemporaryDirectory() as tmp:
         images = bench_train.write_images(Path(tmp) / "images", res, n=max(4, batch))
         steps = bench_train.ours(a.method, ns, images, Path(tmp) / "out", sync)[a.warmup :]

@@ -2,6 +2,7 @@
 
     python bench/bench_train.py --resolution 256 --runs 3                      # CPU: SD1.5 size, slow
     python bench/bench_train.py --resolution 256 --runs 3 --no-cache-latents   # ours encodes every step too
+    python bench/bench_train.py --methods lora --no-cache-latents --no-cache-text   # ... and runs the text encoder too
     python bench/bench_train.py --device cuda --mixed-precision bf16 --gradient-checkpointing
 
 | ours | reference step (diffusers examples) |
@@ -14,7 +15,8 @@
 | `dci_ico.py train` (ICO) | none: ours only |
 
 The weights are the random SD1.5-size diffusers folder every side-by-side script shares (built on first use).
-Ours is the real `train` of each method file (its VAE latents cached unless --no-cache-latents), timed between optimizer steps (a wrapper around
+Ours is the real `train` of each method file (its VAE latents cached unless --no-cache-latents; DCO's frozen
+prompts encoded once unless --no-cache-text), timed between optimizer steps (a wrapper around
 sd_model.train_loop's after_step); the reference is that script's per-step body, written out here
 because the example scripts are not importable: VAE encode, noise, text encoder, UNet, MSE,
 backward, clipping where the script clips, AdamW, and the script's own bookkeeping (restoring the
@@ -80,7 +82,7 @@ def ours(name: str, a, images: Path, out: Path, sync) -> list[float]:
                                  visual_condition=name == "vico", **common))
     elif name in ("lora", "dco"):
         dco.train(dco.DCOArgs(images=str(images), instance_prompt="a photo of sks star", rank=a.rank,
-                              dco_beta=1000.0 if name == "dco" else 0.0, **common))
+                              dco_beta=1000.0 if name == "dco" else 0.0, cache_text_embeddings=not a.no_cache_text, **common))
     else:
         dci_ico.train(dci_ico.ICOArgs(images=str(images), class_word="star", contexts=name == "ico", **common))
     return [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]
@@ -209,6 +211,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--no-cache-latents", action="store_true",
                    help="ours encodes the images every step, as the diffusers scripts do (by default it samples cached posteriors)")
+    p.add_argument("--no-cache-text", action="store_true",
+                   help="lora/dco run the text encoder every step, as the diffusers script without --pre_compute_text_embeddings")
     p.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     a = p.parse_args()

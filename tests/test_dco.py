@@ -367,6 +367,22 @@ def test_cached_latents_train_as_encoding_every_step(setup, tmp_path, monkeypatc
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k or "up" in k)
 
 
+def test_cached_text_embeddings_train_as_encoding_every_step(setup, tmp_path, monkeypatch):
+    """Frozen prompts (no learned tokens) are encoded once per distinct prompt; --no-cache-text-embeddings encodes
+    every step's batch, as the diffusers script without --pre_compute_text_embeddings, to the same LoRA."""
+    root, sd1, _ = setup
+    kw = dict(captions="", config_name="", instance_prompt="a photo of a dog", resolution=32)
+    calls, encode = [], sdm.StableDiffusion.encode_prompt
+    monkeypatch.setattr(sdm.StableDiffusion, "encode_prompt", lambda self, p, *r, **k: calls.append(len(p)) or encode(self, p, *r, **k))
+    dco.train(train_args(root, sd1, tmp_path / "cached", **kw))
+    n_cached = len(calls)
+    calls.clear()
+    dco.train(train_args(root, sd1, tmp_path / "encoded", cache_text_embeddings=False, **kw))
+    assert len(calls) - n_cached == 4 - 1  # one encode per step instead of one for the only prompt
+    a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("cached", "encoded"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ---- files: round trips and what diffusers reads -----------------------------------------------------
 
 
