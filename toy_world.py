@@ -1154,6 +1154,7 @@ class ClipArgs(ToyArgs):
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 100
     checkpointing_steps: int = 500
+    hard_negatives: bool = False  # NegCLIP: each caption's shape or position swapped, as an extra negative text
 
 
 @dataclass
@@ -1206,9 +1207,29 @@ def _clip_towers(folder=None):
     return text, vision
 
 
+def hard_negative(rng, caption: str) -> str | None:
+    """The caption with one shape word or one position phrase swapped for another value (None if it has neither).
+
+    Random batches let a contrastive model separate captions by colour and background alone, so it learns
+    to treat shape and position as a bag of words (Yuksekgonul et al. 2023, Sec. 4); NegCLIP's remedy
+    (their Sec. 5) adds, for every image, its caption minimally altered as a negative text."""
+    words = caption.split(" ")
+    spots = [("shape", i) for i, w in enumerate(words) if w.rstrip(",") in SHAPES]
+    spots += [("position", p) for p in POSITIONS if POS_PHRASE[p] in caption]
+    if not spots:
+        return None
+    kind, where = spots[rng.integers(len(spots))]
+    if kind == "position":
+        return caption.replace(POS_PHRASE[where], POS_PHRASE[_pick(rng, [p for p in POSITIONS if p != where])], 1)
+    w = words[where]
+    words[where] = _pick(rng, [x for x in SHAPES if x != w.rstrip(",")]) + w[len(w.rstrip(",")):]
+    return " ".join(words)
+
+
 def train_clip(a: ToyArgs):
     """Contrastive pretraining of both towers (Radford et al. 2021, Fig. 3): symmetric
-    cross-entropy over the cosine similarities of a batch, with a learnt temperature."""
+    cross-entropy over the cosine similarities of a batch, with a learnt temperature;
+    with --hard-negatives, each image's texts also include its caption with a swapped shape or position."""
     arr, captions = load_pretrain_data(a.data)
     torch.manual_seed(a.seed)
     text, vision = _clip_towers()
@@ -1220,14 +1241,24 @@ def train_clip(a: ToyArgs):
 
     def loss_fn(g):
         idx = torch.randint(0, len(arr), (a.train_batch_size,), generator=g)
-        ids = tok([captions[i] for i in idx.tolist()])
+        texts = [captions[i] for i in idx.tolist()]
+        negs = []
+        if a.hard_negatives:
+            rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=g)))
+            negs = [hard_negative(rng, c) for c in texts]
+        ids = tok(texts + [c for c in negs if c is not None])
         # the causal text tower pools at <|endoftext|>, which never sees later positions: cut them
         ids = ids[:, : int((ids == tok.eos_id).int().argmax(1).max()) + 1]
         t = F.normalize(text(ids)[1], dim=-1)
         v = F.normalize(vision(vision.preprocess(_pixels(arr, idx)))[1], dim=-1)
-        logits = log_scale.clamp(max=math.log(100)).exp() * v @ t.T
+        logits = log_scale.clamp(max=math.log(100)).exp() * v @ t.T  # B x (B + negatives)
+        if negs:  # image i competes with its own negative only; the others' are not wrong for it
+            owner = torch.tensor([i for i, c in enumerate(negs) if c is not None])
+            mask = torch.ones_like(logits, dtype=torch.bool)
+            mask[:, len(idx):] = owner[None, :] == torch.arange(len(idx))[:, None]
+            logits = logits.masked_fill(~mask, float("-inf"))
         target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
         return loss, {"acc": (logits.argmax(1) == target).float().mean().item()}
 
     def save(folder):

@@ -11,6 +11,16 @@ as much as a wrong object position does.
 object is, and sampling (from pure noise) never has that. Starts DDIM from pure noise, and from the noised
 latent of the same scene moved elsewhere, and asks the probes where the object landed.
 
+`attention`: where the UNet's cross-attention looks. For 64 fresh scenes at one t, the probability mass
+each kind of caption token receives (averaged over heads, pixels and the 16 cross-attention layers; the
+uniform share of one token is 1/77 = 0.013), and per layer the entropy of the attention over the 77
+tokens as a fraction of its largest value log 77 (1 = uniform: the layer reads the context's mean).
+
+`clip`: does the toy CLIP itself tell a scene's caption from the same caption with one attribute swapped?
+The fraction of 256 fresh scenes whose image scores higher with its own caption (chance 0.5), and how far
+the swap reaches into the text encoder's output (what the UNet reads): mean per-token change, cosine of
+the pooled state. `--clip DIR` reads a `train-clip` output folder (or a model folder).
+
 `finetune`: the shipped toy UNet (its EMA weights) trained N more steps from the same cached latents and
 captions as `toy_world.py train-unet`, either as before (eps, SD's schedule: `--schedule eps`) or with
 v-prediction on the zero-terminal-SNR schedule with trailing timesteps (Lin et al. 2024, Sec. 3: `v0snr`);
@@ -19,6 +29,8 @@ lr 1e-4 after 100 warm-up steps, batch 32, EMA 0.998 from the shipped weights. W
 
     python bench/toy_caption_use.py gaps                                    # the shipped model
     python bench/toy_caption_use.py leak                                    # does x_T decide the position?
+    python bench/toy_caption_use.py attention --model outputs/toy/unet/checkpoint-2400   # how selective?
+    python bench/toy_caption_use.py clip --clip outputs/toy/clip-hn           # a toy CLIP's attribute binding
     python bench/toy_caption_use.py finetune --schedule v0snr --steps 2000 --out outputs/toy/ft-v0snr
     python bench/toy_caption_use.py gaps --model outputs/toy/ft-v0snr/step-2000
 """
@@ -97,6 +109,65 @@ def gaps(model_dir=None, n=128, seed=5):
 
 
 @torch.no_grad()
+def attention(model_dir=None, n=64, t=600, seed=2):
+    m = sdm.StableDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    scenes = [tw.sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
+    prompts = [caption(s) for s in scenes]
+    ids, ctx = m.tokenize(prompts), m.encode_prompt(prompts).context
+    z0 = m.encode_images(torch.stack([torch.from_numpy(np.array(tw.render(s)[0])).permute(2, 0, 1).float() / 127.5 - 1
+                                      for s in scenes]), sample=False)
+    probs = {}
+
+    def record(attn, q, k, v):
+        out, p = sdm.attention_with_probs(attn, q, k, v)
+        probs[attn.name] = p.mean(1)  # b, pixels, 77 (averaged over heads)
+        return out
+    with sdm.hooked(m.unet, processor=record):
+        tt = torch.full((n,), t)
+        m.unet(m.schedule.q_sample(z0, tt, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))), tt, ctx)
+    # the kind of every caption token: the scene's own attribute words, the padding after <|endoftext|>, the rest
+    piece = lambda w: m.tokenize([w])[0, 1 : 1 + int((m.tokenize([w])[0, 1:] != m.tokenizer.eos_id).sum())].tolist()
+    kinds = []
+    for s, row in zip(scenes, ids.tolist()):
+        o, eos = s.objects[0], row.index(m.tokenizer.eos_id)
+        words = {"shape": [o.shape], "colour": [o.color], "size": [o.size], "background": [tw.BG_PHRASE[s.background].split()[-1]],
+                 "position": [w for w in tw.POS_PHRASE[o.position].split()[1:] if w != "the"]}
+        kind = {tid: k for k, ws in words.items() for w in ws for tid in piece(w)}
+        kinds.append([kind.get(tid, "other words") if 0 < i < eos else "<|startoftext|>" if i == 0 else
+                      "<|endoftext|>" if i == eos else "padding" for i, tid in enumerate(row)])
+    mass = torch.stack([p.mean(1) for p in probs.values()]).mean(0)  # b, 77: the mean over pixels, then layers
+    print(f"{model_dir or 'shipped toy model'}, t = {t}, {n} scenes: attention mass per token kind (uniform: 0.013 a token)")
+    print("| token kind | mass per token | total |\n|---|---|---|")
+    for k in ("shape", "position", "colour", "size", "background", "other words", "<|startoftext|>", "<|endoftext|>", "padding"):
+        per = [mass[b, i].item() for b in range(n) for i, kk in enumerate(kinds[b]) if kk == k]
+        print(f"| {k} | {np.mean(per):.4f} | {np.sum(per) / n:.3f} |")
+    print("\n| layer | entropy / log 77 | largest probability |\n|---|---|---|")
+    for name, p in probs.items():
+        ent = -(p.clamp_min(1e-12).log() * p).sum(-1).mean() / np.log(p.shape[-1])
+        print(f"| {name.removesuffix('.transformer_blocks.0.attn2')} | {ent:.3f} | {p.max(-1).values.mean():.3f} |")
+
+
+@torch.no_grad()
+def clip_binding(clip_dir=None, n=256, seed=5):
+    text, vision = tw._clip_towers(clip_dir or tw.TOY_DIR)
+    text.eval(), vision.eval()
+    tok = sdm.CLIPTokenizer()
+    rng = np.random.default_rng(seed)
+    scenes = [tw.sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
+    x = torch.stack([torch.from_numpy(np.array(tw.render(s)[0])).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    v = F.normalize(vision(vision.preprocess(x))[1], dim=-1)
+    ids = tok([caption(s) for s in scenes])
+    ctx, pooled = text(ids)[:2]
+    print(f"{clip_dir or 'shipped toy CLIP'}, {n} scenes: | swap | image prefers its caption | mean per-token change "
+          f"(token norm {ctx.norm(dim=-1).mean():.2f}) | cosine of the pooled state |\n|---|---|---|---|")
+    for w in SWAPS[:-1]:
+        c2, p2 = text(tok([swapped(rng, s, w) for s in scenes]))[:2]
+        win = ((v * F.normalize(pooled, dim=-1)).sum(-1) > (v * F.normalize(p2, dim=-1)).sum(-1)).float().mean()
+        print(f"| {w} | {win:.3f} | {(c2 - ctx).norm(dim=-1).mean():.2f} | {F.cosine_similarity(p2, pooled).mean():.3f} |")
+
+
+@torch.no_grad()
 def leak(model_dir=None, n=96, steps=25, seed=11):
     """Where does the object land: where the prompt says, or where x_T says? DDIM from pure noise, and from
     q_sample(z0, T) of the same scene drawn at another position; the probes read the position."""
@@ -123,7 +194,7 @@ def leak(model_dir=None, n=96, steps=25, seed=11):
 
 
 def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents="outputs/toy/latents-32000.safetensors",
-             lr=1e-4, batch=32, ema_decay=0.998, seed=1):
+             lr=1e-4, batch=32, ema_decay=0.998, seed=1, t_min=0, qk_lr_mult=1.0):
     m = sdm.StableDiffusion.from_pretrained(None, dtype=torch.float32).eval()
     cfg = sdm.replace(m.cfg, schedule=V0SNR if schedule == "v0snr" else m.cfg.schedule)
     _, captions = tw.load_pretrain_data(data)
@@ -134,19 +205,21 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
     n, sched, unet, text = len(moments), sdm.NoiseSchedule(cfg.schedule), m.unet.train().requires_grad_(True), m.text_encoder
     ids = sdm.CLIPTokenizer()(captions[:n] + [""])
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    qk = [p for name, p in unet.named_parameters() if ".attn2.to_q." in name or ".attn2.to_k." in name]
+    rest = [p for p in unet.parameters() if all(p is not q for q in qk)]
+    opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": qk, "mult": qk_lr_mult}], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(1, steps + 1), desc=f"finetune ({schedule})")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / 100)
+            group["lr"] = lr * group["mult"] * min(1.0, step / 100)
         idx = torch.randint(0, n, (batch,), generator=g)
         drop = torch.rand(batch, generator=g) < 0.1  # the empty caption, as in train-unet
         with torch.no_grad():
             context = text(ids[torch.where(drop, n, idx)])[0]
         d = sdm.DiagonalGaussian(moments[idx].float())
         z0 = (d.mean + d.std * torch.randn(d.mean.shape, generator=g)) * m.cfg.vae.scale_factor
-        t = torch.randint(0, 1000, (batch,), generator=g)
+        t = torch.randint(t_min, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         loss = F.mse_loss(unet(sched.q_sample(z0, t, noise), t, context), sched.target(z0, noise, t))
         opt.zero_grad(set_to_none=True)
@@ -162,7 +235,7 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
                      "image_encoder": sdm.StableDiffusion.load_image_encoder().state_dict()}
             tw.save_toy(os.path.join(out, f"step-{step}"), parts, cfg)
             with open(os.path.join(out, f"step-{step}", "finetune.json"), "w") as f:
-                json.dump({"schedule": schedule, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
+                json.dump({"schedule": schedule, "t_min": t_min, "qk_lr_mult": qk_lr_mult, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
 
 
 def main():
@@ -171,6 +244,13 @@ def main():
     c = sub.add_parser("gaps", help="x0 error with the true caption and with one attribute swapped")
     c.add_argument("--model", default=None, help="a model folder (default: the shipped toy model)")
     c.add_argument("--n", type=int, default=128)
+    c.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("attention", help="how much cross-attention each kind of caption word receives")
+    c.add_argument("--model", default=None)
+    c.add_argument("--t", type=int, default=600)
+    c.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("clip", help="does the toy CLIP tell a caption from one with an attribute swapped?")
+    c.add_argument("--clip", default=None, help="a train-clip output folder (default: the shipped toy model's towers)")
     c.add_argument("--threads", type=int, default=2)
     c = sub.add_parser("leak", help="does the object land where the prompt or where x_T says?")
     c.add_argument("--model", default=None)
@@ -181,6 +261,8 @@ def main():
     c.add_argument("--steps", type=int, default=2000)
     c.add_argument("--data", default="outputs/toy/data")
     c.add_argument("--latents", default="outputs/toy/latents-32000.safetensors")
+    c.add_argument("--t-min", type=int, default=0, help="train on t in [T_MIN, 999] only")
+    c.add_argument("--qk-lr-mult", type=float, default=1.0, help="learning rate x M for the cross-attention queries and keys")
     c.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -188,8 +270,12 @@ def main():
         gaps(a.model, a.n)
     elif a.cmd == "leak":
         leak(a.model)
+    elif a.cmd == "clip":
+        clip_binding(a.clip)
+    elif a.cmd == "attention":
+        attention(a.model, t=a.t)
     else:
-        finetune(a.out, a.schedule, a.steps, a.data, a.latents)
+        finetune(a.out, a.schedule, a.steps, a.data, a.latents, t_min=a.t_min, qk_lr_mult=a.qk_lr_mult)
 
 
 if __name__ == "__main__":

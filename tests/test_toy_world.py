@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,31 @@ def test_ground_truth_is_consistent():
             main, other = scene.objects
             assert tw.SIZES[main.size] > tw.SIZES[other.size]  # "main" is the larger one
     assert two > 5
+
+
+def test_hard_negatives_change_exactly_one_shape_or_position():
+    """NegCLIP's negative for a caption differs from it in one shape word or one position phrase, never in a colour
+    or background, and is deterministic per rng; a caption with neither has none."""
+    rng = np.random.default_rng(3)
+    caps = [tw.describe(tw.sample_scene(rng), rng)[0] for _ in range(300)]
+    a, b = ([tw.hard_negative(np.random.default_rng(9), c) for c in caps] for _ in range(2))
+    assert a == b and sum(n is None for n in a) < 30
+    kinds = set()
+    for c, n in zip(caps, a):
+        if n is None:
+            continue
+        old, new = c.split(" "), n.split(" ")
+        diff = [(x, y) for x, y in zip(old, new) if x != y] if len(old) == len(new) else []
+        if len(diff) == 1 and diff[0][0].rstrip(",") in tw.SHAPES:
+            (x, y), = diff
+            assert y.rstrip(",") in tw.SHAPES and x.endswith(",") == y.endswith(",")
+            kinds.add("shape")
+        else:  # a position phrase replaced by another one
+            ph = tw.POS_PHRASE.values()
+            assert any(c.replace(p, q, 1) == n for p in ph if p in c for q in ph if q != p)
+            kinds.add("position")
+    assert kinds == {"shape", "position"}
+    assert tw.hard_negative(rng, "a photo of a red toy on the grass") is None
 
 
 def test_concepts_and_held_out_shapes_never_appear_in_pretraining():
@@ -204,3 +230,12 @@ def test_images_saved_for_eval_score_like_the_originals(tmp_path):
     a, b = res["methods"]["oracle"], res["methods"]["resaved"]
     assert a["n"] == b["n"] == 4
     assert (a["concept_fidelity"], a["prompt_fidelity"]) == (b["concept_fidelity"], b["prompt_fidelity"])
+
+
+def test_clip_trains_with_hard_negatives(tmp_path):
+    """`train-clip --hard-negatives` runs a step on real captions and writes both towers."""
+    tw.pretrain_data(str(tmp_path / "data"), 16, workers=1)
+    tw.train_clip(tw.ClipArgs(data=str(tmp_path / "data"), output_dir=str(tmp_path / "clip"), train_batch_size=8,
+                              max_train_steps=1, checkpointing_steps=1, threads=1, hard_negatives=True))
+    text, _ = tw._clip_towers(str(tmp_path / "clip"))
+    assert all(torch.isfinite(p).all() for p in text.parameters())
