@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,8 @@ def caption(scene, **change):
     return f"{tw.object_phrase(o, o.shape)} {tw.BG_PHRASE[bg]}, {tw.POS_PHRASE[o.position]}"
 
 
-def swapped(rng, scene, what):
-    """The caption with `what` changed to another value the world allows (a colour never equal to the second one)."""
+def change_of(rng, scene, what):
+    """Another value the world allows for `what` (a colour never equal to the second one); None for "empty"."""
     o, other = scene.objects[0], lambda seq, cur: tw._pick(rng, [x for x in seq if x != cur])
     change = {"shape": lambda: {"shape": other(tw.SHAPES, o.shape)},
               "position": lambda: {"position": other(tw.POSITIONS, o.position)},
@@ -72,7 +73,22 @@ def swapped(rng, scene, what):
               "size": lambda: {"size": other(list(tw.SIZES), o.size)},
               "background": lambda: {"background": other(tw.BACKGROUNDS, scene.background)},
               "empty": None}[what]
-    return "" if change is None else caption(scene, **change())
+    return None if change is None else change()
+
+
+def swapped(rng, scene, what):
+    """The caption with `what` changed (the empty caption for "empty")."""
+    change = change_of(rng, scene, what)
+    return "" if change is None else caption(scene, **change)
+
+
+def changed_scene(rng, scene, change):
+    """The scene drawn with the change: a new position or size is placed anew in its cell (rng)."""
+    o, bg = scene.objects[0], change.get("background", scene.background)
+    o = replace(o, **{k: v for k, v in change.items() if k != "background"})
+    if "position" in change or "size" in change:
+        o = replace(o, **dict(zip(("cx", "cy", "r"), tw.place(rng, o.size, o.position))))
+    return replace(scene, background=bg, objects=(o,))
 
 
 @torch.no_grad()
@@ -153,18 +169,23 @@ def clip_binding(clip_dir=None, n=256, seed=5):
     text, vision = tw._clip_towers(clip_dir or tw.TOY_DIR)
     text.eval(), vision.eval()
     tok = sdm.CLIPTokenizer()
-    rng = np.random.default_rng(seed)
+    rng, place_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     scenes = [tw.sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
-    x = torch.stack([torch.from_numpy(np.array(tw.render(s)[0])).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
-    v = F.normalize(vision(vision.preprocess(x))[1], dim=-1)
+    pixels = lambda ss: torch.stack([torch.from_numpy(np.array(tw.render(s)[0])).permute(2, 0, 1).float() / 127.5 - 1 for s in ss])
+    embed = lambda ss: F.normalize(vision(vision.preprocess(pixels(ss)))[1], dim=-1)
+    v = embed(scenes)
     ids = tok([caption(s) for s in scenes])
     ctx, pooled = text(ids)[:2]
     print(f"{clip_dir or 'shipped toy CLIP'}, {n} scenes: | swap | image prefers its caption | mean per-token change "
-          f"(token norm {ctx.norm(dim=-1).mean():.2f}) | cosine of the pooled state |\n|---|---|---|---|")
+          f"(token norm {ctx.norm(dim=-1).mean():.2f}) | cosine of the pooled state | cosine of the image embedding, "
+          "the scene drawn with the change |\n|---|---|---|---|---|")
     for w in SWAPS[:-1]:
-        c2, p2 = text(tok([swapped(rng, s, w) for s in scenes]))[:2]
+        changes = [change_of(rng, s, w) for s in scenes]
+        c2, p2 = text(tok([caption(s, **c) for s, c in zip(scenes, changes)]))[:2]
         win = ((v * F.normalize(pooled, dim=-1)).sum(-1) > (v * F.normalize(p2, dim=-1)).sum(-1)).float().mean()
-        print(f"| {w} | {win:.3f} | {(c2 - ctx).norm(dim=-1).mean():.2f} | {F.cosine_similarity(p2, pooled).mean():.3f} |")
+        v2 = embed([changed_scene(place_rng, s, c) for s, c in zip(scenes, changes)])
+        print(f"| {w} | {win:.3f} | {(c2 - ctx).norm(dim=-1).mean():.2f} | {F.cosine_similarity(p2, pooled).mean():.3f} "
+              f"| {(v * v2).sum(-1).mean():.3f} |")
 
 
 @torch.no_grad()
