@@ -29,8 +29,10 @@ test: .deps-test
 test-slow: .deps-test
 	$(PYTHON) -m pytest -q -m slow tests
 
+# Correctness rules only, spelled out: ruff's defaults grew (0.17 turns on ~60 rule families) and the
+# house layout (long lines, small lambdas, `l` for a layer) is not ruff-format's, so neither is imposed.
 lint: .deps-test
-	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check --select E4,E7,E9,F --ignore E731,E741 .
 
 # Line budgets of the single-file modules (STYLE.md 3.2).
 loc:

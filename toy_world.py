@@ -1226,6 +1226,21 @@ def hard_negative(rng, caption: str) -> str | None:
     return " ".join(words)
 
 
+def clip_loss(scale, v, t, owner):
+    """CLIP's symmetric cross-entropy (Radford et al. 2021, Fig. 3) for B images `v` and texts `t`: the
+    B captions first, then hard negatives, negative k belonging to image owner[k]. An image competes with
+    every caption and with its own negatives only (another image's negative is not wrong for it); the
+    text-to-image direction is over the captions alone, as a negative has no image of its own."""
+    b = len(v)
+    logits = scale * v @ t.T  # b x (b + negatives)
+    mask = torch.ones_like(logits, dtype=torch.bool)
+    mask[:, b:] = owner[None, :] == torch.arange(b)[:, None]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    target = torch.arange(b)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)) / 2
+    return loss, {"acc": (logits.argmax(1) == target).float().mean().item()}
+
+
 def train_clip(a: ToyArgs):
     """Contrastive pretraining of both towers (Radford et al. 2021, Fig. 3): symmetric
     cross-entropy over the cosine similarities of a batch, with a learnt temperature;
@@ -1251,15 +1266,8 @@ def train_clip(a: ToyArgs):
         ids = ids[:, : int((ids == tok.eos_id).int().argmax(1).max()) + 1]
         t = F.normalize(text(ids)[1], dim=-1)
         v = F.normalize(vision(vision.preprocess(_pixels(arr, idx)))[1], dim=-1)
-        logits = log_scale.clamp(max=math.log(100)).exp() * v @ t.T  # B x (B + negatives)
-        if negs:  # image i competes with its own negative only; the others' are not wrong for it
-            owner = torch.tensor([i for i, c in enumerate(negs) if c is not None])
-            mask = torch.ones_like(logits, dtype=torch.bool)
-            mask[:, len(idx):] = owner[None, :] == torch.arange(len(idx))[:, None]
-            logits = logits.masked_fill(~mask, float("-inf"))
-        target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
-        return loss, {"acc": (logits.argmax(1) == target).float().mean().item()}
+        owner = torch.tensor([i for i, c in enumerate(negs) if c is not None], dtype=torch.long)
+        return clip_loss(log_scale.clamp(max=math.log(100)).exp(), v, t, owner)
 
     def save(folder):
         sdm.save_safetensors(text.state_dict(), Path(folder) / "text_encoder.safetensors")

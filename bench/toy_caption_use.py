@@ -19,18 +19,20 @@ tokens as a fraction of its largest value log 77 (1 = uniform: the layer reads t
 `clip`: does the toy CLIP itself tell a scene's caption from the same caption with one attribute swapped?
 The fraction of 256 fresh scenes whose image scores higher with its own caption (chance 0.5), and how far
 the swap reaches into the text encoder's output (what the UNet reads): mean per-token change, cosine of
-the pooled state. `--clip DIR` reads a `train-clip` output folder (or a model folder).
+the pooled state; and the image side: the cosine of the image embedding when the scene is drawn with the
+same change. `--clip DIR` reads a `train-clip` output folder (or a model folder).
 
 `finetune`: the shipped toy UNet (its EMA weights) trained N more steps from the same cached latents and
 captions as `toy_world.py train-unet`, either as before (eps, SD's schedule: `--schedule eps`) or with
 v-prediction on the zero-terminal-SNR schedule with trailing timesteps (Lin et al. 2024, Sec. 3: `v0snr`);
-lr 1e-4 after 100 warm-up steps, batch 32, EMA 0.998 from the shipped weights. Writes a model folder every
+lr 1e-4 after 100 warm-up steps (`--qk-lr-mult M`: M times that for the cross-attention queries and keys),
+batch 32, EMA 0.998 from the shipped weights. Writes a model folder every
 500 steps (`eval-base --model` and `gaps --model` read it).
 
     python bench/toy_caption_use.py gaps                                    # the shipped model
     python bench/toy_caption_use.py leak                                    # does x_T decide the position?
     python bench/toy_caption_use.py attention --model outputs/toy/unet/checkpoint-2400   # how selective?
-    python bench/toy_caption_use.py clip --clip outputs/toy/clip-hn           # a toy CLIP's attribute binding
+    python bench/toy_caption_use.py clip --clip outputs/toy-hn/clip           # a toy CLIP's attribute binding
     python bench/toy_caption_use.py finetune --schedule v0snr --steps 2000 --out outputs/toy/ft-v0snr
     python bench/toy_caption_use.py gaps --model outputs/toy/ft-v0snr/step-2000
 """
@@ -155,13 +157,17 @@ def attention(model_dir=None, n=64, t=600, seed=2):
     mass = torch.stack([p.mean(1) for p in probs.values()]).mean(0)  # b, 77: the mean over pixels, then layers
     print(f"{model_dir or 'shipped toy model'}, t = {t}, {n} scenes: attention mass per token kind (uniform: 0.013 a token)")
     print("| token kind | mass per token | total |\n|---|---|---|")
+    kinds_mass, layers = {}, {}
     for k in ("shape", "position", "colour", "size", "background", "other words", "<|startoftext|>", "<|endoftext|>", "padding"):
         per = [mass[b, i].item() for b in range(n) for i, kk in enumerate(kinds[b]) if kk == k]
-        print(f"| {k} | {np.mean(per):.4f} | {np.sum(per) / n:.3f} |")
+        kinds_mass[k] = (float(np.mean(per)), float(np.sum(per) / n))
+        print(f"| {k} | {kinds_mass[k][0]:.4f} | {kinds_mass[k][1]:.3f} |")
     print("\n| layer | entropy / log 77 | largest probability |\n|---|---|---|")
     for name, p in probs.items():
         ent = -(p.clamp_min(1e-12).log() * p).sum(-1).mean() / np.log(p.shape[-1])
-        print(f"| {name.removesuffix('.transformer_blocks.0.attn2')} | {ent:.3f} | {p.max(-1).values.mean():.3f} |")
+        layers[name] = (ent.item(), p.max(-1).values.mean().item())
+        print(f"| {name.removesuffix('.transformer_blocks.0.attn2')} | {layers[name][0]:.3f} | {layers[name][1]:.3f} |")
+    return kinds_mass, layers
 
 
 @torch.no_grad()
@@ -179,13 +185,17 @@ def clip_binding(clip_dir=None, n=256, seed=5):
     print(f"{clip_dir or 'shipped toy CLIP'}, {n} scenes: | swap | image prefers its caption | mean per-token change "
           f"(token norm {ctx.norm(dim=-1).mean():.2f}) | cosine of the pooled state | cosine of the image embedding, "
           "the scene drawn with the change |\n|---|---|---|---|---|")
+    rows = {}
     for w in SWAPS[:-1]:
         changes = [change_of(rng, s, w) for s in scenes]
         c2, p2 = text(tok([caption(s, **c) for s, c in zip(scenes, changes)]))[:2]
         win = ((v * F.normalize(pooled, dim=-1)).sum(-1) > (v * F.normalize(p2, dim=-1)).sum(-1)).float().mean()
         v2 = embed([changed_scene(place_rng, s, c) for s, c in zip(scenes, changes)])
-        print(f"| {w} | {win:.3f} | {(c2 - ctx).norm(dim=-1).mean():.2f} | {F.cosine_similarity(p2, pooled).mean():.3f} "
-              f"| {(v * v2).sum(-1).mean():.3f} |")
+        rows[w] = dict(prefers_own=win.item(), token_change=(c2 - ctx).norm(dim=-1).mean().item(),
+                       pooled_cosine=F.cosine_similarity(p2, pooled).mean().item(), image_cosine=(v * v2).sum(-1).mean().item())
+        print(f"| {w} | {rows[w]['prefers_own']:.3f} | {rows[w]['token_change']:.2f} | {rows[w]['pooled_cosine']:.3f} "
+              f"| {rows[w]['image_cosine']:.3f} |")
+    return rows
 
 
 @torch.no_grad()
@@ -215,7 +225,7 @@ def leak(model_dir=None, n=96, steps=25, seed=11):
 
 
 def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents="outputs/toy/latents-32000.safetensors",
-             lr=1e-4, batch=32, ema_decay=0.998, seed=1, t_min=0, qk_lr_mult=1.0):
+             lr=1e-4, batch=32, ema_decay=0.998, seed=1, qk_lr_mult=1.0):
     m = sdm.StableDiffusion.from_pretrained(None, dtype=torch.float32).eval()
     cfg = sdm.replace(m.cfg, schedule=V0SNR if schedule == "v0snr" else m.cfg.schedule)
     _, captions = tw.load_pretrain_data(data)
@@ -226,8 +236,9 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
     n, sched, unet, text = len(moments), sdm.NoiseSchedule(cfg.schedule), m.unet.train().requires_grad_(True), m.text_encoder
     ids = sdm.CLIPTokenizer()(captions[:n] + [""])
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    qk = [p for name, p in unet.named_parameters() if ".attn2.to_q." in name or ".attn2.to_k." in name]
-    rest = [p for p in unet.parameters() if all(p is not q for q in qk)]
+    is_qk = lambda name: ".attn2.to_q." in name or ".attn2.to_k." in name  # cross-attention queries and keys
+    qk = [p for name, p in unet.named_parameters() if is_qk(name)]
+    rest = [p for name, p in unet.named_parameters() if not is_qk(name)]
     opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": qk, "mult": qk_lr_mult}], lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(1, steps + 1), desc=f"finetune ({schedule})")
@@ -240,7 +251,7 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
             context = text(ids[torch.where(drop, n, idx)])[0]
         d = sdm.DiagonalGaussian(moments[idx].float())
         z0 = (d.mean + d.std * torch.randn(d.mean.shape, generator=g)) * m.cfg.vae.scale_factor
-        t = torch.randint(t_min, 1000, (batch,), generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         loss = F.mse_loss(unet(sched.q_sample(z0, t, noise), t, context), sched.target(z0, noise, t))
         opt.zero_grad(set_to_none=True)
@@ -256,7 +267,7 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
                      "image_encoder": sdm.StableDiffusion.load_image_encoder().state_dict()}
             tw.save_toy(os.path.join(out, f"step-{step}"), parts, cfg)
             with open(os.path.join(out, f"step-{step}", "finetune.json"), "w") as f:
-                json.dump({"schedule": schedule, "t_min": t_min, "qk_lr_mult": qk_lr_mult, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
+                json.dump({"schedule": schedule, "qk_lr_mult": qk_lr_mult, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
 
 
 def main():
@@ -282,7 +293,6 @@ def main():
     c.add_argument("--steps", type=int, default=2000)
     c.add_argument("--data", default="outputs/toy/data")
     c.add_argument("--latents", default="outputs/toy/latents-32000.safetensors")
-    c.add_argument("--t-min", type=int, default=0, help="train on t in [T_MIN, 999] only")
     c.add_argument("--qk-lr-mult", type=float, default=1.0, help="learning rate x M for the cross-attention queries and keys")
     c.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
@@ -296,7 +306,7 @@ def main():
     elif a.cmd == "attention":
         attention(a.model, t=a.t)
     else:
-        finetune(a.out, a.schedule, a.steps, a.data, a.latents, t_min=a.t_min, qk_lr_mult=a.qk_lr_mult)
+        finetune(a.out, a.schedule, a.steps, a.data, a.latents, qk_lr_mult=a.qk_lr_mult)
 
 
 if __name__ == "__main__":

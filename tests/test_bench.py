@@ -108,3 +108,25 @@ def test_toy_caption_use_finds_the_words_the_model_uses_and_finetunes_onto_a_zer
     assert not torch.equal(m.unet.state_dict()["out.2.weight"], shipped.unet.state_dict()["out.2.weight"])
     assert torch.equal(m.vae.state_dict()["decoder.conv_out.weight"], shipped.vae.state_dict()["decoder.conv_out.weight"])
     assert json.loads((tmp_path / "ft" / "step-2" / "finetune.json").read_text())["schedule"] == "v0snr"
+    # --qk-lr-mult 0 freezes exactly the cross-attention queries and keys
+    tcu.finetune(str(tmp_path / "qk0"), "eps", steps=2, data=str(data), latents=str(tmp_path / "latents.safetensors"),
+                 batch=2, lr=1e-2, ema_decay=0.0, qk_lr_mult=0.0)
+    new, old = sdm.StableDiffusion.from_pretrained(tmp_path / "qk0" / "step-2").unet.state_dict(), shipped.unet.state_dict()
+    qk = [k for k in old if ".attn2.to_q." in k or ".attn2.to_k." in k]
+    assert len(qk) == 32 and all(torch.equal(new[k], old[k]) for k in qk)
+    assert not torch.equal(new["output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"],
+                           old["output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"])
+
+
+def test_toy_caption_use_attention_and_clip_binding():
+    """`attention`: a distribution over the 77 tokens per layer, every token counted once; `clip`: on the shipped
+    toy CLIP a swapped colour is told apart far better than a swapped position (the README's finding)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import toy_caption_use as tcu
+
+    kinds, layers = tcu.attention(n=4)
+    assert len(layers) == 16 and all(0 < ent <= 1 + 1e-6 and 1 / 77 <= top <= 1 for ent, top in layers.values())
+    assert abs(sum(total for _, total in kinds.values()) - 1) < 1e-4
+    rows = tcu.clip_binding(n=48)
+    assert rows["color"]["prefers_own"] > 0.9 > rows["position"]["prefers_own"]
+    assert rows["color"]["image_cosine"] < 0.7 < rows["position"]["image_cosine"]

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,10 +233,29 @@ def test_images_saved_for_eval_score_like_the_originals(tmp_path):
     assert (a["concept_fidelity"], a["prompt_fidelity"]) == (b["concept_fidelity"], b["prompt_fidelity"])
 
 
+def test_clip_loss_with_hard_negatives_matches_a_loop():
+    """Each image's softmax runs over all captions and its own negatives only; the text side over captions only;
+    with no negatives it is CLIP's plain symmetric loss."""
+    g = torch.Generator().manual_seed(0)
+    v, t = F.normalize(torch.randn(4, 8, generator=g), dim=-1), F.normalize(torch.randn(7, 8, generator=g), dim=-1)
+    owner = torch.tensor([2, 0, 2])  # negatives 4, 5, 6 belong to images 2, 0, 2
+    loss, _ = tw.clip_loss(10.0, v, t, owner)
+    img = [-torch.log_softmax(10.0 * v[i] @ t[[*range(4), *(4 + k for k in range(3) if owner[k] == i)]].T, 0)[i] for i in range(4)]
+    txt = [-torch.log_softmax(10.0 * t[j] @ v.T, 0)[j] for j in range(4)]
+    assert torch.allclose(loss, (torch.stack(img).mean() + torch.stack(txt).mean()) / 2)
+    plain = 10.0 * v @ t[:4].T
+    ref = (F.cross_entropy(plain, torch.arange(4)) + F.cross_entropy(plain.T, torch.arange(4))) / 2
+    assert torch.allclose(tw.clip_loss(10.0, v, t[:4], torch.zeros(0, dtype=torch.long))[0], ref)
+    assert loss > tw.clip_loss(10.0, v, t[:4], torch.zeros(0, dtype=torch.long))[0]  # negatives only add terms
+
+
 def test_clip_trains_with_hard_negatives(tmp_path):
-    """`train-clip --hard-negatives` runs a step on real captions and writes both towers."""
+    """`train-clip --hard-negatives` trains on real captions with their negatives: the towers differ from a plain run's."""
     tw.pretrain_data(str(tmp_path / "data"), 16, workers=1)
-    tw.train_clip(tw.ClipArgs(data=str(tmp_path / "data"), output_dir=str(tmp_path / "clip"), train_batch_size=8,
-                              max_train_steps=1, checkpointing_steps=1, threads=1, hard_negatives=True))
-    text, _ = tw._clip_towers(str(tmp_path / "clip"))
-    assert all(torch.isfinite(p).all() for p in text.parameters())
+    runs = {}
+    for hn in (False, True):
+        tw.train_clip(tw.ClipArgs(data=str(tmp_path / "data"), output_dir=str(tmp_path / f"clip{hn}"), train_batch_size=8,
+                                  max_train_steps=1, checkpointing_steps=1, threads=1, hard_negatives=hn))
+        runs[hn] = tw._clip_towers(str(tmp_path / f"clip{hn}"))[0].state_dict()
+    assert all(torch.isfinite(p).all() for p in runs[True].values())
+    assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[False])
