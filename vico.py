@@ -34,7 +34,8 @@ code (the paper's Table 4 baseline); `--mask-mode none` is its "TI + visual cond
 
 Not done: stopping the reference half after the last image layer. Its output_blocks.11 and `out`
 are computed and thrown away (7.9 % of an SD1.5 UNet pass at 512 px, so about 4 % of a ViCo step);
-the skip stacks hold both halves, so stopping early would take a second, truncated pass.
+the skip stacks hold both halves, so stopping early would take a second, truncated pass. SDXL:
+`check_model` refuses it (its UNet also needs the vector condition y, and S* would need both text encoders).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class ViCo(nn.Module):
                     nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
         self.call: _Call | None = None
         self.installed = 0
+        self.metadata: dict = {}  # set by load_concept: what vico.safetensors says about training
 
     @property
     def visual_condition(self) -> bool:
@@ -240,10 +242,14 @@ class ViCo(nn.Module):
         if not self.layers:
             yield
             return
-        layers, self.installed = set(self.layers), self.installed + 1
+        # one image block per layer, after the layer's *last* text block (card 3: ĉ_I is the reference after
+        # the whole text transformer, before proj_out); its attn2 gives the mask. SD1/2 have one block per
+        # layer, SDXL-like configs several: hooking every block would apply A_I after each of them.
+        last = {f"{n}.transformer_blocks.{len(unet.get_submodule(n).transformer_blocks) - 1}" for n in self.layers}
+        self.installed += 1
         try:
             with sdm.hooked(unet, processor=self._text_attention, attn="attn2", after_block=self._after_block,
-                            where=lambda n: _layer(n) in layers):
+                            where=lambda n: n.removesuffix(".attn2") in last):
                 yield
         finally:
             self.installed -= 1
@@ -266,6 +272,14 @@ class ViCo(nn.Module):
 
 
 # ---- 3. Tokens, weights and files: ours (safetensors) and the official release's (pickles).
+
+
+def check_model(model: sdm.StableDiffusion) -> None:
+    """ViCo's UNet calls pass the text context only; SDXL's UNet also needs the vector condition y, and S*
+    would need a row in both text encoders. Refuse it here rather than fail deep inside a forward pass."""
+    if model.cfg.text2 is not None or model.cfg.unet.adm_in_channels:
+        raise ValueError("ViCo here supports SD 1.x and 2.x base models, not SDXL (it would need the vector condition y "
+                         "and S* in both text encoders).")
 
 
 def add_placeholders(model: sdm.StableDiffusion, placeholders: list[str]) -> list[int]:
@@ -362,7 +376,9 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
     """A trained concept (ours: vico.safetensors; official: the two .pt files) on `model`."""
     from safetensors import safe_open
 
+    check_model(model)
     folder = Path(folder)
+    meta = {}
     if (folder / "vico.safetensors").exists():
         with safe_open(str(folder / "vico.safetensors"), "pt") as f:
             meta = f.metadata()
@@ -382,6 +398,7 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
         raise ValueError(f"the concept's token vectors are {rows.shape[-1]} wide; this text encoder is {width} wide.")
     vico = ViCo(model.unet, phs, add_placeholders(model, phs), rows, vis, mode)
     load_image_blocks(vico, sd, f"'{folder}'")
+    vico.metadata = meta  # the file's metadata (JSON strings), so that `export` can keep the training facts
     return vico.to(model.device, model.unet.out[2].weight.dtype)
 
 
@@ -449,6 +466,9 @@ def generate(model, vico: ViCo, prompts, references=None, ref_tokens=None, negat
         ref_tokens = present * len(references)
     if len(ref_tokens) != len(references):
         raise ValueError(f"{len(references)} references but {len(ref_tokens)} reference tokens.")
+    unknown = [tk for tk in ref_tokens if tk not in vico.placeholders]
+    if unknown:
+        raise ValueError(f"unknown reference token '{unknown[0]}'; this concept's tokens are: {', '.join(vico.placeholders)}.")
     cols = torch.stack([token_columns(ids, vico.token_ids[vico.placeholders.index(tk)], tk) for tk in ref_tokens])
     fit = lambda r: r[None] if r.shape[-2:] == (h, w) else F.interpolate(r[None], (h, w), mode="bicubic", antialias=True).clamp(-1, 1)
     refs = torch.stack([model.encode_images(fit(r.float()).to(model.device), generator) for r in references])
@@ -519,6 +539,10 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     torch.manual_seed(args.seed)
     model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device,
                                             compile=args.compile, channels_last=args.channels_last)
+    check_model(model)
+    for d, c in zip(args.images, concepts):
+        if len(c) == 1 and args.visual_condition:
+            print(f"'{d}' holds one image: it is also its own reference (as in the official code, App. C).", file=sys.stderr)
     size = args.resolution or model.cfg.image_size
     table = model.text_encoder.token_embedding
     init_ids = [model.tokenizer.token_id(w) for w in args.init_word]  # one clear error if not one token
@@ -573,21 +597,25 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
         mse = F.mse_loss(eps.float(), model.schedule.target(z0, noise, t).float())
         return mse + args.reg_weight * reg, {"mse": mse.item(), "reg": reg.item()}
 
+    lrs = [g["lr"] for g in opt.param_groups]  # the effective ones, after --scale-lr
     meta = {"base_model": args.pretrained_model or "toy", "init_words": args.init_word, "seed": args.seed,
-            "resolution": size, "max_train_steps": args.max_train_steps}
+            "resolution": size, "max_train_steps": args.max_train_steps,
+            "learning_rates": dict(zip(("tokens", "image_blocks"), lrs))}
 
     def save(folder):
         name = Path(folder).name
         save_concept(vico, folder, {**meta, "step": int(name.split("-")[1]) if name.startswith("checkpoint-") else args.max_train_steps})
 
+    # every concept the validation prompt names gets its first image as reference (App. J: "S1* next to S2*")
+    shown = [p for p in placeholders if p in args.validation_prompt]
+
     def validate():
-        ph = next((p for p in placeholders if p in args.validation_prompt), None)
-        refs = [images[placeholders.index(ph)][0]] if ph else None
-        out = generate(model, vico, [args.validation_prompt] * args.num_validation_images, refs,
+        refs = [images[placeholders.index(p)][0] for p in shown]
+        out = generate(model, vico, [args.validation_prompt] * args.num_validation_images, refs, shown,
                        generator=torch.Generator().manual_seed(args.seed), size=(size, size), progress=False)
         return sdm.tensor_to_images(out)
 
-    if args.validation_prompt and not any(p in args.validation_prompt for p in placeholders):
+    if args.validation_prompt and not shown:
         raise ValueError(f"the validation prompt has no concept token ({', '.join(placeholders)}).")
     tensors = {"embeddings": vico.embeddings, **{f"image_blocks.{k}": v for k, v in vico.image_blocks.state_dict(keep_vars=True).items()}}
     with vico.install(model.unet):
@@ -610,15 +638,23 @@ class ViCoSampleArgs(sdm.SampleArgs):
     output_dir: str = "outputs/vico-samples"
 
 
+def read_reference(path):
+    """A reference image as PIL RGB, or one sentence naming the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference image '{path}' does not exist.")
+    try:
+        return sdm.load_image(path)
+    except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, OSError, SyntaxError ...)
+        raise ValueError(f"reference image '{path}' is not a readable image ({type(e).__name__}).") from e
+
+
 def sample_cli(a: ViCoSampleArgs) -> None:
-    missing = [r for r in a.reference if not Path(r).is_file()]
-    if missing:
-        raise FileNotFoundError(f"reference image '{missing[0]}' does not exist.")
+    ref_images = [read_reference(r) for r in a.reference]  # before the model: bad input fails in a second
     device = sdm.pick_device(a.device)
     model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
     h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
-    refs = [sdm.image_to_tensor(sdm.load_image(r), (h, w)) for r in a.reference]
+    refs = [sdm.image_to_tensor(im, (h, w)) for im in ref_images]
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
     guided, b = a.guidance_scale != 1.0, a.batch_size
 
@@ -633,6 +669,10 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     for i, img in enumerate(sdm.tensor_to_images(images)):
         sdm.save_image(img, out / f"{a.seed:04d}_{i:02d}.png")
     print(f"wrote {len(images)} image(s) to {out} in {time.time() - t0:.1f} s")
+
+
+# what a trained concept's metadata says about its training; `export --format vico` carries it over
+TRAINING_METADATA = ("init_words", "seed", "step", "learning_rates", "resolution", "max_train_steps")
 
 
 def export_cli(argv) -> None:
@@ -652,7 +692,8 @@ def export_cli(argv) -> None:
     if a.format == "official":
         save_official(vico, out, int(a.step or 399), model.tokenizer.token_id("*"))
     else:
-        save_concept(vico, out, {"base_model": a.pretrained_model or "toy", "converted_from": str(a.concept)})
+        kept = {k: v for k, v in vico.metadata.items() if k in TRAINING_METADATA}  # ours -> ours; the official files have none
+        save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})
     print(f"wrote {a.format} files to {out}")
 
 

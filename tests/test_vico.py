@@ -1,5 +1,6 @@
 """ViCo (vico.py): the method card's section-14 checks, on tiny random models."""
 
+import inspect
 import json
 import warnings
 
@@ -112,6 +113,48 @@ def test_hooks_leave_nothing_behind_and_unet_state_dict_is_the_checkpoint(model)
     assert all(m.processor is None for m in model.unet.modules() if isinstance(m, sdm.Attention))
     assert all(b.after_block is None for b in model.unet.modules() if isinstance(b, sdm.BasicTransformerBlock))
     assert model.unet.state_dict().keys() == before.keys() and all(torch.equal(before[k], t) for k, t in model.unet.state_dict().items())
+
+
+def test_one_image_block_per_layer_after_its_last_transformer_block(monkeypatch):
+    """SDXL-like depth 2: the image block sits once per layer, after the layer's whole text transformer (card 3),
+    and the mask is read from that last block's attn2."""
+    torch.manual_seed(0)
+    unet = sdm.UNetModel(sdm.replace(sdm.TINY.unet, transformer_depth=(2, 2), transformer_depth_middle=2)).requires_grad_(False)
+    v = vico.ViCo(unet, ["S*"], [49408], torch.zeros(1, 64))
+    assert v.layers == ["output_blocks.1.1", "output_blocks.3.1"]
+    calls, image_attention = [], v.image_attention
+    monkeypatch.setattr(v, "image_attention", lambda layer, *a: calls.append(layer) or image_attention(layer, *a))
+    g = torch.Generator().manual_seed(0)
+    x, r, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 64, generator=g)
+    with v.install(unet):
+        hooked = [b.name for b in unet.modules() if isinstance(b, sdm.BasicTransformerBlock) and b.after_block is not None]
+        probed = [a.name for a in unet.modules() if isinstance(a, sdm.Attention) and a.processor is not None]
+        _, reg = v.denoise(unet, x, T, ctx, r[None], torch.tensor([[5, 1]]), torch.tensor([6, 3]))
+    assert hooked == [f"{layer}.transformer_blocks.1" for layer in v.layers]
+    assert probed == [f"{layer}.transformer_blocks.1.attn2" for layer in v.layers]
+    assert calls == v.layers and reg > 0
+
+
+# SDXL's layout at toy widths (as in test_dco.py): two text towers and the vector condition y.
+TINY_XL = sdm.SDConfig(
+    "tiny-xl",
+    sdm.UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1, transformer_depth=(0, 2),
+                   num_heads=None, num_head_channels=16, context_dim=64, use_linear_in_transformer=True,
+                   adm_in_channels=32 + 6 * 8, norm_groups=8),
+    sdm.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, penultimate=True),
+    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, act="gelu", projection_dim=32, pad_id=0, penultimate=True),
+    image_size=32)
+
+
+def test_sdxl_is_refused_when_loading(tmp_path):
+    xl = sdm.StableDiffusion(TINY_XL).eval().requires_grad_(False)
+    args = vico.ViCoArgs(images=[str(write_images(tmp_path / "imgs", 1))], init_word=["dog"], output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="not SDXL"):
+        vico.train(args, xl)
+    with pytest.raises(ValueError, match="not SDXL"):
+        vico.load_concept(xl, tmp_path)
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the mask (card 5) and the regulariser (card 6)
@@ -285,9 +328,10 @@ def run_train(model, out, steps, **kw):
     return vico.train(args, model)
 
 
-def test_only_the_tokens_and_the_blocks_change_and_the_optimizer_groups(model, tmp_path):
+def test_only_the_tokens_and_the_blocks_change_and_the_optimizer_groups(model, tmp_path, capsys):
     before = {p: {k: t.clone() for k, t in getattr(model, p).state_dict().items()} for p in ("unet", "vae", "text_encoder")}
     v = run_train(model, tmp_path / "a", 1, images=write_images(tmp_path / "imgs", 1))
+    assert f"'{tmp_path / 'imgs'}' holds one image: it is also its own reference" in capsys.readouterr().err
     init = model.text_encoder.token_embedding.weight[model.tokenizer.token_id("dog")]
     assert not torch.equal(v.embeddings[0], init)
     for p in ("unet", "vae", "text_encoder"):
@@ -301,19 +345,22 @@ def test_only_the_tokens_and_the_blocks_change_and_the_optimizer_groups(model, t
     assert torch.equal(sdm.load_embeddings(tmp_path / "a" / "Sstar.a1111.safetensors")["emb_params"], saved["S*"])
 
 
-def test_blocks_change_after_a_step(model, tmp_path):
+def test_blocks_change_after_a_step(model, tmp_path, capsys):
     v = run_train(model, tmp_path / "a", 1, images=write_images(tmp_path / "imgs", 2), seed=1)
+    assert "its own reference" not in capsys.readouterr().err
     init = make_vico(model).image_blocks.state_dict()  # train() seeds before building the blocks, as make_vico does
     changed = [k for k, t in v.image_blocks.state_dict().items() if not torch.equal(t, init[k])]
     assert len(changed) == len(init)  # every block tensor moved
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(model):
+def test_gradient_checkpointing_gives_the_same_gradients(model, monkeypatch):
     v = make_vico(model)
     v.embeddings.requires_grad_(True)
     x, r, ctx, cols, eot = inputs(model, v)
-    grads = []
+    grads, calls, checkpoint = [], [], sdm.checkpoint
+    monkeypatch.setattr(sdm, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
     for ckpt in (False, True):
+        calls.clear()
         model.unet.gradient_checkpointing = ckpt
         v.zero_grad()
         with torch.enable_grad(), v.install(model.unet):
@@ -321,6 +368,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(model):
             eps, reg = v.denoise(model.unet, x, T, ctx, r[None], cols[None], eot)
             (eps.square().mean() + 5e-4 * reg).backward()
         grads.append([v.embeddings.grad.clone()] + [p.grad.clone() for p in v.image_blocks.parameters()])
+        # every input, middle and output block ran through torch.utils.checkpoint, and only when asked
+        assert len(calls) == (len(model.unet.input_blocks) + 1 + len(model.unet.output_blocks)) * ckpt
     model.unet.gradient_checkpointing = False
     for a, b in zip(*grads):
         assert_close(b, a, rtol=1e-4, what="gradient with checkpointing")
@@ -335,6 +384,29 @@ def test_resume_equals_an_uninterrupted_run(model, tmp_path):
         assert torch.equal(a, b), k
     logs = lambda d: [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert logs("a")[2:] == logs("b")[2:] and all(r["reg"] > 0 for r in logs("a"))
+
+
+def test_logged_loss_is_the_mse_plus_the_weighted_regulariser(model, tmp_path):
+    """Card 14.7 / Eq. 7: loss = eps-MSE + 5e-4 x (the regulariser summed over the image layers), read back from log.jsonl."""
+    run_train(model, tmp_path / "a", 3, images=write_images(tmp_path / "imgs", 2), train_batch_size=2)
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert len(logs) == 3
+    for r in logs:
+        assert r["reg"] > 0 and r["mse"] > 0
+        assert abs(r["loss"] - (r["mse"] + 5e-4 * r["reg"])) <= 1e-6 * r["loss"], r
+
+
+def test_metadata_has_the_learning_rates_and_export_keeps_the_training_facts(model, model_dir, tmp_path):
+    run_train(model, tmp_path / "run", 1, images=write_images(tmp_path / "imgs", 2), train_batch_size=2, seed=7)
+    vico.main(["export", "--pretrained-model", str(model_dir), "--concept", str(tmp_path / "run"), "--format", "vico",
+               "--output-dir", str(tmp_path / "back")])
+    with safe_open(str(tmp_path / "run" / "vico.safetensors"), "pt") as a, safe_open(str(tmp_path / "back" / "vico.safetensors"), "pt") as b:
+        src, dst = a.metadata(), b.metadata()
+    assert json.loads(src["learning_rates"]) == {"tokens": pytest.approx(5e-3 * 2), "image_blocks": 1e-5}  # S* scaled by the batch
+    assert (json.loads(src["init_words"]), json.loads(src["seed"]), json.loads(src["step"])) == (["dog"], 7, 1)
+    for k in ("init_words", "seed", "step", "learning_rates"):
+        assert dst[k] == src[k], k
+    assert dst["converted_from"] == str(tmp_path / "run")
 
 
 def test_cached_latents_train_as_encoding_every_step(model, tmp_path, monkeypatch):
@@ -445,6 +517,10 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
         "no S*": ([*sample, "--reference", str(imgs / "0.png"), "--prompt", "a photo of a dog", "--overwrite"], "has no concept token"),
         "missing reference": ([*sample, "--reference", str(tmp_path / "nope.png"), "--prompt", "a S*", "--overwrite"], "nope.png' does not exist"),
         "no reference": ([*sample, "--prompt", "a S*", "--overwrite"], "give at least one reference"),
+        "reference not an image": ([*sample, "--reference", str(imgs / "notes.txt"), "--prompt", "a S*", "--overwrite"],
+                                   "reference image '.*notes.txt' is not a readable image"),
+        "unknown reference token": ([*sample, "--reference", str(imgs / "0.png"), "--reference-tokens", "X*", "--prompt", "a S*",
+                                     "--overwrite"], r"unknown reference token 'X\*'; this concept's tokens are: S\*\.$"),
         "no concept": ([*sample[:-4], "--concept", str(imgs), "--prompt", "a S*", "--overwrite"], "holds no ViCo concept"),
     }
     for what, (argv, msg) in errors.items():
@@ -453,11 +529,21 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
             vico.main(argv)
 
 
-def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path):
-    a, b = write_images(tmp_path / "a", 2), write_images(tmp_path / "b", 1)
-    args = vico.ViCoArgs(images=[str(a), str(b)], init_word=["dog", "cat"], output_dir=str(tmp_path / "run"), max_train_steps=2)
+def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monkeypatch):
+    a, b = write_images(tmp_path / "a", 2), write_images(tmp_path / "b", 1, size=24)
+    args = vico.ViCoArgs(images=[str(a), str(b)], init_word=["dog", "cat"], output_dir=str(tmp_path / "run"), max_train_steps=2,
+                         validation_prompt="S1* next to S2*", validation_steps=2, num_validation_images=1)
+    seen, generate = [], vico.generate
+    def spy(*a, **kw):  # validation: each concept token in the prompt gets its own concept's first image as reference
+        seen.append(inspect.signature(generate).bind(*a, **kw).arguments)
+        return generate(*a, **kw)
+    monkeypatch.setattr(vico, "generate", spy)
     v = vico.train(args, model)
     assert v.placeholders == ["S1*", "S2*"] and v.embeddings.shape == (2, 64)
+    assert (tmp_path / "run" / "validation" / "step-000002.png").exists() and len(seen) == 1
+    refs = [sdm.image_to_tensor(sdm.load_image_folder(d)[0][1], 32) for d in (a, b)]
+    assert seen[0]["ref_tokens"] == ["S1*", "S2*"] and all(torch.equal(x, y) for x, y in zip(seen[0]["references"], refs, strict=True))
+    monkeypatch.undo()
     refs = [torch.rand(3, 32, 32) * 2 - 1, torch.rand(3, 32, 32) * 2 - 1]
     with pytest.raises(ValueError, match="several concept tokens"):
         vico.generate(model, v, ["S1* next to S2*"], refs, steps=1, progress=False)
