@@ -756,9 +756,78 @@ def toy_benchmark(argv) -> None:
     print(f"wrote {len(rows)} images; score them with: python toy_world.py eval --images {out / 'images'}")
 
 
+@torch.no_grad()
+def toy_masks(argv) -> None:
+    """Does the object mask emerge (Sec. 3.2)? For each toy concept trained by `toy-benchmark`, the
+    IoU of the Otsu mask (Eq. 4) with the ground-truth object on the concept's own references (soft: each
+    patch counts by the share of it the object covers), per
+    image layer and timestep, from three columns of the reference stream's attention: the trained S*,
+    the init word (S* before training) and <|endoftext|> (the regulariser's target). "object" is the
+    IoU of an all-foreground mask (the object's area share): the floor a mask must beat."""
+    from PIL import Image
+
+    import toy_world as tw
+
+    p = argparse.ArgumentParser(prog="vico.py toy-masks", description=toy_masks.__doc__)
+    p.add_argument("--out", default="outputs/vico-toy", help="the toy-benchmark folder (runs/vico/<concept>)")
+    p.add_argument("--pretrained-model", default="", help="default: the toy model")
+    p.add_argument("--timesteps", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    p.add_argument("--prompt", default="a photo of a {}")
+    p.add_argument("--concepts", nargs="+", default=[c.id for c in tw.CONCEPTS])
+    a = p.parse_args(argv)
+    model = sdm.load_model(a.pretrained_model)
+    rows = []
+    for cid in a.concepts:
+        run = Path(a.out) / "runs" / "vico" / cid
+        if not (run / "vico.safetensors").exists():
+            raise FileNotFoundError(f"no trained concept in '{run}'; run `python vico.py toy-benchmark --out {a.out} --concepts {cid}` first.")
+        c = tw.find_concept(cid)
+        vico = load_concept(model, run)
+        table = model.text_encoder.token_embedding.weight
+        trained = vico.embeddings.detach().clone()
+        init = table[model.tokenizer.token_id(c.init_word())][None].float()
+        ids = model.tokenize([a.prompt.format("S*")])
+        col, eot = token_columns(ids, vico.token_ids[0], "S*"), (ids == model.tokenizer.eos_id).int().argmax(-1)
+        g = torch.Generator().manual_seed(0)
+        for i, (scene, image) in enumerate(tw.concept_references(c)):  # the images make_concepts wrote
+            truth = torch.from_numpy(tw.render(scene, image.shape[0])[1] == 1).float()[None, None]
+            ref = model.encode_images(sdm.image_to_tensor(Image.fromarray(image))[None].to(model.device), g)
+            for t in a.timesteps:
+                for which, row in (("S*", trained), ("init word", init)):
+                    vico.embeddings.data.copy_(row)
+                    cond = model.encode_prompt([a.prompt.format("S*")], extra=(vico.text_rows(len(table)), None)).context
+                    with vico.install(model.unet):
+                        vico.denoise(model.unet, ref, t, cond, ref[None], col[None])
+                        probs = dict(vico.call.probs)
+                    for layer, pr in probs.items():
+                        side = round(pr.shape[1] ** 0.5)
+                        gt = F.adaptive_avg_pool2d(truth, side).flatten().to(pr.device)  # object share of each patch
+                        cols = {which: col} if which == "init word" else {which: col, "<|endoftext|>": eot}
+                        for name, k in cols.items():
+                            m = otsu_mask(pr[0, :, int(k)][None])[0]
+                            m = m.float()  # soft IoU: a patch half covered by the object counts half
+                            rows.append({"concept": cid, "ref": i, "t": t, "layer": layer, "column": name,
+                                         "iou": (torch.minimum(m, gt).sum() / torch.maximum(m, gt).sum()).item(),
+                                         "recall": (torch.minimum(m, gt).sum() / gt.sum()).item(),
+                                         "kept": m.mean().item(), "object": gt.mean().item()})
+        vico.embeddings.data.copy_(trained)
+    sdm.atomic_write(Path(a.out) / "mask_quality.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    names = ["S*", "init word", "<|endoftext|>"]
+    print("| layer | t | " + " | ".join(f"IoU {n}" for n in names) + " | IoU object (all kept) | kept (S*) | object recall (S*) |")
+    print("|---|---|" + "---|" * (len(names) + 3))
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        for t in a.timesteps:
+            sel = [r for r in rows if r["layer"] == layer and r["t"] == t]
+            by = {n: [r for r in sel if r["column"] == n] for n in names}
+            print(f"| {layer} | {t} | " + " | ".join(f"{mean(by[n], 'iou'):.3f}" for n in names)
+                  + f" | {mean(by['S*'], 'object'):.3f} | {mean(by['S*'], 'kept'):.3f} | {mean(by['S*'], 'recall'):.3f} |")
+    print(f"wrote {len(rows)} rows to {Path(a.out) / 'mask_quality.jsonl'}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cmds = ("train", "sample", "export", "toy-benchmark")
+    cmds = ("train", "sample", "export", "toy-benchmark", "toy-masks")
     if not argv or argv[0] not in cmds:
         sys.exit(f"usage: python vico.py {{{','.join(cmds)}}} [options]; add --help after a command for its flags")
     try:
@@ -769,6 +838,8 @@ def main(argv=None):
             sample_cli(sdm.parse_args(ViCoSampleArgs, argv[1:], parser))
         elif argv[0] == "export":
             export_cli(argv[1:])
+        elif argv[0] == "toy-masks":
+            toy_masks(argv[1:])
         else:
             toy_benchmark(argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -550,3 +550,22 @@ def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monk
     masks = []
     vico.generate(model, v, ["S1* next to S2*"], refs, ["S1*", "S2*"], steps=1, on_step=lambda i, m: masks.append(m), progress=False)
     assert masks[0].keys() == set(v.layers) and all(m.shape[0] == 2 * 2 for m in masks[0].values())  # 2 refs x (uncond, cond)
+
+
+def test_toy_masks_scores_each_layer_against_the_rendered_object(model_dir, tmp_path):
+    import toy_world as tw
+
+    run = tmp_path / "runs" / "vico" / "candy_star"
+    m = sdm.load_model(str(model_dir))
+    run_train(m, run, 1, images=write_images(tmp_path / "imgs"), pretrained_model=str(model_dir))
+    vico.toy_masks(["--out", str(tmp_path), "--pretrained-model", str(model_dir), "--concepts", "candy_star", "--timesteps", "500"])
+    rows = [json.loads(line) for line in (tmp_path / "mask_quality.jsonl").read_text().splitlines()]
+    layers = vico.image_layers(m.unet)
+    assert len(rows) == 5 * len(layers) * 3 and {r["column"] for r in rows} == {"S*", "init word", "<|endoftext|>"}
+    assert all(0 <= r["iou"] <= 1 and 0 <= r["recall"] <= 1 and 0 < r["kept"] <= 1 for r in rows)
+    # every layer's side divides 64: the pooled object share is the rendered label map's, per reference
+    for i, (scene, image) in enumerate(tw.concept_references(tw.find_concept("candy_star"))):
+        share = float((tw.render(scene, image.shape[0])[1] == 1).mean())
+        assert {round(r["object"], 6) for r in rows if r["ref"] == i} == {round(share, 6)}
+    with pytest.raises(FileNotFoundError, match="toy-benchmark"):
+        vico.toy_masks(["--out", str(tmp_path), "--pretrained-model", str(model_dir), "--concepts", "polka_heart"])
