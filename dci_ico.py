@@ -31,7 +31,8 @@ shared unconditional term by default (6.4), contexts at 10x the learning rate (6
     inference V gets the positions of its real slots. Here every vector gets the position embedding
     of the slot it occupies, in training as at inference (`CLIPTextModel` adds them): train and test
     agree, the ICO prompt at initialisation equals the plain prompt "A V noun ." token for token,
-    and contexts are free vectors anyway. With Lp = 0 the V rows are trained exactly as in the code.
+    and contexts are free vectors anyway. With Lp = 0, V occupies slots 1..Lv and gets the code's
+    position embeddings (S^i still differs: the code gives it those of slots 1..Ls).
   - K/V are trained as fp32 deltas added by forward hooks (W x + dW x): the backbone's weights stay
     bit-identical, and `kv_deltas.safetensors` holds dW (the code saves full weights). Weight decay
     (AdamW 0.01 on every group, as in the code) therefore pulls K/V towards the base weights, and
@@ -242,16 +243,17 @@ class ICO(nn.Module):
         return te(ids, torch.cat(parts, dim=1))[0]  # positions are added by slot (module docstring)
 
     def save(self, folder, metadata: dict, image_names=()):
-        """kv_deltas.safetensors (dW under the UNet's key names), learned_embeds.safetensors (the diffusers
-        textual-inversion format, one key per token), concept.a1111.safetensors (A1111's emb_params,
+        """kv_deltas.safetensors (dW under the UNet's key names), learned_embeds.safetensors (diffusers'
+        multi-vector textual inversion: {first token: (Lv, width)}, the layout its textual_inversion.py
+        writes with --num_vectors and `load_textual_inversion` reads; it names the rows "<new1>", "<new1>_1",
+        ... and expands "<new1>" in a prompt to all of them), concept.a1111.safetensors (A1111's emb_params,
         the Lv rows as one embedding) and, to look at, contexts.safetensors (P, S; unused at inference)."""
         folder = Path(folder)
         meta = {**metadata, "class_word": self.class_word, "tokens": self.tokens, "n_prefix": self.n_prefix,
                 "n_suffix": self.n_suffix, "template": self.template or ""}
         sdm.save_safetensors({f"{name}.weight": self.kv[k] for k, name in self.kv_names.items()},
                              folder / "kv_deltas.safetensors", {**meta, "kv": "delta: W = W_base + this"})
-        sdm.save_embeddings(folder / "learned_embeds.safetensors", {t: self.rows[i:i + 1] for i, t in enumerate(self.tokens)},
-                            "diffusers", meta)
+        sdm.save_embeddings(folder / "learned_embeds.safetensors", {self.tokens[0]: self.rows}, "diffusers", meta)
         # A1111 reads one embedding of Lv vectors, typed as its file name (rename it to the word you want)
         sdm.save_embeddings(folder / "concept.a1111.safetensors", {"V": self.rows}, "a1111", meta)
         if self.prefix is not None or self.suffix is not None:
@@ -276,8 +278,12 @@ class ICO(nn.Module):
                 for k, n in ico.kv_names.items():
                     ico.kv[k].copy_(f.get_tensor(f"{n}.weight"))
         rows = sdm.load_embeddings(Path(folder) / "learned_embeds.safetensors")
+        # {first token: (Lv, d)}; folders written before that layout hold one key per token
+        rows = torch.cat([rows[t] for t in ico.tokens]) if set(rows) == set(ico.tokens) and len(rows) > 1 else rows[ico.tokens[0]]
+        if rows.shape != ico.rows.shape:
+            raise ValueError(f"'{folder}' learned_embeds.safetensors holds {tuple(rows.shape)} rows; the concept needs {tuple(ico.rows.shape)}.")
         with torch.no_grad():
-            ico.rows.copy_(torch.cat([rows[t] for t in ico.tokens]))
+            ico.rows.copy_(rows)
         return ico.requires_grad_(False)
 
 
@@ -296,7 +302,8 @@ def read_metadata(folder) -> dict:
                                 "pass the output folder of `dci_ico.py train` or one of its checkpoint-N folders.")
     with safe_open(str(path), "pt") as f:
         raw = f.metadata()
-    return {k: json.loads(v) if k in ("tokens", "base_probe", "n_prefix", "n_suffix", "steps", "seed") else v
+    return {k: json.loads(v) if k in ("tokens", "base_probe", "n_prefix", "n_suffix", "steps", "seed", "resolution",
+                                      "max_train_steps", "batch", "learning_rates") else v
             for k, v in raw.items()}
 
 
@@ -605,8 +612,12 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         pred = model.unet(schedule.q_sample(z0, t, noise), t, torch.cat(ctx))  # inside ico.install (below)
         return F.mse_loss(pred.float(), schedule.target(z0, noise, t)), {"reg_rows": n_reg}
 
+    opt = make_optimizer(ico, args)
     meta = {"method": "ico" if args.contexts else "cd-template", "base_model": args.pretrained_model,
-            "base_probe": base_probe(model).tolist(), "seed": args.seed}
+            "base_probe": base_probe(model).tolist(), "seed": args.seed, "resolution": size,
+            "max_train_steps": args.max_train_steps, "batch": [args.train_batch_size, args.gradient_accumulation_steps],
+            # the effective rates, after --scale-lr: V rows and K/V, then the contexts (10x by default)
+            "learning_rates": dict(zip(("kv_and_tokens", "contexts"), [g["lr"] for g in opt.param_groups]))}
     save = lambda folder: ico.save(folder, {**meta, "steps": int(folder.name.split("-")[1]) if folder.name.startswith("checkpoint-")
                                             else args.max_train_steps}, [n for n, _ in refs])
 
@@ -621,7 +632,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     # One install for the whole run: with --gradient-checkpointing the blocks run again during
     # backward, after loss_fn has returned, and must see the same K/V deltas and SOS detach.
     with ico.install(model.unet):
-        return sdm.train_loop(args, make_optimizer(ico, args), tensors, loss_fn, save, torch.Generator().manual_seed(args.seed),
+        return sdm.train_loop(args, opt, tensors, loss_fn, save, torch.Generator().manual_seed(args.seed),
                               validate, device=device, metadata={"method": meta["method"]})
 
 
@@ -671,6 +682,10 @@ def main(argv=None):
     if not argv or argv[0] not in commands:
         sys.exit("usage: python dci_ico.py {train,sample} [options]; see python dci_ico.py train --help")
     cls, desc = commands[argv[0]]
+    # argparse takes "-inf" and "-1e9" for options (it knows only "-2"-style negatives): glue them to --gamma
+    for i in range(len(argv) - 2, 0, -1):
+        if argv[i] == "--gamma" and re.fullmatch(r"-(inf(inity)?|nan|[\d.]+(e[+-]?\d+)?)", argv[i + 1], re.I):
+            argv[i:i + 2] = [f"--gamma={argv[i + 1]}"]
     args = sdm.parse_args(cls, argv[1:], argparse.ArgumentParser(prog=f"dci_ico.py {argv[0]}", description=desc))
     try:
         if argv[0] == "train":

@@ -3,6 +3,7 @@
 
 import copy
 import json
+import math
 import warnings
 
 import numpy as np
@@ -80,14 +81,23 @@ def test_mask_algebra_matches_the_official_formulas():
     both = torch.stack([s_c, 0.7 * s_a]).softmax(0)
     assert_close(m.tokens_c[..., 1:8], ref_c, what="token renormalisation")
     assert m.tokens_c[..., [0, *range(8, 77)]].abs().max() == 0 and m.tokens_a[..., 6:].abs().max() == 0
+    assert_close(m.tokens_a[..., 1:6], ref_a, what="auxiliary token renormalisation")
     assert_close(m.tokens_c.sum(-1), torch.ones(2, 3, 64), what="Â^c sums to 1")
+    assert_close(m.tokens_a.sum(-1), torch.ones(2, 3, 64), what="Â^a sums to 1")
+    assert_close(m.m_c, m_c, what="m_c"), assert_close(m.m_a, m_a, what="m_a")
     assert_close(m.m_a, 1 - (m.tokens_a[..., 2]), what="m_a = 1 - aux-noun mass")
-    assert_close(m.s_c.sum(-1), torch.full((2, 3), 500.0), rtol=1e-6, what="s sums to 500 over pixels")
+    assert_close(m.s_c, s_c, rtol=1e-5, what="s_c"), assert_close(m.s_a, s_a, rtol=1e-5, what="s_a")
+    for s in (m.s_c, m.s_a):
+        assert_close(s.sum(-1), torch.full((2, 3), 500.0), rtol=1e-6, what="s sums to 500 over pixels")
     assert_close(m.aux, both[1], what="M_a")
     assert_close(both[0] + m.aux, torch.ones_like(m.aux), what="M_c + M_a = 1")
     means = [di.integration_masks(p_c, p_a, br, gm).aux.mean().item() for gm in (-2, -1, 0, 1, 2)]
     assert means == sorted(means) and means[0] < means[-1]
-    assert_close(di.integration_masks(p_c, p_a, br, 0.0).aux, torch.sigmoid(-m.s_c), what="gamma = 0")
+    for pixels in (16, 64, 256):  # gamma = 0 still injects: M_a = sigmoid(-s_c), whatever the layer's size
+        q_c, q_a = (torch.randn(2, 3, pixels, 77, generator=g).mul(3).softmax(-1) for _ in range(2))
+        m0 = di.integration_masks(q_c, q_a, br, 0.0)
+        assert_close(m0.aux, torch.sigmoid(-m0.s_c), what=f"gamma = 0 at {pixels} pixels")
+        assert m0.aux.max() > 0.4  # where V and the noun do not attend (s_c near 0), M_a is near 1/2
 
 
 def unet_batch(b=2, seed=1):
@@ -323,8 +333,13 @@ def test_checkpoint_round_trip_and_refusing_another_base_model(tmp_path, base):
     ico = di.ICO.load(out, fresh)
     assert torch.equal(ico.rows, state["param.rows"]) and all(torch.equal(v, state[f"param.kv.{k}"]) for k, v in ico.kv.items())
     assert ico.rows.abs().sum() > 0 and not torch.equal(ico.rows, base.text_encoder.token_embedding.weight[[43514, 47629, 42170]])
-    embeds = sdm.load_embeddings(out / "learned_embeds.safetensors")  # the diffusers textual-inversion layout
-    assert list(embeds) == ico.tokens and torch.equal(torch.cat(list(embeds.values())), ico.rows)
+    meta = di.read_metadata(out)  # the training facts: effective learning rates, steps, batch, resolution, seed
+    assert meta["learning_rates"] == {"kv_and_tokens": 1e-3} and meta["steps"] == meta["max_train_steps"] == 2
+    assert meta["batch"] == [3, 1] and meta["resolution"] == 32 and meta["seed"] == di.ICOArgs.seed
+    ctx_meta = di.read_metadata(di.train(train_args(tmp_path, "ctx", max_train_steps=1, scale_lr=True), copy.deepcopy(base)))
+    assert ctx_meta["learning_rates"] == {"kv_and_tokens": pytest.approx(3e-3), "contexts": pytest.approx(3e-2)}
+    embeds = sdm.load_embeddings(out / "learned_embeds.safetensors")  # diffusers' multi-vector layout
+    assert list(embeds) == ico.tokens[:1] and torch.equal(embeds[ico.tokens[0]], ico.rows)
     assert torch.equal(sdm.load_embeddings(out / "concept.a1111.safetensors")["emb_params"], ico.rows)  # A1111: one embedding, Lv vectors
     deltas = load_file(str(out / "kv_deltas.safetensors"))
     assert set(deltas) == {f"{n}.weight" for n in ico.kv_names.values()} and "contexts.safetensors" not in {p.name for p in out.iterdir()}
@@ -454,3 +469,70 @@ def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp
             di.main(argv)
         assert not bad.exists(), what  # nothing written
     assert len(list(run.glob("checkpoint-*"))) == 2  # the failed runs left the first one alone
+
+
+def test_learned_embeds_load_in_diffusers_and_old_folders_still_load(tmp_path, base, hf_tokenizer_dir):
+    """diffusers' own loader reads the file: "<new1> cat" becomes our Lv rows, in order; a folder saved
+    with one key per token (before this layout) loads to the same concept."""
+    from conftest import hf_text_model, hf_tokenizer
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from safetensors.torch import save_file
+
+    out = di.train(train_args(tmp_path, "run", max_train_steps=1, contexts=False), copy.deepcopy(base))
+    ico = di.ICO.load(out, copy.deepcopy(base))
+
+    class Pipe(TextualInversionLoaderMixin):
+        hf_device_map, components = None, {}
+
+    pipe = Pipe()
+    pipe.tokenizer, pipe.text_encoder = hf_tokenizer(hf_tokenizer_dir), hf_text_model(width=ico.rows.shape[1])
+    pipe.load_textual_inversion(str(out / "learned_embeds.safetensors"))
+    prompt = pipe.maybe_convert_prompt("a photo of <new1> cat", pipe.tokenizer)
+    ids = pipe.tokenizer(prompt).input_ids[4:7]
+    assert prompt == "a photo of <new1> <new1>_1 <new1>_2 cat"
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), ico.rows)
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in out.glob("*.safetensors"):
+        (legacy / f.name).write_bytes(f.read_bytes())
+    save_file({t: ico.rows[i:i + 1].contiguous() for i, t in enumerate(ico.tokens)}, str(legacy / "learned_embeds.safetensors"))
+    assert torch.equal(di.ICO.load(legacy, copy.deepcopy(base)).rows, ico.rows)
+
+
+def test_negative_gamma_needs_no_equals_sign(monkeypatch):
+    """`--gamma -inf` (never inject) and `--gamma -1e9` reach the sampler; argparse alone takes them for options."""
+    seen = []
+    monkeypatch.setattr(di, "run_sample", lambda a: seen.append(a.gamma))
+    for value, want in (("-inf", -math.inf), ("-1e9", -1e9), ("-2", -2.0), ("-0.5", -0.5)):
+        di.main(["sample", "--concept", "x", "--prompt", "a V cat", "--gamma", value])
+        assert seen[-1] == want
+
+
+def test_window_batches_hold_the_branches_in_the_card_layout(model):
+    """In the window: [x; x; x_a] with [uncond; c; c_a] (shared guidance) or [x; x; x_a; x_a] with
+    [uncond; c; uncond; c_a] (card 6.4); x_a is its own noise, not x_T, unless --share-noise."""
+    ico = trained_ico(model)
+    prompt = [f"a {PHRASE} in the snow"]
+    br = di.make_branches(model, ico, prompt, "dog")
+    with torch.no_grad():
+        c, a = ico.encode_ids(model, br.ids_c), ico.encode_ids(model, br.ids_a)
+        u = ico.encode_ids(model, model.tokenize([""]))
+    seen = []
+    hook = model.unet.register_forward_pre_hook(lambda m, args: seen.append((args[0].clone(), args[2].clone())))
+    try:
+        for share_guidance, want in ((True, [u, c, a]), (False, [u, c, u, a])):
+            seen.clear()
+            di.sample(model, ico, prompt, tau=1.0, aux_noun="dog", steps=2, eta=0.0, progress=False, share_guidance=share_guidance,
+                      generator=torch.Generator().manual_seed(0))
+            x, ctx = seen[0]
+            assert torch.equal(ctx, torch.cat(want)), share_guidance
+            x_t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # plain sampling's x_T
+            rows = [x_t, x_t, x[-1:]] if share_guidance else [x_t, x_t, x[-1:], x[-1:]]
+            assert torch.equal(x, torch.cat(rows).to(x.dtype)) and not torch.allclose(x[-1:], x_t)
+        seen.clear()
+        di.sample(model, ico, prompt, tau=1.0, aux_noun="dog", steps=2, eta=0.0, progress=False, share_noise=True,
+                  generator=torch.Generator().manual_seed(0))
+        assert torch.equal(seen[0][0][0], seen[0][0][-1])  # --share-noise: x_a starts at x_T
+    finally:
+        hook.remove()
