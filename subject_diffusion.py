@@ -31,6 +31,8 @@ Guidance (card §8.2, InstructPix2Pix form): eps = eps_u + s_T (eps_c - eps_i) +
 Code vs paper (card §9), and what this file does:
   1 image encoder: as the code (OpenCLIP ViT-H/14 raw patch tokens, projected pooled "CLS").
   2 location mask: as the code (inverted box rectangles merged into one channel), kept.
+  3 captions: the code's are BLIP-large (the paper says BLIP-2); here each record brings its own
+    caption, and the toy world writes its scene descriptions, so no captioner runs.
   4 entity images: training composites the cut-out subject on random backgrounds with the card's
     augmentation; there is no BG-20k here: `--backgrounds DIR` takes any background set, and by
     default the background is the least-occupied square crop of another training image, its object
@@ -42,7 +44,12 @@ Code vs paper (card §9), and what this file does:
   7 CFG mismatch: FIXED by default (`drop_objects`): when the location is dropped in training (10 %)
     the grounding tokens are dropped too (null features), and the unconditional branch at inference
     uses those same null tokens. `--no-drop-objects` restores the code: objs never dropped in
-    training, zeros after GroundingNet for the unconditional branch.
+    training, zeros after GroundingNet for the unconditional branch. Folders of the official code
+    sample that way (they were trained without the fix); ours record which in their metadata.
+    The second half of §9.7, kept as in the code: a dropped location is the all-zero channel, which
+    the inverted convention also reads as "a box over the whole image". Training shows that value
+    in 10 % of the steps (with and without text), so `--no-location` at sampling is in distribution
+    and means "anywhere", as it does in the code.
   8 box coordinates for one subject: kept at inference (`--use-bbox`, test_subject.py); pass
     `--no-use-bbox` for test.py's null position features.
   9 hybrid hand-off to the original SD2: not implemented (test.py never triggers it).
@@ -103,6 +110,7 @@ class TrainConfig(sdm.TrainArgs):
     drop_objects: bool = True  # also drop the grounding tokens with the location (card §9.7 fix)
     min_box_area: float = 0.08  # subject box filters of verify_keys: area fraction, aspect ratio
     max_box_area: float = 0.7
+    min_box_aspect: float = 0.3  # w/h in (0.3, 3), as verify_keys / post_verify have it (not 1/3)
     max_box_aspect: float = 3.0
     backgrounds: str = ""  # folder of background images for the entity crops (the paper: BG-20k)
     num_workers: int = 2
@@ -342,7 +350,9 @@ class Objective(nn.Module):
 # ---- 3. Data: the record format, entity images, a world-size-independent shard sampler.
 
 
-SKIPS = {  # what a record can lack; each is counted in log.jsonl and explained once
+# What a record can lack; each is explained once and counted in log.jsonl, cumulatively over the run (carried
+# over on --resume). The counts are events: a bad record is counted each time a batch draws it.
+SKIPS = {
     "unreadable": "a record could not be read (missing or corrupt image or json); it is skipped",
     "no_boxes": "a record has no object boxes; it is skipped (every training image needs a subject box)",
     "box_outside": "an object's box is missing, outside its image or empty; that object is ignored",
@@ -351,6 +361,7 @@ SKIPS = {  # what a record can lack; each is counted in log.jsonl and explained 
     "no_subject": "a record has no usable subject left; it is skipped",
     "caption_sks": "a caption already contains 'sks', the token that carries the image; the record is skipped",
     "truncated": "a caption is so long that a subject's ', the <entity> is sks' clause was cut at 77 tokens; that subject is dropped",
+    "extra_subjects": f"a record has more than {MAX_SUBJECTS} usable subjects; the first {MAX_SUBJECTS} are kept (post_verify)",
 }
 
 
@@ -472,7 +483,7 @@ class Records(torch.utils.data.Dataset):
                 skips["entity_missing"] += 1
                 continue
             area, aspect = (x2 - x1) * (y2 - y1) / (W * H), (x2 - x1) / (y2 - y1)
-            if not (cfg.min_box_area < area < cfg.max_box_area and 1 / cfg.max_box_aspect < aspect < cfg.max_box_aspect):
+            if not (cfg.min_box_area < area < cfg.max_box_area and cfg.min_box_aspect < aspect < cfg.max_box_aspect):
                 skips["box_filtered"] += 1
                 continue
             inter = lambda b: max(0, min(x2, b[2]) - max(x1, b[0])) * max(0, min(y2, b[3]) - max(y1, b[1]))
@@ -481,6 +492,9 @@ class Records(torch.utils.data.Dataset):
             chosen.append(((x1, y1, x2, y2), str(o["label"]), o.get("value")))
         if not chosen:
             raise Skip("no_subject")
+        if len(chosen) > MAX_SUBJECTS:
+            skips["extra_subjects"] += len(chosen) - MAX_SUBJECTS
+            self._say(SKIPS["extra_subjects"] + ".", "extra_subjects")
         return chosen[:MAX_SUBJECTS]
 
     def make(self, i, rng, skips):
@@ -501,7 +515,7 @@ class Records(torch.utils.data.Dataset):
         for (x1, y1, x2, y2), label, value in chosen:
             box = np.clip(np.array([x1 - x0, y1 - y0, x2 - x0, y2 - y0]) / s, 0, 1)
             w, h = box[2] - box[0], box[3] - box[1]
-            if w * h * 512**2 <= 200 or not 1 / self.cfg.max_box_aspect < w / max(h, 1e-9) < self.cfg.max_box_aspect:
+            if w * h * 512**2 <= 200 or not self.cfg.min_box_aspect < w / max(h, 1e-9) < self.cfg.max_box_aspect:
                 skips["box_filtered"] += 1  # post_verify: the cropped box keeps > 200 px at 512 and its aspect
                 continue
             k, (a, b, c, d) = len(words), np.round(box * R).astype(int)
@@ -667,21 +681,52 @@ def load_widened(method: SubjectDiffusion, unet: sdm.UNetModel, state: dict) -> 
 OFFICIAL_PARTS = ("unet", "clip_text", "mlp", "proj")  # train.py saves unet_/clip_text_/mlp_/proj_{epoch}_{step}
 
 
-def export_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder) -> None:
+def export_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder, metadata: dict | None = None) -> None:
+    """unet/ clip_text/ mlp/ proj/, each model.safetensors; the headers keep our training facts
+    (drop_objects above all: it decides the unconditional branch at sampling, §9.7)."""
+    keep = {k: v for k, v in (metadata or {}).items() if k in ("base_model", "image_encoder", "drop_objects", "step")}
     for part, state in zip(OFFICIAL_PARTS, (widened_state_dict(method, unet), method.text_encoder.state_dict(),
                                             method.mlp.state_dict(), method.grounding.state_dict())):
-        sdm.save_safetensors(state, Path(folder) / part / "model.safetensors", {"format": "pt"})
+        sdm.save_safetensors(state, Path(folder) / part / "model.safetensors", {"format": "pt", **keep})
+
+
+def official_parts(folder) -> dict:
+    """part -> its folder: `export_official`'s unet/ clip_text/ mlp/ proj/, or the official train.py's
+    unet_{ep}_{step}/ clip_text_{ep}_{step}/ ... (card §7.2), the latest of them; {} if neither."""
+    folder = Path(folder)
+    if (folder / "unet").is_dir():
+        return {p: folder / p for p in OFFICIAL_PARTS}
+    saves = [tuple(map(int, m.groups())) for d in folder.glob("unet_*_*") if (m := re.fullmatch(r"unet_(\d+)_(\d+)", d.name))]
+    if not saves:
+        return {}
+    ep, step = max(saves)
+    return {p: folder / f"{p}_{ep}_{step}" for p in OFFICIAL_PARTS}
+
+
+def official_metadata(folder) -> dict:
+    """The header of an exported unet/model.safetensors; for the official code's own pickles, what its
+    training did: grounding tokens never dropped (drop_objects False, §9.7), so its unconditional
+    branch is zeros after GroundingNet."""
+    from safetensors import safe_open
+
+    f = official_parts(folder)["unet"] / "model.safetensors"
+    if f.exists():
+        with safe_open(str(f), "pt") as h:
+            return {"drop_objects": "False", **(h.metadata() or {})}  # exports before drop_objects was written: unknown
+    return {"drop_objects": "False"}
 
 
 def import_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder) -> None:
     """Read `export_official` folders, or the official code's own (diffusers UNet keys, pytorch_model.bin)."""
     import weights_convert as wc
 
+    parts = official_parts(folder)
+
     def read(part):
         for stem in ("model", "pytorch_model"):
-            with contextlib.suppress(FileNotFoundError):
-                return wc.folder_weights(Path(folder) / part, stem)
-        raise FileNotFoundError(f"'{folder}/{part}' holds no weights (model.safetensors or pytorch_model.bin).")
+            with contextlib.suppress(FileNotFoundError, KeyError):
+                return wc.folder_weights(parts[part], stem)
+        raise FileNotFoundError(f"'{parts.get(part, Path(folder) / part)}' holds no weights (model.safetensors or pytorch_model.bin).")
 
     u = read("unet")
     load_widened(method, unet, wc.diffusers_unet_to_ldm(u, unet.cfg) if "conv_in.weight" in u else u)
@@ -699,13 +744,14 @@ def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", p
 
     folder = Path(weights)
     ours = folder / "subject_diffusion.safetensors"
-    if not ours.exists() and not (folder / "unet").is_dir():
+    if not ours.exists() and not official_parts(folder):
         raise FileNotFoundError(f"'{folder}' holds no Subject-Diffusion weights (subject_diffusion.safetensors, or the "
-                                "official unet/ clip_text/ mlp/ proj/ folders); pass the output folder of `train`.")
-    meta = {}
+                                "official unet/ clip_text/ mlp/ proj/ folders, or unet_EP_STEP/ ...); pass the output folder of `train`.")
     if ours.exists():
         with safe_open(str(ours), "pt") as f:
             meta = f.metadata() or {}
+    else:
+        meta = official_metadata(folder)
     device = sdm.pick_device(device)
     sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, "fp32" if precision == "fp16" else "", device,
                         "", compile, channels_last)
@@ -743,6 +789,14 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         raise ValueError("no training data: pass --data FOLDER_OR_SHARDS (python toy_world.py make-records writes some).")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed-precision {cfg.mixed_precision}: use no, fp16 or bf16.")
+    if cfg.validation_prompt:  # else validation would be skipped without a word, or fail at the first grid
+        if not cfg.validation_subject or not cfg.validation_entity.strip():
+            raise ValueError("--validation-prompt needs --validation-subject IMAGE and --validation-entity WORD "
+                             "(the word of the prompt the subject is, e.g. 'dog').")
+        if not Path(cfg.validation_subject).is_file():
+            raise FileNotFoundError(f"--validation-subject '{cfg.validation_subject}' does not exist.")
+        if not re.search(rf"\b{re.escape(cfg.validation_entity.strip())}\b", cfg.validation_prompt, re.I):
+            raise ValueError(f"the entity word '{cfg.validation_entity}' is not in the validation prompt '{cfg.validation_prompt}'.")
     resume_from = sdm.find_checkpoint(out, cfg.resume)
     if main and not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise FileExistsError(f"output directory '{out}' exists and is not empty; pass --overwrite or choose another.")
@@ -786,6 +840,10 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
 
     bar = tqdm(range(start, cfg.max_train_steps), desc="train", initial=start, total=cfg.max_train_steps, disable=not main)
     skipped, last_good = torch.zeros(len(SKIPS)), resume_from
+    if resume_from and (out / "log.jsonl").exists():  # the counts so far: the log line of the step resumed from
+        lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+        at = [r for r in lines if r.get("step") == start]
+        skipped = torch.tensor([float(at[-1].get("skipped", {}).get(k, 0)) if at else 0.0 for k in SKIPS])
     cond, hooks = (model.module if world > 1 else model).cond, contextlib.ExitStack()
     hooks.enter_context(install(method, sd.unet, cond))  # open over forward and backward (see `install`)
     for step in bar:
@@ -834,7 +892,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
             hooks.close()  # generate installs its own
             with amp:
                 images, _ = generate(method, sd, vision, cfg.validation_prompt,
-                                     [Subject(sdm.load_image(cfg.validation_subject), cfg.validation_entity)],
+                                     [Subject(sdm.load_image(cfg.validation_subject), cfg.validation_entity.strip())],
                                      n=cfg.num_validation_images, steps=25, drop_objects=cfg.drop_objects,
                                      generator=torch.Generator().manual_seed(0), progress=False)
             sdm.save_image(sdm.image_grid(sdm.tensor_to_images(images)), out / "validation" / f"step-{step + 1:06d}.png")
@@ -938,6 +996,8 @@ def generate(method: SubjectDiffusion, sd: sdm.StableDiffusion, vision: sdm.CLIP
         raise ValueError("the prompt already contains 'sks', the token Subject-Diffusion replaces with the subject's "
                          "image embedding; rephrase it.")
     for s in subjects:
+        if not s.entity.strip():
+            raise ValueError("each subject needs its entity word, the word of the prompt it is (e.g. --entity dog).")
         if not re.search(rf"\b{re.escape(s.entity)}\b", prompt, re.I):
             raise ValueError(f"the entity word '{s.entity}' is not in the prompt '{prompt}'; each subject is tied to "
                              f"a word of the prompt (e.g. 'a {s.entity} on the beach').")
@@ -1065,8 +1125,8 @@ def main(argv=None):
             p.add_argument("--out", required=True)
             p.add_argument("--pretrained-model", default="")
             e = p.parse_args(argv[1:])
-            sd, _, method, _ = load_trained(e.weights, e.pretrained_model, device="cpu")
-            export_official(method, sd.unet, sdm.prepare_output_dir(e.out, False))
+            sd, _, method, meta = load_trained(e.weights, e.pretrained_model, device="cpu")
+            export_official(method, sd.unet, sdm.prepare_output_dir(e.out, False), meta)
             print(f"wrote {e.out}")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
