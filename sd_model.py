@@ -1367,11 +1367,8 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     save_fn(folder) writes the method's outputs; after_step() runs after each optimizer step
     (e.g. renormalising token rows); validate_fn() -> PIL images. `tensors` are the trainables
     to checkpoint, by name."""
-    out = Path(args.output_dir)
-    resume_from = find_checkpoint(out, args.resume)
-    if not args.resume:
-        prepare_output_dir(out, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    out, resume_from = Path(args.output_dir), find_checkpoint(Path(args.output_dir), args.resume)
+    prepare_output_dir(out, args.overwrite) if not args.resume else out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
     print("config: " + json.dumps(asdict(args)), file=sys.stderr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
@@ -1394,13 +1391,16 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
         if args.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        if not scaler.is_enabled() or scaler.get_scale() >= scale:  # fp16: a step skipped for inf/NaN gradients
+            scheduler.step()  # leaves the LR schedule where it was (accelerate's rule; no PyTorch warning)
         optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step()
         logs = {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **logs}
+        logs.update({"grad_scale": scaler.get_scale(), "step_skipped": scaler.get_scale() < scale} if scaler.is_enabled() else {})
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(logs) + "\n")

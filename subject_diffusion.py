@@ -864,9 +864,11 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         if cfg.max_grad_norm > 0:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.step(opt)
         scaler.update()
-        sched.step()
+        if not scaler.is_enabled() or scaler.get_scale() >= scale:  # fp16: a step skipped for inf/NaN gradients
+            sched.step()  # leaves the LR schedule where it was (accelerate's rule)
         opt.zero_grad(set_to_none=True)
         skipped += stats[3:].cpu()
         if main:
