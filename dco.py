@@ -261,6 +261,10 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     for p, d in dnames.items():
         known.update({p: p, d: p, "lora_unet_" + p.replace(".", "_"): p, "lora_unet_" + d.replace(".", "_"): p})
     parts: dict[str, dict] = {}
+    te = [k for k in sd if k.startswith(("lora_te", "text_encoder.", "te_"))]
+    if te:
+        raise ValueError(f"'{path}' also trains the text encoder ('{te[0]}', ...); this loader reads UNet LoRAs only "
+                         "(DCO's LoRA is UNet-only): save the UNet part alone, or drop the text-encoder keys.")
     for k, v in sd.items():
         m = re.match(r"(?:unet\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$|(.+)\.alpha$", k)
         if m is None:
@@ -299,10 +303,11 @@ def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density:
             merged[path] = (A, B, float(A.shape[0]))
         elif method == "ties_svd":
             deltas = torch.stack([lora.scale * lora.layers[key].delta_weight().detach() for lora, _ in have])
-            if density < 1:  # trim: keep the top `density` fraction of each delta by magnitude
-                k = max(1, int(density * deltas[0].numel()))
-                thresh = deltas.flatten(1).abs().kthvalue(deltas[0].numel() - k + 1, dim=1).values
-                deltas = deltas * (deltas.abs() >= thresh[:, None, None])
+            if density < 1:  # trim: keep exactly the top `density` fraction of each delta by magnitude (ties
+                k = max(1, int(density * deltas[0].numel()))  # broken by index, as peft's magnitude prune does)
+                flat = deltas.flatten(1)
+                keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(k, dim=1).indices, True)
+                deltas = deltas * keep.view_as(deltas)
             agree = deltas.sign() == torch.where(deltas.sum(0) >= 0, 1.0, -1.0)  # elected sign ("total")
             w = torch.tensor([w for _, w in have]).view(-1, 1, 1)
             dW = (deltas * w * agree).sum(0) / agree.sum(0).clamp(min=1)
@@ -357,7 +362,10 @@ class LearnedTokens(nn.Module):
     def base_prompt(self, prompt: str) -> str:
         """The prompt with every new token replaced by its initializer word (the reference model's prompt)."""
         for tok, word in zip(self.tokens, self.initializers):
-            prompt = prompt.replace(tok, word)
+            if tok in prompt and word is None:
+                raise ValueError(f"the embeddings do not say which word '{tok}' started from (a plain textual-inversion "
+                                 "file); pass --base-prompt with the class word in its place, or --guidance cfg.")
+            prompt = prompt.replace(tok, word or "")
         return prompt
 
     def save(self, path, metadata: dict | None = None) -> None:
@@ -387,7 +395,9 @@ class LearnedTokens(nn.Module):
         if len(rows) != len(encoders) or any(r.shape[1] != e.cfg.width for r, e in zip(rows, encoders)):
             raise ValueError(f"embeddings '{path}' do not fit this base model (widths {[r.shape[1] for r in rows]}, "
                              f"model {[e.cfg.width for e in encoders]}); use the model they were trained on.")
-        return cls(model, tokens, [r.to(model.device) for r in rows], meta.get("initializer_tokens", tokens))
+        # a plain textual-inversion file does not say which word each token started from: None, and consistency
+        # guidance then needs --base-prompt (the pretrained model cannot read the new tokens)
+        return cls(model, tokens, [r.to(model.device) for r in rows], meta.get("initializer_tokens") or [None] * len(tokens))
 
 
 # ---- 5. The DCO loss and one training step.
@@ -548,6 +558,10 @@ def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | Non
     elif guidance == "consistency":
         if base_prompts is None:
             base_prompts = [tokens.base_prompt(p) for p in prompts] if tokens is not None else prompts
+        learned = [t for t in (tokens.tokens if tokens is not None else []) if any(t in p for p in base_prompts)]
+        if learned:
+            raise ValueError(f"the base prompt is for the pretrained model, which has no '{learned[0]}'; "
+                             "write the class word there instead.")
         fn = consistency_model_fn(model.unet, loras, cond, model.encode_prompt(base_prompts, (h, w)), uncond, w_text, w_cons)
     else:
         raise ValueError(f"unknown guidance '{guidance}'; use consistency or cfg.")
@@ -695,7 +709,7 @@ def main(argv=None):
             model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant,
                                    a.compile, a.channels_last)
             loras, found = load_adapters(model, a.lora, a.lora_scale)
-            files = [*a.embeddings, *found]
+            files = list({Path(f).resolve(): f for f in [*a.embeddings, *found]}.values())  # the same file twice is once
             if len(files) > 1:
                 raise ValueError("give one embeddings file (several token sets cannot share the new-token ids).")
             tokens = LearnedTokens.load(files[0], model) if files else None

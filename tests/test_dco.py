@@ -1,6 +1,7 @@
 """DCO (dco.py): the card's Sec. 9 identities, LoRA census at full size, files other tools read, bad input."""
 
 import json
+import warnings
 import math
 
 import numpy as np
@@ -153,11 +154,15 @@ def test_several_adapters_and_merge_algebra():
     with dco.install(unet, merged):
         assert_close(unet(x, t, c.context), both, what="sum merge")
     # TIES on one 2x2 layer: trim to density 0.5, elect the sign of the sum, mean of the agreeing entries
-    d1, d2 = torch.tensor([[3.0, -1.0], [0.5, 2.0]]), torch.tensor([[-1.0, -4.0], [0.1, 1.0]])
-    ab = lambda d: dco.LoRA.from_tensors({"l": (torch.eye(2), d, 2.0)})
+    d1, d2 = torch.tensor([[3.0, -1.0], [0.5, 2.0]]), torch.tensor([[-1.0, -4.0], [0.1, 1.5]])
+    ab = lambda d: dco.LoRA.from_tensors({"l": (torch.eye(d.shape[1]), d, float(d.shape[1]))})
     m = dco.merge([ab(d1), ab(d2)], [1.0, 1.0], "ties_svd", density=0.5, rank=2)
-    # trimmed: d1 -> [[3, 0], [0, 2]], d2 -> [[0, -4], [0, 1]]; signs: +, -, +(0), +; means: 3, -4, 0, 1.5
-    assert_close(m.delta_weights()["l"], torch.tensor([[3.0, -4.0], [0.0, 1.5]]), what="ties_svd")
+    # trimmed: d1 -> [[3, 0], [0, 2]], d2 -> [[0, -4], [0, 1.5]]; elected signs: +, -, + (sum 0.6), +;
+    # disjoint means: 3, -4, 0 (no delta kept there), (2 + 1.5) / 2
+    assert_close(m.delta_weights()["l"], torch.tensor([[3.0, -4.0], [0.0, 1.75]]), what="ties_svd")
+    # ties in magnitude: the trim keeps exactly density x n entries (a >= threshold test kept all 16)
+    m = dco.merge([ab(torch.ones(4, 4)), ab(torch.ones(4, 4))], [1.0, 1.0], "ties_svd", density=0.25, rank=4)
+    assert (m.delta_weights()["l"].abs() > 1e-5).sum() == 4
 
 
 # ---- the DCO loss ----------------------------------------------------------------------------------
@@ -234,11 +239,16 @@ def test_reference_pass_shares_noise_has_no_grad_and_lora_is_back_on():
     cond, ref = model.encode_prompt(["a <x> star"]), model.encode_prompt(["a star"])
     with dco.install(model.unet, lora):
         loss, _ = dco.dco_step(model, lora, torch.randn(1, 4, 16, 16), cond, ref, torch.Generator().manual_seed(0))
-    (x1, t1, grad1, on1), (x2, t2, grad2, on2) = calls
-    assert x1 is x2 and t1 is t2
-    assert (grad1, on1, grad2, on2) == (True, True, False, False)
-    assert out[0].requires_grad and not out[1].requires_grad
-    assert lora.enabled and all(layer.alpha / layer.rank == 1 for layer in lora.layers.values())
+        (x1, t1, grad1, on1), (x2, t2, grad2, on2) = calls
+        assert x1 is x2 and t1 is t2
+        assert (grad1, on1, grad2, on2) == (True, True, False, False)
+        assert out[0].requires_grad and not out[1].requires_grad
+        assert lora.enabled and all(layer.alpha / layer.rank == 1 for layer in lora.layers.values())
+        with torch.no_grad():  # "on again" as computation: the next call is the fine-tuned model's, not the base's
+            again = model.unet(x1, t1, cond.context)
+            with dco.disabled(lora):
+                base = model.unet(x1, t1, cond.context)
+    assert torch.equal(again, out[0].detach()) and (again - base).abs().max() > 1e-3
     loss.backward()  # gradients reach the LoRA only through the fine-tuned pass
     assert all(p.grad is not None for p in lora.parameters())
 
@@ -312,12 +322,23 @@ def train_args(root, model, out, **kw):
 
 
 @pytest.mark.parametrize("which", ["sd1", "sdxl"])
-def test_tokens_really_train_in_bf16_keep_their_norm_and_the_table(setup, tmp_path, which):
+def test_tokens_really_train_in_bf16_keep_their_norm_and_the_table(setup, tmp_path, which, monkeypatch):
     """card 6.1 / 9.6: under bf16 autocast with half-precision frozen weights the new rows move, keep the
     initializer's norm, every pretrained row stays bit-identical; SDXL writes clip_l and clip_g."""
     root, sd1, sdxl = setup
     model_dir = sd1 if which == "sd1" else sdxl
+    loaded, real_load = [], sdm.load_model
+
+    def keep(*a, **kw):  # the model training really uses, and its tables as loaded
+        m = real_load(*a, **kw)
+        encs = [e for e in (m.text_encoder, m.text_encoder_2) if e is not None]
+        loaded.append((encs, [e.token_embedding.weight.detach().clone() for e in encs]))
+        return m
+
+    monkeypatch.setattr(sdm, "load_model", keep)
     dco.train(train_args(root, model_dir, tmp_path / "run", mixed_precision="bf16", resolution=32))
+    (encs, before), = loaded
+    assert all(torch.equal(e.token_embedding.weight, b) for e, b in zip(encs, before))  # after 4 steps: untouched
     model = sdm.StableDiffusion.from_pretrained(model_dir)
     emb = sdm.load_embeddings(tmp_path / "run" / "learned_embeds.safetensors")
     encoders = [model.text_encoder] + ([model.text_encoder_2] if which == "sdxl" else [])
@@ -333,8 +354,6 @@ def test_tokens_really_train_in_bf16_keep_their_norm_and_the_table(setup, tmp_pa
     for i, enc in enumerate(encoders):
         e = enc.embed(ids, trained.extra[i])
         assert torch.equal(e[0, 5], enc.token_embedding.weight[dog]) and torch.equal(e[0, 2], trained.extra[i][0].to(e.dtype))
-    assert torch.equal(model.text_encoder.token_embedding.weight,
-                       sdm.StableDiffusion.from_pretrained(model_dir).text_encoder.token_embedding.weight)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(LN2, abs=2e-3)  # bf16: equal inputs to both passes, ~ln 2
 
@@ -555,3 +574,77 @@ def test_diffusers_load_lora_weights_reads_our_files(tmp_path, kind):
         Mixin.load_lora_into_unet(sd, alphas, unet, adapter_name=fmt, metadata=meta)
         with torch.no_grad():
             assert_close(unet(x, t, ctx, **kw).sample, want, rtol=1e-4, what=f"diffusers + peft loading our {fmt} file")
+
+
+def test_fp16_skipped_steps_leave_the_schedule_and_the_tokens_still_train(setup, tmp_path):
+    """fp16: DCO's gradient (beta/2 = 500x DreamBooth's at init) overflows at GradScaler's first scale, so the
+    first steps are skipped while the scale backs off (as in every diffusers fp16 run); a skipped step must not
+    advance the LR schedule (PyTorch warns when it does), the log says which steps were skipped, and the
+    tokens move on the steps that were taken."""
+    root, sd1, _ = setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "Detected call of lr_scheduler.step() before optimizer.step()"
+        dco.train(train_args(root, sd1, tmp_path / "run", mixed_precision="fp16", resolution=32, max_train_steps=6,
+                             lr_scheduler="linear", checkpointing_steps=0))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    skipped = [r["step_skipped"] for r in log]
+    assert any(skipped) and not all(skipped)
+    taken = 0
+    for r in log:  # linear decay over 6 steps: the LR follows the steps taken, not the steps tried
+        taken += not r["step_skipped"]
+        assert r["lr"] == pytest.approx(5e-5 * (1 - taken / 6))
+    assert all(b["grad_scale"] == a["grad_scale"] / (2 if b["step_skipped"] else 1) for a, b in zip(log, log[1:]))
+    emb = sdm.load_embeddings(tmp_path / "run" / "learned_embeds.safetensors")["<dog>"]
+    init = sdm.StableDiffusion.from_pretrained(sd1).text_encoder.token_embedding.weight[sdm.CLIPTokenizer().token_id("dog")]
+    assert (emb[0] - init.float()).abs().max() > 1e-3
+
+
+def test_the_loss_is_the_mean_of_per_sample_softplus_with_min_snr_inside():
+    """card Sec. 2.3: at batch 2 the loss is mean_b softplus(beta w_b (l_theta,b - l_ref,b)), not one softplus of
+    batch means (the official reduction, equal at batch 1); Min-SNR w_b weighs each sample's MSEs inside."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    eps_theta = target + torch.stack([torch.full((4, 4, 4), 0.10), torch.full((4, 4, 4), 0.30)]).double()
+    eps_ref = target + torch.stack([torch.full((4, 4, 4), 0.20), torch.full((4, 4, 4), 0.25)]).double()
+    beta, w = 50.0, torch.tensor([0.5, 2.0], dtype=torch.float64)
+    l_theta, l_ref = torch.tensor([0.01, 0.09]), torch.tensor([0.04, 0.0625])  # per-sample MSEs, by hand
+    for weight, ws in ((None, torch.ones(2)), (w, w.float())):
+        loss, logs = dco.dco_loss(eps_theta, eps_ref, target, beta, weight)
+        want = F.softplus(beta * ws * (l_theta - l_ref)).mean()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+        one = [dco.dco_loss(eps_theta[i:i + 1], eps_ref[i:i + 1], target[i:i + 1], beta,
+                            None if weight is None else weight[i:i + 1])[0] for i in range(2)]
+        assert loss.item() == pytest.approx(sum(one).item() / 2, rel=1e-9)  # the mean of the batch-1 losses
+    batch_means = F.softplus(beta * (l_theta.mean() - l_ref.mean()))  # the official code's reduction
+    assert abs(dco.dco_loss(eps_theta, eps_ref, target, beta)[0].item() - batch_means.item()) > 0.1
+    loss0, _ = dco.dco_loss(eps_theta, eps_ref, target, 0.0, w)  # beta 0: Min-SNR-weighted DreamBooth MSE
+    assert loss0.item() == pytest.approx((w.float() * l_theta).mean().item(), rel=1e-6)
+
+
+def test_sample_with_plain_textual_inversion_files_and_foreign_lora_keys(setup, tmp_path):
+    """Files other tools wrote: a plain diffusers embedding (no initializer words) needs --base-prompt for
+    consistency guidance; a learned token in --base-prompt, the same file twice and a kohya file that also
+    trains the text encoder each get one sentence or the right behaviour, never an IndexError."""
+    from safetensors.torch import load_file, save_file
+
+    root, sd1, _ = setup
+    width = sdm.StableDiffusion.from_pretrained(sd1).text_encoder.cfg.width
+    plain = tmp_path / "plain.safetensors"
+    save_file({"<q>": torch.randn(1, width, generator=torch.Generator().manual_seed(0))}, str(plain))
+    run = lambda *extra, out="s": dco.main(["sample", "--pretrained-model", str(sd1), "--embeddings", str(plain), "--steps", "1",
+                                            "--output-dir", str(tmp_path / out), "--overwrite", *extra])
+    with pytest.raises(SystemExit, match="do not say which word '<q>' started from"):
+        run("--prompt", "a <q> on the snow")
+    with pytest.raises(SystemExit, match="the base prompt is for the pretrained model, which has no '<q>'"):
+        run("--prompt", "a <q> on the snow", "--base-prompt", "a <q> dog on the snow")
+    run("--prompt", "a <q> on the snow", "--base-prompt", "a dog on the snow", out="ok")
+    run("--prompt", "a <q> on the snow", "--guidance", "cfg", out="cfg")
+    run("--prompt", "a <q> on the snow", "--guidance", "cfg", "--embeddings", str(plain), out="twice")  # once, not an error
+    assert all((tmp_path / d / "0000_00.png").exists() for d in ("ok", "cfg", "twice"))
+    model = sdm.StableDiffusion.from_pretrained(sd1)
+    kohya = tmp_path / "k.safetensors"
+    dco.save_lora(kohya, model.unet, [dco.LoRA.create(model.unet, 2)], "kohya")
+    sd = load_file(str(kohya))
+    save_file({**sd, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, width)}, str(kohya))
+    with pytest.raises(ValueError, match="also trains the text encoder"):
+        dco.load_lora(kohya, model.unet)
