@@ -422,3 +422,99 @@ def test_automatic_cutout_finds_a_striped_subject_on_a_textured_background():
     img[disc] = np.where((xx[disc] // 4 % 2)[:, None] == 0, [220, 30, 30], [245, 245, 245])
     m = sdx.cutout(Image.fromarray(img))
     assert (m & disc).sum() / (m | disc).sum() > 0.85
+
+
+def test_shard_sampler_splits_one_order_across_ranks_and_resumes():
+    """One global order for any world size: ranks read disjoint positions that together cover it, and
+    `start` continues exactly (DistributedSampler semantics with shards as the shuffling unit)."""
+    shards = [list(range(0, 5)), list(range(5, 12)), list(range(12, 16))]
+    take = lambda it, n: [next(it) for _ in range(n)]
+    one = take(iter(sdx.ShardSampler(shards, 1, 0, seed=3, global_batch=4)), 16)
+    assert sorted(i for i, _, _ in one) == list(range(16)) and {e for _, e, _ in one} == {0}
+    for world in (2, 4):
+        per = [take(iter(sdx.ShardSampler(shards, world, r, seed=3, global_batch=4)), 16 // world) for r in range(world)]
+        merged = sorted((pos, i) for rows in per for i, _, pos in rows)
+        assert [i for _, i in merged] == [i for i, _, _ in one] and len({p for p, _ in merged}) == 16
+    again = take(iter(sdx.ShardSampler(shards, 2, 1, seed=3, global_batch=4, start=3)), 6)  # epoch 0 tail, then epoch 1
+    full = take(iter(sdx.ShardSampler(shards, 2, 1, seed=3, global_batch=4)), 9)
+    assert again == full[3:] and again[-1][1] == 1
+    assert take(iter(sdx.ShardSampler(shards, 1, 0, seed=4, global_batch=4)), 16) != one  # the seed matters
+    with pytest.raises(ValueError, match="fewer records"):
+        sdx.ShardSampler([[0, 1]], 2, 0, seed=0, global_batch=4)
+
+
+def test_three_way_guidance_feeds_text_image_and_null_rows(tiny, monkeypatch):
+    """card §8.2: one UNet call a step on [c ; i ; u]: the prompt with the image, "" with the image and the
+    location, "" with no location (zeros) and the null objects (drop_objects) or zeros after GroundingNet."""
+    sd, vision, _ = tiny
+    method = method_for(sd, vision, perturb=True).eval()
+    seen, real = [], sdx.install
+
+    def spy(m, unet, cond):
+        seen.append(cond)
+        return real(m, unet, cond)
+
+    monkeypatch.setattr(sdx, "install", spy)
+    x_seen = []
+    hook = sd.unet.register_forward_pre_hook(lambda mod, args: x_seen.append((args[0].clone(), args[2].clone())))
+    subject = sdx.Subject(Image.fromarray(tw.concept_references(tw.CONCEPTS[0], n=1)[0][1]), "star", (0.25, 0.25, 0.75, 0.75))
+    try:
+        for drop in (True, False):
+            seen.clear(), x_seen.clear()
+            with torch.no_grad():
+                sdx.generate(method, sd, vision, "a star on the snow", [subject], n=1, steps=1, drop_objects=drop, progress=False,
+                             generator=torch.Generator().manual_seed(0))
+            x, ctx = x_seen[0]
+            objs = seen[0]["objs"]
+            assert x.shape[0] == 3 and torch.equal(x[0, :4], x[1, :4]) and torch.equal(x[0, :4], x[2, :4])
+            assert torch.equal(x[0, 4], x[1, 4]) and (x[0, 4] == 0).any() and (x[2, 4] == 0).all()  # m, m, dropped
+            assert torch.equal(ctx[1], ctx[2]) and not torch.allclose(ctx[0], ctx[1])  # c, "", ""
+            with torch.no_grad():
+                assert torch.equal(ctx[1], method.encode_text(sd.tokenize([""]))[0])
+            assert torch.equal(objs[0], objs[1]) and not torch.allclose(objs[0], objs[2])
+            if drop:  # the null features of training's dropped objects
+                with torch.no_grad():
+                    side = vision.cfg.image_size // vision.cfg.patch_size
+                    null = method.grounding(torch.zeros(1, 2, side * side, vision.cfg.width), torch.zeros(1, 2, dtype=torch.bool),
+                                            torch.zeros(1, 2, 4))
+                assert_close(objs[2:3], null, what="null objects")
+            else:
+                assert (objs[2] == 0).all()
+    finally:
+        hook.remove()
+
+
+def test_a_corrupt_image_inside_a_readable_shard_is_skipped_and_counted(tiny, tmp_path):
+    import io
+    import tarfile
+
+    _, _, root = tiny
+    src = root / "loose"
+    files = {"a_bad.json": (src / "000000.json").read_bytes(), "a_bad.png": b"\x89PNG not really" * 4,
+             "b_good.json": (src / "000000.json").read_bytes(), "b_good.png": (src / "000000.png").read_bytes()}
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = records(tmp_path, "shards", seed=0)
+    assert len(data) == 2 and not data.bad_shards
+    s = data[(0, 0, 0)]  # the corrupt record hands over to the next one
+    assert dict(zip(sdx.SKIPS, s["skips"].tolist()))["unreadable"] == 1 and s["valid"][0]
+    assert torch.equal(s["pixels"], data[(1, 0, 0)]["pixels"])
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tiny, tmp_path):
+    """2 micro-batches of 2 with --gradient-accumulation-steps 2 = one batch of 4: the same records, noise and
+    dropout draws (seeded by position), and the step's loss is the mean over the 4 samples."""
+    _, _, root = tiny
+    common = ["--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "1",
+              "--checkpointing-steps", "0", *FAST]
+    sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "big"), "--train-batch-size", "4"]))
+    sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "acc"), "--gradient-accumulation-steps", "2"]))
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diffs > 1e-6).sum() <= 1e-4 * len(diffs)  # float order only (see the torchrun test)
+    log = lambda d: json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[-1])
+    assert log("big")["loss"] == pytest.approx(log("acc")["loss"], abs=1e-5)
