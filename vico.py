@@ -318,15 +318,17 @@ def load_image_blocks(vico: ViCo, sd: dict, what: str) -> None:
 
 def save_concept(vico: ViCo, folder, metadata: dict) -> None:
     """vico.safetensors (blocks under the official keys + `token_embeddings`), and S* in the diffusers
-    (learned_embeds.safetensors) and A1111 (<token>.a1111.safetensors, emb_params) formats."""
+    (learned_embeds.safetensors, {token: (1, d)}) and A1111 (<token>.a1111.safetensors, emb_params)
+    formats. diffusers' loader takes one token per file, so two concepts write <token>.learned_embeds
+    .safetensors each (load them with load_textual_inversion([file1, file2]))."""
     folder = Path(folder)
     rows = vico.embeddings.detach().float()
     meta = {"method": "vico", "placeholders": vico.placeholders, "layers": vico.layers, "mask_mode": vico.mask_mode, **metadata}
     sdm.save_safetensors({**official_state_dict(vico), "token_embeddings": rows}, folder / "vico.safetensors", meta)
-    per_token = {p: rows[i : i + 1] for i, p in enumerate(vico.placeholders)}
-    sdm.save_embeddings(folder / "learned_embeds.safetensors", per_token, "diffusers", meta)
     for i, p in enumerate(vico.placeholders):
         name = re.sub(r"[^\w-]", "_", p.replace("*", "star"))
+        diffusers_name = "learned_embeds" if len(vico.placeholders) == 1 else f"{name}.learned_embeds"
+        sdm.save_embeddings(folder / f"{diffusers_name}.safetensors", {p: rows[i : i + 1]}, "diffusers", meta)
         sdm.save_embeddings(folder / f"{name}.a1111.safetensors", {p: rows[i : i + 1]}, "a1111", {**meta, "token": p})
 
 

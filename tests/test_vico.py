@@ -529,7 +529,7 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
             vico.main(argv)
 
 
-def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monkeypatch):
+def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monkeypatch, hf_tokenizer_dir):
     a, b = write_images(tmp_path / "a", 2), write_images(tmp_path / "b", 1, size=24)
     args = vico.ViCoArgs(images=[str(a), str(b)], init_word=["dog", "cat"], output_dir=str(tmp_path / "run"), max_train_steps=2,
                          validation_prompt="S1* next to S2*", validation_steps=2, num_validation_images=1)
@@ -544,6 +544,21 @@ def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monk
     refs = [sdm.image_to_tensor(sdm.load_image_folder(d)[0][1], 32) for d in (a, b)]
     assert seen[0]["ref_tokens"] == ["S1*", "S2*"] and all(torch.equal(x, y) for x, y in zip(seen[0]["references"], refs, strict=True))
     monkeypatch.undo()
+    # diffusers reads one token per file: each concept its own file, both loaded in one call
+    from conftest import hf_text_model, hf_tokenizer
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    files = [tmp_path / "run" / f"{n}.learned_embeds.safetensors" for n in ("S1star", "S2star")]
+    assert not (tmp_path / "run" / "learned_embeds.safetensors").exists()
+
+    class Pipe(TextualInversionLoaderMixin):
+        hf_device_map, components = None, {}
+
+    pipe = Pipe()
+    pipe.tokenizer, pipe.text_encoder = hf_tokenizer(hf_tokenizer_dir), hf_text_model(width=64)
+    pipe.load_textual_inversion([str(f) for f in files])
+    ids = pipe.tokenizer.convert_tokens_to_ids(["S1*", "S2*"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), v.embeddings.detach())
     refs = [torch.rand(3, 32, 32) * 2 - 1, torch.rand(3, 32, 32) * 2 - 1]
     with pytest.raises(ValueError, match="several concept tokens"):
         vico.generate(model, v, ["S1* next to S2*"], refs, steps=1, progress=False)
