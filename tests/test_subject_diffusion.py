@@ -405,10 +405,21 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     sdx.main([*base, "--subject", str(ref), str(ref), "--entity", "star", "toy", "--prompt", "a star next to a toy",
               "--save-maps", "--box", "0", "0", "16", "16", "10", "10", "30", "30"])
     assert len(list((out / "maps").glob("*.png"))) == 4 and (out / "0000_00.png").exists()
+    mask = tmp_path / "mask.png"  # a user mask instead of the automatic cut-out: only its pixels reach the encoder
+    Image.fromarray(((np.mgrid[:32, :32] - 16) ** 2).sum(0) < 100).convert("L").save(mask)
+    seen, real = [], sdx.subject_image
+    sdx.subject_image = lambda subj, size: seen.append(subj.mask) or real(subj, size)
+    try:
+        sdx.main([*base, "--subject", str(ref), "--entity", "star", "--prompt", "a star", "--mask", str(mask)])
+    finally:
+        sdx.subject_image = real
+    assert seen and np.array_equal(seen[0], np.asarray(Image.open(mask)) > 127)
     bad = ((["--subject", str(ref), str(ref), str(ref)], ["star"] * 3, "a star", "at most 2 subjects"),
            (["--subject", str(ref)], ["star"], "a dog on the snow", "entity word 'star' is not in the prompt"),
            (["--subject", str(ref), "--box", "0", "0", "40", "16"], ["star"], "a star", "lies outside the 32x32 image"),
-           (["--subject", str(ref)], [" "], "a star", "needs its entity word"))
+           (["--subject", str(ref)], [" "], "a star", "needs its entity word"),
+           (["--subject", str(ref), str(ref), "--mask", str(tmp_path / "mask.png")], ["star", "toy"], "a star and a toy",
+            "one --mask per --subject"))
     for args, entities, prompt, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             sdx.main([*base, *args, "--entity", *entities, "--prompt", prompt])
