@@ -51,6 +51,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -284,7 +285,8 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
             raise ValueError(f"LoRA '{path}' does not fit this base model: layer {p} is {B.shape[0]}x{A.shape[1]} "
                              f"there and {lin[p].out_features}x{lin[p].in_features} here; use the model it was trained on.")
         layers[p] = (A, B, float(d["alpha"]) if "alpha" in d else float(peft_meta.get("unet.lora_alpha", A.shape[0])))
-    return LoRA.from_tensors(layers, name).to(next(iter(lin.values())).weight.device)
+    device = next(iter(lin.values())).weight.device
+    return LoRA.from_tensors(layers, name).to("cpu" if device.type == "meta" else device)  # meta: a skeleton UNet (merge)
 
 
 def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density: float = 1.0, rank: int = 0) -> LoRA:
@@ -683,6 +685,22 @@ class MergeArgs:
     pretrained_model: str = ""  # the base model the LoRAs belong to ("" = the toy model)
 
 
+def unet_skeleton(path: str):
+    """The base UNet's modules on the meta device, for merging: layer names and shapes are all it needs,
+    so a converted or diffusers folder gives them from its config without reading the weights (SDXL's
+    3.47 B parameters are 6.9 GB in fp16). A single file says its architecture only through its weights: loaded."""
+    folder = Path(path) if path else sdm.TOY_MODEL_PATH
+    cfg = None
+    if (folder / "config.json").is_file() and "sd" in (meta := json.loads((folder / "config.json").read_text())):
+        cfg = sdm.config_from_dict(meta["sd"]).unet
+    elif (folder / "unet" / "config.json").is_file():
+        cfg = wc.diffusers_unet_config(json.loads((folder / "unet" / "config.json").read_text()))
+    if cfg is None:
+        return sdm.load_model(path, "fp16", "fp16", "cpu").unet
+    with torch.device("meta"):
+        return sdm.UNetModel(cfg)
+
+
 def load_adapters(model, paths, scales):
     loras, tokens = [], []
     for i, p in enumerate(paths):
@@ -725,7 +743,7 @@ def main(argv=None):
             a = sdm.parse_args(MergeArgs, rest, argparse.ArgumentParser(prog="dco.py merge", description=merge.__doc__.split("\n")[0]))
             if len(a.lora) < 2:
                 raise ValueError("give two or more LoRAs to merge with --lora A B ...")
-            model = sdm.load_model(a.pretrained_model, "fp16", "fp16", "cpu")
+            model = SimpleNamespace(unet=unet_skeleton(a.pretrained_model))
             loras, _ = load_adapters(model, a.lora, [])
             weights = a.weights or [1.0] * len(loras)
             if len(weights) != len(loras):

@@ -648,3 +648,30 @@ def test_sample_with_plain_textual_inversion_files_and_foreign_lora_keys(setup, 
     save_file({**sd, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, width)}, str(kohya))
     with pytest.raises(ValueError, match="also trains the text encoder"):
         dco.load_lora(kohya, model.unet)
+
+
+def test_merge_reads_layer_names_off_the_config_not_the_weights(setup, tmp_path, monkeypatch):
+    """`merge` builds the UNet on the meta device from a converted or diffusers folder's config: the same
+    modules and shapes as the loaded model, no weights read, and the merged file is the one the full model gives."""
+    from safetensors.torch import load_file
+
+    root, sd1, _ = setup
+    full = sdm.StableDiffusion.from_pretrained(sd1).unet
+    skel = dco.unet_skeleton(str(sd1))
+    shapes = lambda u: {k: tuple(v.shape) for k, v in u.state_dict().items()}
+    assert shapes(skel) == shapes(full) and all(p.is_meta for p in skel.parameters())
+    ref = diffusers_unet("sd1")
+    ref.save_config(tmp_path / "diffusers" / "unet")
+    ours = sdm.UNetModel(wc.diffusers_unet_config(ref.config))
+    assert shapes(dco.unet_skeleton(str(tmp_path / "diffusers"))) == shapes(ours)
+    a = [tmp_path / f"{n}.safetensors" for n in "ab"]
+    for f, seed in zip(a, (1, 2)):
+        dco.save_lora(f, full, [randomize_lora(dco.LoRA.create(full, 2, generator=torch.Generator().manual_seed(seed)))])
+    monkeypatch.setattr(sdm, "load_model", lambda *x, **k: pytest.fail("merge loaded the weights"))
+    dco.main(["merge", "--pretrained-model", str(sd1), "--lora", *map(str, a), "--weights", "1", "0.5",
+              "--output", str(tmp_path / "m.safetensors")])
+    monkeypatch.undo()
+    want = tmp_path / "want.safetensors"
+    dco.save_lora(want, full, [dco.merge([dco.load_lora(f, full) for f in a], [1.0, 0.5])])
+    got, exp = load_file(str(tmp_path / "m.safetensors")), load_file(str(want))
+    assert got.keys() == exp.keys() and all(torch.equal(got[k], exp[k]) for k in got)
