@@ -110,8 +110,8 @@ class TrainConfig(sdm.TrainArgs):
     drop_objects: bool = True  # also drop the grounding tokens with the location (card §9.7 fix)
     min_box_area: float = 0.08  # subject box filters of verify_keys: area fraction, aspect ratio
     max_box_area: float = 0.7
-    min_box_aspect: float = 0.3  # w/h in (0.3, 3), as verify_keys / post_verify have it (not 1/3)
-    max_box_aspect: float = 3.0
+    min_box_aspect: float = 0.3  # ratio_min/max of custom_dataset.py: w/h of the record's box in (0.3, 3)
+    max_box_aspect: float = 3.0  # (verify_keys), then h/w of the cropped box (post_bbox_filter): (1/3, 3) in all
     backgrounds: str = ""  # folder of background images for the entity crops (the paper: BG-20k)
     num_workers: int = 2
     validation_subject: str = ""  # image for the validation grid, with --validation-entity and -prompt
@@ -361,7 +361,8 @@ SKIPS = {
     "no_subject": "a record has no usable subject left; it is skipped",
     "caption_sks": "a caption already contains 'sks', the token that carries the image; the record is skipped",
     "truncated": "a caption is so long that a subject's ', the <entity> is sks' clause was cut at 77 tokens; that subject is dropped",
-    "extra_subjects": f"a record has more than {MAX_SUBJECTS} usable subjects; the first {MAX_SUBJECTS} are kept (post_verify)",
+    "extra_subjects": f"a record has more than {MAX_SUBJECTS} usable subjects; the first {MAX_SUBJECTS} that pass post_verify's "
+                      f"checks are kept (MAX_NUM_OBJECTS), the rest are ignored",
 }
 
 
@@ -461,8 +462,9 @@ class Records(torch.utils.data.Dataset):
         raise ValueError("none of the training records has a usable subject; check the boxes and labels.")
 
     def subjects(self, rec, W, H, skips):
-        """verify_keys (card §7.4): clip boxes, the label must be a caption word, area and aspect limits,
-        no near-duplicate box (intersection / smaller area > 0.8); at most two, in record order."""
+        """verify_keys (card §7.4): clip boxes, the label must be a caption word, area and w/h limits,
+        no near-duplicate box (intersection / smaller area > 0.8); every candidate, in record order (the
+        official order is by detector logit, which records need not have). `make` keeps at most two."""
         cfg, chosen = self.cfg, []
         if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str):
             raise Skip("unreadable")
@@ -492,10 +494,7 @@ class Records(torch.utils.data.Dataset):
             chosen.append(((x1, y1, x2, y2), str(o["label"]), o.get("value")))
         if not chosen:
             raise Skip("no_subject")
-        if len(chosen) > MAX_SUBJECTS:
-            skips["extra_subjects"] += len(chosen) - MAX_SUBJECTS
-            self._say(SKIPS["extra_subjects"] + ".", "extra_subjects")
-        return chosen[:MAX_SUBJECTS]
+        return chosen
 
     def make(self, i, rng, skips):
         image, rec, labels = self.read(i)
@@ -512,11 +511,16 @@ class Records(torch.utils.data.Dataset):
         img = np.asarray(Image.fromarray(image[y0:y0 + s, x0:x0 + s]).resize((R, R), Image.BILINEAR))
         lab = None if labels is None else np.asarray(Image.fromarray(labels[y0:y0 + s, x0:x0 + s]).resize((R, R), Image.NEAREST))
         boxes, segs, words = np.zeros((MAX_SUBJECTS, 4), np.float32), np.zeros((MAX_SUBJECTS, R, R), np.float32), []
-        for (x1, y1, x2, y2), label, value in chosen:
+        for j, ((x1, y1, x2, y2), label, value) in enumerate(chosen):
+            if len(words) == MAX_SUBJECTS:  # post_verify stops at the first two candidates that pass its checks
+                skips["extra_subjects"] += len(chosen) - j
+                self._say(SKIPS["extra_subjects"] + ".", "extra_subjects")
+                break
             box = np.clip(np.array([x1 - x0, y1 - y0, x2 - x0, y2 - y0]) / s, 0, 1)
             w, h = box[2] - box[0], box[3] - box[1]
-            if w * h * 512**2 <= 200 or not self.cfg.min_box_aspect < w / max(h, 1e-9) < self.cfg.max_box_aspect:
-                skips["box_filtered"] += 1  # post_verify: the cropped box keeps > 200 px at 512 and its aspect
+            # post_bbox_filter: the cropped box keeps > 200 px at 512, and h/w (verify_keys had w/h) in the limits
+            if w * h * 512**2 <= 200 or not self.cfg.min_box_aspect < h / max(w, 1e-9) < self.cfg.max_box_aspect:
+                skips["box_filtered"] += 1
                 continue
             k, (a, b, c, d) = len(words), np.round(box * R).astype(int)
             boxes[k], segs[k, b:d, a:c] = box, 1  # the box is the mask when the record has none

@@ -208,22 +208,29 @@ def test_bad_records_and_shards_are_skipped_and_counted(tiny, tmp_path, capsys):
                      ("d_good", good),
                      ("e_three", {**good, "objects": [{**good["objects"][0], "value": None, "box": b} for b in
                                                      ([0, 0, 16, 16], [40, 0, 56, 16], [0, 40, 16, 56])]}),
-                     ("f_tall", {**good, "objects": [{**good["objects"][0], "value": None, "box": [10, 10, 26, 60]}]})):
+                     ("f_tall", {**good, "objects": [{**good["objects"][0], "value": None, "box": [10, 10, 26, 60]}]}),
+                     ("g_tall_first", {**good, "objects": [{**good["objects"][0], "value": None, "box": b} for b in
+                                                          ([10, 10, 26, 60], [40, 0, 56, 16], [40, 40, 56, 56])]})):
         (tmp_path / f"{key}.json").write_text(json.dumps(rec))
         (tmp_path / f"{key}.png").write_bytes((src / "000000.png").read_bytes())
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "00000.tar").write_bytes(b"not a tar file at all" * 10)
     cfg = sdx.TrainConfig(data=[str(tmp_path), str(tmp_path / "broken")], min_box_area=0.01)
     data = sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407)
-    assert data.bad_shards == [str(tmp_path / "broken" / "00000.tar")] and len(data) == 6
+    assert data.bad_shards == [str(tmp_path / "broken" / "00000.tar")] and len(data) == 7
     s = data[(0, 0, 0)]  # a_nobox hands over to b, c (no usable subject), then d
     counts = dict(zip(sdx.SKIPS, s["skips"].tolist()))
     assert counts["no_boxes"] == 1 and counts["box_outside"] == 1 and counts["entity_missing"] == 1 and counts["no_subject"] == 2
     assert s["valid"][0] and torch.equal(s["pixels"], data[(3, 0, 0)]["pixels"])
     three = data[(4, 0, 0)]  # three usable subjects: the first two are kept, the third is counted
     assert three["valid"].all() and dict(zip(sdx.SKIPS, three["skips"].tolist()))["extra_subjects"] == 1
-    tall = data[(5, 0, 0)]  # w/h = 16/50 = 0.32: inside the code's (0.3, 3), outside (1/3, 3)
-    assert tall["valid"][0] and dict(zip(sdx.SKIPS, tall["skips"].tolist()))["box_filtered"] == 0
+    # w/h = 16/50 = 0.32 passes verify_keys' w/h in (0.3, 3) but not post_bbox_filter's h/w = 3.1 < 3 (card §7.4)
+    tall = dict(zip(sdx.SKIPS, data[(5, 0, 0)]["skips"].tolist()))  # hands over to g, whose first box is as tall
+    assert tall["no_subject"] == 1 and tall["box_filtered"] == 2
+    first = data[(6, 0, 0)]  # post_verify keeps the first two that pass its checks, not the first two candidates
+    counts = dict(zip(sdx.SKIPS, first["skips"].tolist()))
+    assert first["valid"].all() and counts["box_filtered"] == 1 and counts["extra_subjects"] == 0
+    assert torch.allclose(first["boxes"][0], torch.tensor([40, 0, 56, 16]) / 64)
     err = capsys.readouterr().err
     assert "not a readable tar file" in err and "no object boxes" in err and "outside its image" in err
 
