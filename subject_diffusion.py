@@ -375,6 +375,9 @@ def _png(data: bytes, mode: str | None = "RGB"):
     return np.asarray(img.convert(mode) if mode else img)
 
 
+MEMBERS = ("png", "json", "mask.png")  # a record's files, by extension
+
+
 class Records(torch.utils.data.Dataset):
     """Training records: `{key}.png` (RGB), `{key}.json` and optional `{key}.mask.png`, loose in a folder
     or as members of webdataset-style `.tar` shards (toy_world.py make-records writes both forms).
@@ -392,15 +395,19 @@ class Records(torch.utils.data.Dataset):
                  verbose: bool = True):
         self.cfg, self.size, self.latent, self.zc, self.clip_size, self.verbose = cfg, size, latent, z_channels, clip_size, verbose
         self.pad_id = pad_id
-        self.items, self.shards, self.bad_shards, self._warned = [], [], [], set()
+        # A compact index, since every rank holds all of it (the paper's 76 M records): per shard its source
+        # and first record; per tar record the (offset, size) of its png, json and mask.png members (-1: none),
+        # 48 bytes; keys only for loose folders. self.shards are ranges, the unit the sampler shuffles.
+        self.bad_shards, self._warned, sources, starts, offsets, self.loose_keys = [], set(), [], [0], [], {}
         for p in map(Path, paths):
             tars = [p] if p.suffix == ".tar" else sorted(p.glob("*.tar")) if p.is_dir() else None
             if tars is None:
                 raise FileNotFoundError(f"training data '{p}' is neither a folder nor a .tar shard.")
             if not tars:
                 keys = sorted(q.name[:-5] for q in p.glob("*.json"))
-                self.shards.append(list(range(len(self.items), len(self.items) + len(keys))))
-                self.items += [(str(p), k, None) for k in keys]
+                self.loose_keys[len(sources)] = keys
+                sources.append(str(p)), starts.append(starts[-1] + len(keys))
+                offsets.append(np.full((len(keys), 6), -1, np.int64))
             for tar in tars:
                 try:
                     with tarfile.open(tar) as tf:
@@ -414,9 +421,13 @@ class Records(torch.utils.data.Dataset):
                               f"{len(self.bad_shards)} shard(s) skipped so far, training goes on.", str(tar))
                     continue
                 keys = sorted(k for k, v in members.items() if "json" in v and "png" in v)
-                self.shards.append(list(range(len(self.items), len(self.items) + len(keys))))
-                self.items += [(str(tar), k, members[k]) for k in keys]
-        if not self.items:
+                rows = [[x for ext in MEMBERS for x in members[k].get(ext, (-1, -1))] for k in keys]
+                sources.append(str(tar)), starts.append(starts[-1] + len(keys))
+                offsets.append(np.array(rows, np.int64).reshape(-1, 6))
+        self.sources, self.starts = sources, np.array(starts)
+        self.offsets = np.concatenate(offsets) if offsets else np.zeros((0, 6), np.int64)
+        self.shards = [range(a, b) for a, b in zip(starts, starts[1:])]
+        if not len(self):
             raise ValueError(f"no training records in {', '.join(map(str, paths))}; write {{key}}.png/.json"
                              "(/.mask.png) files or .tar shards of them (python toy_world.py make-records).")
         self.tokenizer = sdm.CLIPTokenizer()
@@ -428,18 +439,29 @@ class Records(torch.utils.data.Dataset):
             print(f"warning: {msg}", file=sys.stderr)
 
     def __len__(self):
-        return len(self.items)
+        return len(self.offsets)
+
+    def locate(self, i):
+        """(source, key or None, its place in the shard, row of member offsets) of record i."""
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        keys, j = self.loose_keys.get(shard), int(i - self.starts[shard])
+        return self.sources[shard], None if keys is None else keys[j], j, self.offsets[i]
+
+    def name(self, i) -> str:
+        src, key, j, _ = self.locate(i)
+        return f"{src}/{key}" if key is not None else f"record {j} of {src}"
 
     def read(self, i):
-        src, key, members = self.items[i]
+        src, key, _, row = self.locate(i)
 
         def get(ext):  # a loose file, or a tar member read at its offset
-            if members is None:
+            if key is not None:
                 return (Path(src) / f"{key}.{ext}").read_bytes() if (Path(src) / f"{key}.{ext}").exists() else None
-            if ext in members:
+            off, size = row[2 * MEMBERS.index(ext): 2 * MEMBERS.index(ext) + 2]
+            if off >= 0:
                 with open(src, "rb") as f:
-                    f.seek(members[ext][0])
-                    return f.read(members[ext][1])
+                    f.seek(int(off))
+                    return f.read(int(size))
 
         try:
             rec, mask = json.loads(get("json")), get("mask.png")
@@ -451,14 +473,14 @@ class Records(torch.utils.data.Dataset):
         index, epoch, pos = item
         rng = np.random.default_rng([self.cfg.seed, epoch, pos])
         skips = dict.fromkeys(SKIPS, 0)
-        for attempt in range(len(self.items)):  # a bad record hands over to the next one, deterministically
+        for attempt in range(len(self)):  # a bad record hands over to the next one, deterministically
             try:
-                sample = self.make((index + attempt) % len(self.items), rng, skips)
+                sample = self.make((index + attempt) % len(self), rng, skips)
                 sample["skips"] = torch.tensor(list(skips.values()), dtype=torch.float32)
                 return sample
             except Skip as e:
                 skips[e.args[0]] += 1
-                self._say(SKIPS[e.args[0]] + f" (first: {self.items[(index + attempt) % len(self.items)][1]}).", e.args[0])
+                self._say(SKIPS[e.args[0]] + f" (first: {self.name((index + attempt) % len(self))}).", e.args[0])
         raise ValueError("none of the training records has a usable subject; check the boxes and labels.")
 
     def subjects(self, rec, W, H, skips):
@@ -561,7 +583,7 @@ class Records(torch.utils.data.Dataset):
             x, y = int(rng.integers(img.size[0] - s + 1)), int(rng.integers(img.size[1] - s + 1))
             return np.asarray(img.crop((x, y, x + s, y + s)).resize((S, S), Image.BILINEAR))
         try:
-            image, rec, labels = self.read(int(rng.integers(len(self.items))))
+            image, rec, labels = self.read(int(rng.integers(len(self))))
         except Skip:
             return np.full((S, S, 3), 127, np.uint8)
         H, W = image.shape[:2]
@@ -633,9 +655,9 @@ class ShardSampler(torch.utils.data.Sampler):
         epoch, k = divmod(self.start, self.per_rank)
         while True:
             g = np.random.default_rng([self.seed, epoch])
-            order = [int(i) for s in g.permutation(len(self.shards)) for i in g.permutation(self.shards[s])]
+            order = np.concatenate([g.permutation(self.shards[s]) for s in g.permutation(len(self.shards))])
             for j in range(k, self.per_rank):
-                yield order[self.rank + j * self.world], epoch, self.rank + j * self.world
+                yield int(order[self.rank + j * self.world]), epoch, self.rank + j * self.world
             epoch, k = epoch + 1, 0
 
 
