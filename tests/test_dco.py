@@ -14,20 +14,9 @@ from safetensors.torch import load_file
 import dco
 import sd_model as sdm
 import weights_convert as wc
-from conftest import assert_close, diffusers_unet
+from conftest import TINY_XL, assert_close, diffusers_unet
 
 LN2 = 0.6931471805599453
-# SDXL's layout at toy widths: two text towers (the second projects its pooled output), pooled + 6 size ids
-# in y, no attention at the first level, linear proj_in/out, d_head fixed.
-TINY_XL = sdm.SDConfig(
-    "tiny-xl",
-    sdm.UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1, transformer_depth=(0, 2),
-                   num_heads=None, num_head_channels=16, context_dim=64, use_linear_in_transformer=True,
-                   adm_in_channels=32 + 6 * 8, norm_groups=8),
-    sdm.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, penultimate=True),
-    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, act="gelu", projection_dim=32, pad_id=0, penultimate=True),
-    image_size=32)
 
 
 def tiny(cfg=sdm.TINY, seed=0):

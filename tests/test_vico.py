@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import TINY_XL, assert_close
 from PIL import Image
 from safetensors import safe_open
 
@@ -135,16 +135,6 @@ def test_one_image_block_per_layer_after_its_last_transformer_block(monkeypatch)
     assert calls == v.layers and reg > 0
 
 
-# SDXL's layout at toy widths (as in test_dco.py): two text towers and the vector condition y.
-TINY_XL = sdm.SDConfig(
-    "tiny-xl",
-    sdm.UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1, transformer_depth=(0, 2),
-                   num_heads=None, num_head_channels=16, context_dim=64, use_linear_in_transformer=True,
-                   adm_in_channels=32 + 6 * 8, norm_groups=8),
-    sdm.VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, penultimate=True),
-    sdm.CLIPTextConfig(width=32, layers=2, heads=2, mlp_dim=64, act="gelu", projection_dim=32, pad_id=0, penultimate=True),
-    image_size=32)
 
 
 def test_sdxl_is_refused_when_loading(tmp_path):
