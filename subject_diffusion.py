@@ -53,9 +53,14 @@ Code vs paper (card §9), and what this file does:
   8 box coordinates for one subject: kept at inference (`--use-bbox`, test_subject.py); pass
     `--no-use-bbox` for test.py's null position features.
   9 hybrid hand-off to the original SD2: not implemented (test.py never triggers it).
+  10 localisation loss on both the "sks" token and the entity word (FastComposer supervises only its
+    image tokens): as the code.
   11 "sks" count: checked per prompt (the code's batch-level assert lets 4 slots share 1 embedding);
     a training caption long enough to cut an "sks" off keeps only the subjects whose "sks" survived.
 Sampler: sd_model has no PNDM; DDIM 50 steps is the default instead of test.py's PNDM 50.
+Prediction type: the official run trains an eps-model (SD2-base, card §2.1). The target here is the base
+model's own (`NoiseSchedule.target`): eps on SD1.x and SD2-base, v on a 768-v base such as SD2.1 (an
+extension the card does not cover; sampling reads the same schedule).
 """
 
 from __future__ import annotations
@@ -378,6 +383,19 @@ def _png(data: bytes, mode: str | None = "RGB"):
 MEMBERS = ("png", "json", "mask.png")  # a record's files, by extension
 
 
+def json_boxes(rec: dict, W: int, H: int) -> list:
+    """Every usable box of the json, clipped to the image, chosen or not: transform() crops to hold the span
+    of all of them (card §7.4), not only of the subjects verify_keys kept."""
+    out = []
+    for o in rec["objects"]:
+        box = np.asarray(o.get("box", []) if isinstance(o, dict) else [], dtype=np.float64)
+        if box.shape == (4,) and np.isfinite(box).all():
+            x1, y1, x2, y2 = np.clip(box, 0, [W, H, W, H])
+            if x2 - x1 >= 1 and y2 - y1 >= 1:
+                out.append((x1, y1, x2, y2))
+    return out
+
+
 class Records(torch.utils.data.Dataset):
     """Training records: `{key}.png` (RGB), `{key}.json` and optional `{key}.mask.png`, loose in a folder
     or as members of webdataset-style `.tar` shards (toy_world.py make-records writes both forms).
@@ -525,9 +543,10 @@ class Records(torch.utils.data.Dataset):
         caption = rec["caption"].strip()
         if SKS_ID in self.tokenizer.tokenize(caption):
             raise Skip("caption_sks")
-        s, px, corner, R = min(W, H), np.array([b for b, _, _ in chosen]), [], self.size
+        s, corner, R = min(W, H), [], self.size
+        px = np.array([b for b, _, _ in chosen] + json_boxes(rec, W, H))
         for lo, hi, n in zip(px[:, 2:].max(0) - s, px[:, :2].min(0), (W, H)):  # transform(): a random square crop
-            lo, hi = max(0, math.ceil(lo)), min(n - s, math.floor(hi))  # holding every chosen box, else the centre
+            lo, hi = max(0, math.ceil(lo)), min(n - s, math.floor(hi))  # holding every box of the json, else the centre
             corner.append(int(rng.integers(lo, hi + 1)) if lo <= hi else (n - s) // 2)
         x0, y0 = corner
         img = np.asarray(Image.fromarray(image[y0:y0 + s, x0:x0 + s]).resize((R, R), Image.BILINEAR))
