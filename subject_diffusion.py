@@ -834,6 +834,8 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         raise ValueError("no training data: pass --data FOLDER_OR_SHARDS (python toy_world.py make-records writes some).")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed-precision {cfg.mixed_precision}: use no, fp16 or bf16.")
+    if not cfg.validation_prompt and (cfg.validation_subject or cfg.validation_entity):
+        print("note: --validation-subject/--validation-entity do nothing without --validation-prompt.", file=sys.stderr)
     if cfg.validation_prompt:  # else validation would be skipped without a word, or fail at the first grid
         if not cfg.validation_subject or not cfg.validation_entity.strip():
             raise ValueError("--validation-prompt needs --validation-subject IMAGE and --validation-entity WORD "
