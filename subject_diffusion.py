@@ -383,6 +383,54 @@ def _png(data: bytes, mode: str | None = "RGB"):
 MEMBERS = ("png", "json", "mask.png")  # a record's files, by extension
 
 
+def scan_tar(tar) -> np.ndarray | None:
+    """(records, 6) int64: offset and size of each record's png, json and mask.png (-1: none), the records
+    sorted by key; None for an unreadable tar. Reading the member headers is the cost: one seek a member."""
+    try:
+        with tarfile.open(tar) as tf:
+            members = {}
+            for m in tf.getmembers():
+                key, _, ext = Path(m.name).name.partition(".")
+                members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError):
+        return None
+    keys = sorted(k for k, v in members.items() if "json" in v and "png" in v)
+    return np.array([[x for ext in MEMBERS for x in members[k].get(ext, (-1, -1))] for k in keys], np.int64).reshape(-1, 6)
+
+
+def _stamp(path):
+    """What says a shard is unchanged since it was indexed: its size and modification time."""
+    with contextlib.suppress(OSError):
+        st = Path(path).stat()
+        return [st.st_size, st.st_mtime_ns]
+
+
+def read_tar_index(path) -> dict:
+    """{tar: (stamp, rows or None)} from an index file `write_tar_index` wrote; {} if there is none."""
+    if not path or not Path(path).is_file():
+        return {}
+    with np.load(path) as f:
+        meta, rows = json.loads(str(f["meta"])), f["rows"]
+    return {t: (stamp, None if n < 0 else rows[a:a + n]) for t, stamp, a, n in meta}
+
+
+def write_tar_index(path, entries: dict) -> None:
+    """Every shard's member table in one .npz, written atomically, so that the next run (a resume, or the
+    other processes of this one) reads it instead of every tar's headers."""
+    meta, parts, a = [], [], 0
+    for t, (stamp, rows) in entries.items():
+        meta.append([t, stamp, a, -1 if rows is None else len(rows)])
+        if rows is not None:
+            parts.append(rows)
+            a += len(rows)
+    rows = np.concatenate(parts) if parts else np.zeros((0, 6), np.int64)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), rows=rows)
+    sdm.atomic_write(path, write)
+
+
 def json_boxes(rec: dict, W: int, H: int) -> list:
     """Every usable box of the json, clipped to the image, chosen or not: transform() crops to hold the span
     of all of them (card §7.4), not only of the subjects verify_keys kept."""
@@ -410,13 +458,14 @@ class Records(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, cfg: TrainConfig, size: int, latent: int, z_channels: int, clip_size: int, pad_id: int,
-                 verbose: bool = True):
+                 verbose: bool = True, index: str | Path | None = None, write_index: bool = True):
         self.cfg, self.size, self.latent, self.zc, self.clip_size, self.verbose = cfg, size, latent, z_channels, clip_size, verbose
         self.pad_id = pad_id
         # A compact index, since every rank holds all of it (the paper's 76 M records): per shard its source
         # and first record; per tar record the (offset, size) of its png, json and mask.png members (-1: none),
         # 48 bytes; keys only for loose folders. self.shards are ranges, the unit the sampler shuffles.
         self.bad_shards, self._warned, sources, starts, offsets, self.loose_keys = [], set(), [], [0], [], {}
+        cached, scanned = read_tar_index(index), {}
         for p in map(Path, paths):
             tars = [p] if p.suffix == ".tar" else sorted(p.glob("*.tar")) if p.is_dir() else None
             if tars is None:
@@ -427,21 +476,20 @@ class Records(torch.utils.data.Dataset):
                 sources.append(str(p)), starts.append(starts[-1] + len(keys))
                 offsets.append(np.full((len(keys), 6), -1, np.int64))
             for tar in tars:
-                try:
-                    with tarfile.open(tar) as tf:
-                        members = {}
-                        for m in tf.getmembers():
-                            key, _, ext = Path(m.name).name.partition(".")
-                            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-                except (tarfile.TarError, OSError) as e:
+                stamp = _stamp(tar)
+                if stamp is not None and cached.get(str(tar), (None,))[0] == stamp:
+                    rows = cached[str(tar)][1]
+                else:
+                    rows = scanned[str(tar)] = (stamp, scan_tar(tar))[1]
+                if rows is None:
                     self.bad_shards.append(str(tar))
-                    self._say(f"skipping shard '{tar}': not a readable tar file ({e}); "
+                    self._say(f"skipping shard '{tar}': not a readable tar file; "
                               f"{len(self.bad_shards)} shard(s) skipped so far, training goes on.", str(tar))
                     continue
-                keys = sorted(k for k, v in members.items() if "json" in v and "png" in v)
-                rows = [[x for ext in MEMBERS for x in members[k].get(ext, (-1, -1))] for k in keys]
-                sources.append(str(tar)), starts.append(starts[-1] + len(keys))
-                offsets.append(np.array(rows, np.int64).reshape(-1, 6))
+                sources.append(str(tar)), starts.append(starts[-1] + len(rows))
+                offsets.append(rows)
+        if index and scanned and write_index:
+            write_tar_index(index, {**cached, **{t: (_stamp(t), r) for t, r in scanned.items()}})
         self.sources, self.starts = sources, np.array(starts)
         self.offsets = np.concatenate(offsets) if offsets else np.zeros((0, 6), np.int64)
         self.shards = [range(a, b) for a, b in zip(starts, starts[1:])]
@@ -875,8 +923,12 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     if main and resume_from:
         print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
     R = cfg.resolution or sd.cfg.image_size
+    if world > 1 and not main:  # rank 0 indexes the shards first and writes the index the others read
+        dist.barrier()
     data = Records(cfg.data, cfg, R, R // sd.vae.downsample_factor, sd.cfg.vae.z_channels, vision.cfg.image_size,
-                   sd.cfg.text.pad_id, verbose=main)
+                   sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main)
+    if world > 1 and main:
+        dist.barrier()
     sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
     loader = iter(torch.utils.data.DataLoader(data, cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                               pin_memory=cuda, persistent_workers=cfg.num_workers > 0))

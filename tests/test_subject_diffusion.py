@@ -666,3 +666,32 @@ def test_gradient_accumulation_equals_the_bigger_batch(tiny, tmp_path):
     assert (diffs > 1e-6).sum() <= 1e-4 * len(diffs) and diffs.max() < 2e-5
     log = lambda d: json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[-1])
     assert log("big")["loss"] == pytest.approx(log("acc")["loss"], abs=1e-5)
+
+
+def test_the_shard_index_is_written_once_and_read_instead_of_the_tars(tiny, tmp_path, monkeypatch):
+    """The member tables of every shard go to one .npz (train writes it into the output folder, rank 0 first):
+    the next Records reads no tar header and gives the same samples; a shard that changed is scanned again."""
+    import shutil
+    from pathlib import Path
+
+    _, _, root = tiny
+    shards = tmp_path / "tars"
+    shutil.copytree(root / "tars", shards)
+    index = tmp_path / "out" / "records_index.npz"
+    cfg = sdx.TrainConfig(data=[str(shards)], min_box_area=0.01)
+    make = lambda: sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407, verbose=False, index=index)
+    first = make()
+    assert index.is_file()
+    scans = []
+    real = sdx.scan_tar
+    monkeypatch.setattr(sdx, "scan_tar", lambda t: scans.append(Path(t).name) or real(t))
+    again = make()
+    assert scans == [] and np.array_equal(again.offsets, first.offsets) and again.shards == first.shards
+    assert torch.equal(again[(3, 0, 3)]["pixels"], first[(3, 0, 3)]["pixels"])
+    tars = sorted(shards.glob("*.tar"))
+    tars[1].write_bytes(tars[1].read_bytes()[:-2048])  # changed (here: truncated): scanned again, the rest still cached
+    third = make()
+    assert scans == [tars[1].name] and len(third) <= len(first)
+    scans.clear()
+    make()
+    assert scans == []  # the rescan went into the index too
