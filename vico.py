@@ -32,10 +32,12 @@ training (#15), and the frozen model runs as one doubled batch [z_t; z_r] instea
 (exact: every op is per sample). `--no-visual-condition` is plain textual inversion with the same
 code (the paper's Table 4 baseline); `--mask-mode none` is its "TI + visual condition" row.
 
-Not done: stopping the reference half after the last image layer. Its output_blocks.11 and `out`
-are computed and thrown away (7.9 % of an SD1.5 UNet pass at 512 px, so about 4 % of a ViCo step);
-the skip stacks hold both halves, so stopping early would take a second, truncated pass. SDXL:
-`check_model` refuses it (its UNet also needs the vector condition y, and S* would need both text encoders).
+The reference half stops after the last image layer where that is exact (card 15): when at most one
+output block follows that layer (SD 1.x, 2.x and the toy model: output_blocks.11), a pre-hook hands
+that block (or `out`) the noisy rows only; the reference rows' outputs there were thrown away (7.9 %
+of an SD1.5 UNet pass at 512 px). With more blocks after it the skip stacks still hold both halves, so
+the batch cannot shrink, and nothing is skipped. SDXL: `check_model` refuses it (its UNet also needs
+the vector condition y, and S* would need both text encoders).
 """
 
 from __future__ import annotations
@@ -246,6 +248,12 @@ class ViCo(nn.Module):
         # the whole text transformer, before proj_out); its attn2 gives the mask. SD1/2 have one block per
         # layer, SDXL-like configs several: hooking every block would apply A_I after each of them.
         last = {f"{n}.transformer_blocks.{len(unet.get_submodule(n).transformer_blocks) - 1}" for n in self.layers}
+        # the first module after the last image layer that takes no skip connection after it: the last
+        # output block (its input is [h; skip] already) when one follows that layer, else `out`
+        after = len(unet.output_blocks) - 1 - max(int(n.split(".")[1]) for n in self.layers)
+        stop = {0: unet.out, 1: unet.output_blocks[-1]}.get(after)
+        outermost = not self.installed  # validation inside training installs again: one pre-hook only
+        handle = stop.register_forward_pre_hook(self._drop_reference_rows) if stop is not None and outermost else None
         self.installed += 1
         try:
             with sdm.hooked(unet, processor=self._text_attention, attn="attn2", after_block=self._after_block,
@@ -254,6 +262,15 @@ class ViCo(nn.Module):
         finally:
             self.installed -= 1
             self.call = None
+            if handle is not None:
+                handle.remove()
+
+    def _drop_reference_rows(self, block, args):
+        """Past the last image layer the reference rows feed nothing the method reads (card 15)."""
+        if self.call is None:
+            return None
+        m = len(args[0]) // (self.call.n_refs + 1)
+        return tuple(a[:m] for a in args)
 
     def denoise(self, unet, x, t, context, refs, cols, eot=None):
         """eps(z_t, t, z_r, c_T) for the noisy rows; the frozen UNet runs once on [x; refs] (card 15).
@@ -268,7 +285,7 @@ class ViCo(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x)).repeat(R + 1)
         out = unet(torch.cat([x, *refs]), t, context.repeat(R + 1, 1, 1))
         reg = sum(self.call.reg.values()) if self.call.reg else out.new_zeros(())
-        return out[: len(x)], reg
+        return out[: len(x)], reg  # all of `out` when the reference rows stopped early (see `install`)
 
 
 # ---- 3. Tokens, weights and files: ours (safetensors) and the official release's (pickles).

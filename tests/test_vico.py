@@ -93,9 +93,9 @@ def test_reference_stream_is_the_plain_unet_and_ignores_the_noisy_latent(model):
             for xx in (x, x + 3 * torch.randn_like(x)):
                 v.denoise(model.unet, xx, T, ctx, r[None], cols[None])
                 runs.append({k: o[len(x):] for k, o in seen.items()})
-                # the whole UNet output for the reference rows is the plain UNet's, too
+                # past the last image layer the reference rows are dropped (card 15): the output is the noisy rows'
                 out = model.unet(torch.cat([xx, r]), T.repeat(2), ctx.repeat(2, 1, 1))
-                assert_close(out[len(x):], plain_out, what="reference rows of the output")
+                assert out.shape == xx.shape and not torch.allclose(out, plain_out[: len(xx)])
     finally:
         for h in hooks:
             h.remove()
@@ -574,3 +574,35 @@ def test_toy_masks_scores_each_layer_against_the_rendered_object(model_dir, tmp_
         assert {round(r["object"], 6) for r in rows if r["ref"] == i} == {round(share, 6)}
     with pytest.raises(FileNotFoundError, match="toy-benchmark"):
         vico.toy_masks(["--out", str(tmp_path), "--pretrained-model", str(model_dir), "--concepts", "polka_heart"])
+
+
+def test_the_reference_rows_stop_after_the_last_image_layer_exactly(model, monkeypatch):
+    """card 15: what follows the last image layer (here `out`: the tiny UNet's last image layer is in its last
+    output block; SD1.5's is output_blocks.11 and `out`) runs on the noisy rows only, and eps and the
+    regulariser are what the whole batch gives; gradient checkpointing still trains S*."""
+    v = make_vico(model)
+    x, r, ctx, cols, eot = inputs(model, v)
+    rows = []
+    hook = model.unet.out.register_forward_hook(lambda m, a, o: rows.append(len(o)))
+    try:
+        two_refs = torch.stack([r, torch.randn_like(r)]), torch.stack([cols, cols])
+        with v.install(model.unet):
+            fast, reg = v.denoise(model.unet, x, T, ctx, *two_refs, eot)
+        monkeypatch.setattr(vico.ViCo, "_drop_reference_rows", lambda self, block, args: None)  # the whole batch
+        with v.install(model.unet):
+            full, reg_full = v.denoise(model.unet, x, T, ctx, *two_refs, eot)
+    finally:
+        hook.remove()
+    assert rows == [len(x), 3 * len(x)]  # the early stop, then the whole doubled batch
+    assert_close(fast, full, rtol=1e-6, atol=1e-6, what="eps") and torch.equal(reg, reg_full)
+    monkeypatch.undo()
+    model.unet.gradient_checkpointing = True
+    try:
+        with v.install(model.unet), torch.enable_grad():
+            v.embeddings.requires_grad_(True)
+            out, reg = v.denoise(model.unet, x, T, ctx, r[None], cols[None], eot)
+            (out.square().mean() + reg).backward()
+        assert out.shape == x.shape and v.embeddings.grad.abs().sum() > 0
+    finally:
+        model.unet.gradient_checkpointing = False
+        v.embeddings.grad = None
