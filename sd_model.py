@@ -1,25 +1,24 @@
 """Stable Diffusion (LDM, Rombach et al. 2022, arXiv:2112.10752) in one file: SD 1.x, SD 2.x and SDXL.
 
-Read it top to bottom: configs, tokenizer, CLIP towers, UNet, hooks, VAE, schedules and samplers,
-the `StableDiffusion` wrapper, training utilities shared by the method files, and the CLI.
+Read it top to bottom: configs, tokenizer, CLIP towers, UNet, hooks, VAE, schedules and samplers, the
+`StableDiffusion` wrapper, training utilities shared by the method files, and the CLI.
 
-Checkpoint-naming rule: every module is named after the key it has in the original checkpoint,
-so a CompVis/Stability single file loads with `strict=True` after its prefixes are stripped
-(`weights_convert.py`). The UNet and VAE use the LDM names (`input_blocks.1.1.transformer_blocks.0
-.attn2.to_k`, `encoder.down.0.block.1.conv1`, `mid.attn_1.q`); the CLIP towers use the Hugging Face
-names (`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`, sic).
-Names that look odd are the checkpoint's, e.g. `in_layers.2` is a ResBlock's first 3x3 conv
-because `in_layers` = (GroupNorm, SiLU, conv), and `to_out.0` is a Linear inside a Sequential
-that once also held a Dropout.
+Checkpoint-naming rule: every module is named after the key it has in the original checkpoint, so a
+CompVis/Stability single file loads with `strict=True` after its prefixes are stripped (`weights_convert.py`).
+The UNet and VAE use the LDM names (`input_blocks.1.1.transformer_blocks.0.attn2.to_k`,
+`encoder.down.0.block.1.conv1`, `mid.attn_1.q`); the CLIP towers use the Hugging Face names
+(`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`, sic). Names that look odd are the
+checkpoint's, e.g. `in_layers.2` is a ResBlock's first 3x3 conv because `in_layers` = (GroupNorm, SiLU, conv),
+and `to_out.0` is a Linear inside a Sequential that once also held a Dropout.
 
-Notation (used in every file of the project): x / z latents, x_t the noisy latent at step t,
-a_t = ᾱ_t (cumulative product of 1 - β), eps the noise, x0 the clean latent, ctx the text
-context the UNet cross-attends to, emb the timestep embedding, y SDXL's vector condition.
+Notation (used in every file of the project): x / z latents, x_t the noisy latent at step t, a_t = ᾱ_t
+(cumulative product of 1 - β), eps the noise, x0 the clean latent, ctx the text context the UNet cross-attends
+to, emb the timestep embedding, y SDXL's vector condition.
 
 Extension points for the method files (DESIGN.md): `Attention.processor`, the three slots of
-`BasicTransformerBlock` (`after_attn1`, `after_attn2`, `after_block`), `attention_probs`, the
-`hooked` context manager and `attention_layers`. Methods keep their own parameters in their own
-modules, so `unet.state_dict()` always equals the checkpoint.
+`BasicTransformerBlock` (`after_attn1`, `after_attn2`, `after_block`), `attention_probs`, the `hooked` context
+manager and `attention_layers`. Methods keep their own parameters in their own modules, so `unet.state_dict()`
+always equals the checkpoint.
 """
 
 from __future__ import annotations
@@ -141,18 +140,15 @@ SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, us
 SD15 = SDConfig("sd15", UNetConfig(), VAEConfig(), CLIP_L)
 SD21 = SDConfig("sd21", SD2_UNET, VAEConfig(), OPENCLIP_H, schedule=ScheduleConfig(prediction="v"), image_size=768)
 SD21_BASE = SDConfig("sd21-base", SD2_UNET, VAEConfig(), OPENCLIP_H)
-SDXL = SDConfig(
-    "sdxl",
-    replace(SD2_UNET, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10),
-            transformer_depth_middle=10, context_dim=2048, adm_in_channels=2816),
-    VAEConfig(scale_factor=0.13025), replace(CLIP_L, penultimate=True), OPENCLIP_BIGG, image_size=1024)
+SDXL = SDConfig("sdxl", replace(SD2_UNET, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10),
+                                transformer_depth_middle=10, context_dim=2048, adm_in_channels=2816),
+                VAEConfig(scale_factor=0.13025), replace(CLIP_L, penultimate=True), OPENCLIP_BIGG, image_size=1024)
 # For tests: the SD1 layout at toy widths. It follows the SD1 rules the weights cannot show
 # (8 heads, 32 GroupNorm groups, 64-wide text heads), so it also survives a trip through a single file.
-TINY = SDConfig(
-    "tiny", UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2, 1), num_res_blocks=1,
-                       transformer_depth=(1, 1), context_dim=64),
-    VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1), CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=128),
-    image_size=32)
+TINY = SDConfig("tiny", UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2, 1), num_res_blocks=1,
+                                   transformer_depth=(1, 1), context_dim=64),
+                VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1), CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=128),
+                image_size=32)
 PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": SD21_BASE,
            "sd21-base": SD21_BASE, "sdxl": SDXL, "tiny": TINY}
 
@@ -234,12 +230,11 @@ class CLIPTokenizer:
         chars = list(bytes_to_unicode().values())
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
         self._tok = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges, end_of_word_suffix="</w>"))
-        self._tok.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        self._tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
         # CLIP's word pattern: contractions, letter runs, single digits, runs of other symbols.
         words = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
-        self._tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(words, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        split = pre_tokenizers.Split(words, behavior="removed", invert=True)
+        self._tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
         self._tok.decoder = decoders.ByteLevel()
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in vocab[-2:]])
         self._added, self._AddedToken = [], AddedToken
@@ -479,11 +474,9 @@ class Attention(nn.Module):
         inner, ctx_dim = heads * dim_head, ctx_dim or dim
         self.heads, self.scale = heads, dim_head**-0.5
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(ctx_dim, inner, bias=False)
-        self.to_v = nn.Linear(ctx_dim, inner, bias=False)
+        self.to_k, self.to_v = nn.Linear(ctx_dim, inner, bias=False), nn.Linear(ctx_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim))  # Sequential only to keep the "to_out.0" key
-        self.processor: Callable | None = None
-        self.name = ""
+        self.processor, self.name = None, ""  # processor: Callable | None
 
     def forward(self, x, ctx=None):
         ctx = x if ctx is None else ctx
@@ -546,12 +539,11 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, ch: int, heads: int, dim_head: int, depth: int, ctx_dim: int, linear: bool, groups: int):
         super().__init__()
-        inner = heads * dim_head
+        inner, self.linear = heads * dim_head, linear
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, ctx_dim) for _ in range(depth))
         self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
-        self.linear = linear
 
     def forward(self, x, ctx):
         (h, w), t = x.shape[-2:], self.norm(x)
@@ -848,8 +840,7 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg, self.scale_factor = cfg, cfg.scale_factor
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.cfg, self.scale_factor, self.encoder, self.decoder = cfg, cfg.scale_factor, Encoder(cfg), Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
@@ -1034,9 +1025,7 @@ class StableDiffusion(nn.Module):
             weights_convert.check_keys(module.state_dict(), sd, what=f"{name} of {path}")
             module.load_state_dict(sd, strict=True, assign=True)
         model.schedule = NoiseSchedule(cfg.schedule)
-        model.to(device=device, dtype=dtype)
-        if vae_dtype is not None:
-            model.vae.to(vae_dtype)
+        model.to(device=device, dtype=dtype).vae.to(vae_dtype or dtype)
         return model.eval().requires_grad_(False)
 
     @staticmethod
@@ -1271,22 +1260,34 @@ class TrainArgs:
 
 
 def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
-    """Dataclass fields -> dashed argparse flags with the same defaults; bools get --x / --no-x."""
+    """Dataclass fields -> dashed argparse flags with the same defaults (bools get --x / --no-x), also spelt with
+    underscores and, for three, as diffusers spells them. --config FILE.json sets defaults by field name (a run's
+    args.json works; keys that name no flag are reported and skipped); the command line overrides it."""
     import types
     import typing
 
-    parser = parser or argparse.ArgumentParser()
+    parser, names = parser or argparse.ArgumentParser(), {f.name for f in fields(cls)}
+    parser.add_argument("--config", default="", help="a JSON file of flags by field name (e.g. a run's args.json)")
+    aliases = {"pretrained_model": ["pretrained_model_name_or_path"], "resume": ["resume_from_checkpoint"],
+               "images": ["instance_data_dir", "train_data_dir"]}  # USERS.md 2c
     for f, typ in ((f, typing.get_type_hints(cls)[f.name]) for f in fields(cls)):
-        flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            if typing.get_origin(typ) in (typing.Union, types.UnionType):  # "int | None" -> int
-                typ = next(t for t in typing.get_args(typ) if t is not type(None))
-            nargs = "+" if typing.get_origin(typ) in (list, tuple) else None
-            base = typing.get_args(typ)[0] if nargs else typ
-            default = f.default_factory() if f.default is MISSING else f.default
-            parser.add_argument(flag, type=base, nargs=nargs, default=default)
+        flags = list(dict.fromkeys("--" + n for n in [f.name.replace("_", "-"), f.name, *aliases.get(f.name, [])]))
+        default = f.default_factory() if f.default is MISSING else f.default
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # "int | None" -> int
+            typ = next(t for t in typing.get_args(typ) if t is not type(None))
+        nargs = "+" if typing.get_origin(typ) in (list, tuple) else None
+        kind = ({"action": argparse.BooleanOptionalAction} if typ is bool else
+                {"type": typing.get_args(typ)[0] if nargs else typ, "nargs": nargs})
+        parser.add_argument(flags[0], dest=f.name, default=default, **kind)  # the other spellings work but stay out of --help
+        parser.add_argument(*flags[1:], dest=f.name, default=default, help=argparse.SUPPRESS, **kind) if flags[1:] else None
+    if config := parser.parse_known_args(argv)[0].config:
+        try:
+            given = {k.replace("-", "_"): v for k, v in json.loads(Path(config).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            parser.error(f"--config '{config}' is not a readable JSON object of flags ({e}).")
+        if skipped := sorted(set(given) - names):
+            print(f"--config {config}: skipped keys that are no flag of this command: {', '.join(skipped)}", file=sys.stderr)
+        parser.set_defaults(**{k: v for k, v in given.items() if k in names})
     ns = parser.parse_args(argv)
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
 

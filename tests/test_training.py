@@ -81,3 +81,29 @@ def test_flags_come_from_the_dataclass():
     assert sdm.parse_args(ToyArgs, []) == ToyArgs()
     f = sdm.lr_lambda(sdm.TrainArgs(max_train_steps=10, lr_warmup_steps=2, lr_scheduler="cosine"))
     assert [round(f(s), 4) for s in (0, 1, 2, 7)] == [0.5, 1.0, 1.0, 0.3087]  # 0.5 (1 + cos(pi 5/8))
+
+
+def test_diffusers_spellings_and_a_config_file(tmp_path, capsys):
+    dashed = sdm.parse_args(ToyArgs, ["--pretrained-model", "m", "--max-train-steps", "7", "--resume", "latest",
+                                      "--gradient-checkpointing", "--words", "x"])
+    theirs = sdm.parse_args(ToyArgs, ["--pretrained_model_name_or_path", "m", "--max_train_steps", "7",
+                                      "--resume_from_checkpoint", "latest", "--gradient_checkpointing", "--words", "x"])
+    assert theirs == dashed != ToyArgs()
+    with pytest.raises(SystemExit):
+        sdm.parse_args(ToyArgs, ["--help"])
+    shown = capsys.readouterr().out
+    assert "--max-train-steps" in shown and "--config" in shown and "max_train_steps" not in shown  # one spelling in --help
+
+    # a run's args.json is a config file: the same flags back (the method's metadata skipped, and said so); the command line wins
+    trained = ToyArgs(output_dir=str(tmp_path / "a"), max_train_steps=2, width=5, words=["p", "q"], learning_rate=3e-3)
+    run(trained)
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    (tmp_path / "a" / "args.json").write_text(json.dumps({**saved, "method": "toy"}))
+    assert sdm.parse_args(ToyArgs, ["--config", str(tmp_path / "a" / "args.json")]) == trained
+    assert "skipped keys that are no flag of this command: method" in capsys.readouterr().err
+    again = sdm.parse_args(ToyArgs, ["--config", str(tmp_path / "a" / "args.json"), "--max-train-steps", "9", "--no-overwrite"])
+    assert (again.max_train_steps, again.width, again.words, again.learning_rate) == (9, 5, ["p", "q"], 3e-3)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        sdm.parse_args(ToyArgs, ["--config", str(tmp_path / "bad.json")])
+    assert "is not a readable JSON object of flags" in capsys.readouterr().err
