@@ -26,7 +26,9 @@ same change. `--clip DIR` reads a `train-clip` output folder (or a model folder)
 captions as `toy_world.py train-unet`, either as before (eps, SD's schedule: `--schedule eps`) or with
 v-prediction on the zero-terminal-SNR schedule with trailing timesteps (Lin et al. 2024, Sec. 3: `v0snr`);
 lr 1e-4 after 100 warm-up steps (`--qk-lr-mult M`: M times that for the cross-attention queries and keys),
-batch 32, EMA 0.998 from the shipped weights. Writes a model folder every
+batch 32, EMA 0.998 from the shipped weights. `--clip DIR` swaps in another toy CLIP's text tower first
+(the UNet then learns to read its states). Without train-unet's latent cache, the same posterior moments
+are encoded once by the shipped VAE (5 min on 2 cores). Writes a model folder every
 500 steps (`eval-base --model` and `gaps --model` read it).
 
     python bench/toy_caption_use.py gaps                                    # the shipped model
@@ -225,12 +227,20 @@ def leak(model_dir=None, n=96, steps=25, seed=11):
 
 
 def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents="outputs/toy/latents-32000.safetensors",
-             lr=1e-4, batch=32, ema_decay=0.998, seed=1, qk_lr_mult=1.0):
+             lr=1e-4, batch=32, ema_decay=0.998, seed=1, qk_lr_mult=1.0, clip_dir=None):
     m = sdm.StableDiffusion.from_pretrained(None, dtype=torch.float32).eval()
+    vision = sdm.StableDiffusion.load_image_encoder()
+    if clip_dir:  # another toy CLIP's towers: the UNet learns to read the new text encoder's states
+        text, vision = tw._clip_towers(clip_dir)
+        m.text_encoder.load_state_dict(text.state_dict(), strict=True)
     cfg = sdm.replace(m.cfg, schedule=V0SNR if schedule == "v0snr" else m.cfg.schedule)
-    _, captions = tw.load_pretrain_data(data)
-    if not os.path.isfile(latents):
-        sys.exit(f"{latents} is missing: `toy_world.py train-unet` writes it (the cached latents of the pretraining images).")
+    arr, captions = tw.load_pretrain_data(data)
+    if not os.path.isfile(latents):  # train-unet's cache; without it, the same posterior moments from the shipped VAE
+        n = int(Path(latents).stem.split("-")[-1]) if Path(latents).stem.split("-")[-1].isdigit() else 32000
+        with torch.no_grad():
+            moments = torch.cat([m.vae.quant_conv(m.vae.encoder(tw._pixels(arr, torch.arange(s, min(s + 256, n))))).half()
+                                 for s in tqdm(range(0, n, 256), desc=f"encode {n} latents")])
+        sdm.save_safetensors({"moments": moments}, latents, {"scale_factor": m.cfg.vae.scale_factor})
     with safe_open(latents, "pt") as f:
         moments = f.get_tensor("moments")
     n, sched, unet, text = len(moments), sdm.NoiseSchedule(cfg.schedule), m.unet.train().requires_grad_(True), m.text_encoder
@@ -264,10 +274,10 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 500 == 0 or step == steps:
             parts = {"unet": ema, **{p: getattr(m, p).state_dict() for p in ("vae", "text_encoder")},
-                     "image_encoder": sdm.StableDiffusion.load_image_encoder().state_dict()}
+                     "image_encoder": vision.state_dict()}
             tw.save_toy(os.path.join(out, f"step-{step}"), parts, cfg)
             with open(os.path.join(out, f"step-{step}", "finetune.json"), "w") as f:
-                json.dump({"schedule": schedule, "qk_lr_mult": qk_lr_mult, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
+                json.dump({"schedule": schedule, "qk_lr_mult": qk_lr_mult, "clip": clip_dir, "steps": step, "lr": lr, "batch": batch, "ema": ema_decay, "seed": seed}, f)
 
 
 def main():
@@ -294,6 +304,7 @@ def main():
     c.add_argument("--data", default="outputs/toy/data")
     c.add_argument("--latents", default="outputs/toy/latents-32000.safetensors")
     c.add_argument("--qk-lr-mult", type=float, default=1.0, help="learning rate x M for the cross-attention queries and keys")
+    c.add_argument("--clip", default=None, help="a train-clip output folder whose text tower replaces the shipped one")
     c.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -306,7 +317,7 @@ def main():
     elif a.cmd == "attention":
         attention(a.model, t=a.t)
     else:
-        finetune(a.out, a.schedule, a.steps, a.data, a.latents, qk_lr_mult=a.qk_lr_mult)
+        finetune(a.out, a.schedule, a.steps, a.data, a.latents, qk_lr_mult=a.qk_lr_mult, clip_dir=a.clip)
 
 
 if __name__ == "__main__":
