@@ -59,6 +59,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import re
 import sys
 import warnings
@@ -420,6 +421,23 @@ def make_branches(model, ico: ICO, prompts: list[str], aux_noun: str) -> Branche
     return Branches(ids[:, 0], ids[:, 1], *masks.to(model.device), aux_prompts)
 
 
+def check_sampling(model, steps: int, sampler: str, tau: float, gamma: float, height: int, width: int) -> None:
+    """One sentence for the sampling settings the backbone would crash on (steps = 0, a latent the UNet
+    cannot halve and double back, which also breaks the mask overlays' grid) or take silently: steps over
+    the training timesteps (leading spacing then repeats t = 1, so the DCI window is empty), an unknown
+    sampler (found only after the output folder exists), tau or gamma NaN (no window / NaN images)."""
+    T = model.schedule.cfg.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"--steps must be between 1 and {T} (got {steps}).")
+    if sampler not in sdm.SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(sdm.SAMPLERS)}.")
+    if math.isnan(tau) or math.isnan(gamma):
+        raise ValueError(f"--tau and --gamma must be numbers (got {tau} and {gamma}).")
+    step = model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)  # the UNet halves the latent
+    if height % step or width % step:
+        raise ValueError(f"height and width must be multiples of {step} for this model (got {height}x{width}).")
+
+
 @torch.no_grad()
 def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun: str = "", dci: bool = True,
            tau: float = 0.3, gamma: float = 0.0, share_guidance: bool = True, share_noise: bool = False,
@@ -439,8 +457,7 @@ def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun
     window = dci and any(in_window(t, tau, T) for t in ts)
     h, w = height or model.cfg.image_size, width or model.cfg.image_size
     f, dev = model.vae.downsample_factor, model.device
-    if h % f or w % f:
-        raise ValueError(f"height and width must be multiples of {f} (got {h}x{w}).")
+    check_sampling(model, steps if timesteps is None else 1, sampler, tau, gamma, h, w)
     shape = (b, model.cfg.unet.in_channels, h // f, w // f)
     gdev = generator.device if generator else "cpu"
     # The auxiliary rows draw from their own stream, so the concept rows get exactly plain sampling's noise, x_T and
@@ -568,7 +585,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     model.requires_grad_(False)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     refs = sdm.load_image_folder(args.images)
-    if len(refs) > args.max_images:
+    if args.contexts and len(refs) > args.max_images:  # --no-contexts has no table to fill
         raise ValueError(f"{len(refs)} reference images but the context table holds {args.max_images} (--max-images); "
                          "raise --max-images or use fewer images.")
     ico = ICO(model, args.tokens, args.class_word, len(refs), args.contexts, args.prefix_init, args.suffix_init,
@@ -618,8 +635,9 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
             "max_train_steps": args.max_train_steps, "batch": [args.train_batch_size, args.gradient_accumulation_steps],
             # the effective rates, after --scale-lr: V rows and K/V, then the contexts (10x by default)
             "learning_rates": dict(zip(("kv_and_tokens", "contexts"), [g["lr"] for g in opt.param_groups]))}
-    save = lambda folder: ico.save(folder, {**meta, "steps": int(folder.name.split("-")[1]) if folder.name.startswith("checkpoint-")
-                                            else args.max_train_steps}, [n for n, _ in refs])
+    # train_loop saves checkpoint-N folders and, at the end, the output folder itself, whatever its name
+    save = lambda folder: ico.save(folder, {**meta, "steps": args.max_train_steps if folder == Path(args.output_dir)
+                                            else int(folder.name.split("-")[1])}, [n for n, _ in refs])
 
     def validate():
         g = torch.Generator(device).manual_seed(args.seed)
@@ -651,10 +669,11 @@ def run_sample(a: DCIArgs):
     if not prompts:
         raise ValueError("pass --prompt (with V, {} or the concept tokens) or --prompt-file.")
     prompts = [resolve_prompt(p, ico) for p in prompts for _ in range(a.batch_size)]
+    check_sampling(model, a.steps, a.sampler, a.tau, a.gamma, a.height or model.cfg.image_size, a.width or model.cfg.image_size)
     window = a.dci and any(in_window(t, a.tau, model.schedule.cfg.num_train_timesteps) for t in model.schedule.timesteps(a.steps))
     check_prompts(model, ico, prompts, need_noun=window)  # bad prompts fail before anything is written
-    if window and a.aux_noun:
-        make_branches(model, ico, prompts[:1], a.aux_noun)
+    if window and a.aux_noun:  # every prompt: a longer one may push its auxiliary prompt over 77 tokens
+        make_branches(model, ico, prompts, a.aux_noun)
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
     record = {} if a.save_masks else None
     images, aux = sample(model, ico, prompts, aux_noun=a.aux_noun, dci=a.dci, tau=a.tau, gamma=a.gamma,

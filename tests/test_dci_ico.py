@@ -536,3 +536,35 @@ def test_window_batches_hold_the_branches_in_the_card_layout(model):
         assert torch.equal(seen[0][0][0], seen[0][0][-1])  # --share-noise: x_a starts at x_T
     finally:
         hook.remove()
+
+
+def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_dirs, base, tmp_path):
+    """Settings the samplers crash on or take silently: --steps 0 (ZeroDivisionError), --steps over 1000 (every t = 1,
+    no window), --gamma nan (NaN images), an unknown sampler or a size the UNet cannot halve and double back (found
+    only after the output folder existed), and an auxiliary prompt over 77 tokens in a later prompt of the file."""
+    sd, _ = model_dirs
+    concept = tmp_path / "concept"
+    trained_ico(copy.deepcopy(base)).save(concept, {"base_model": str(sd), "base_probe": di.base_probe(base).tolist()})
+    (tmp_path / "prompts.txt").write_text("a V cat " + "very " * 70 + "\n")  # 75 tokens: fits, its auxiliary prompt does not
+    bad = tmp_path / "bad"
+    sample = ["sample", "--concept", str(concept), "--prompt", "a V cat", "--steps", "4", "--output-dir", str(bad)]
+    errors = {"steps 0": (["--steps", "0"], "--steps must be between 1 and 1000"),
+              "steps 1001": (["--steps", "1001"], "--steps must be between 1 and 1000"),
+              "gamma nan": (["--gamma", "nan"], "must be numbers"),
+              "sampler": (["--sampler", "heun"], "unknown sampler 'heun'"),
+              "size": (["--height", "30"], "multiples of 4 for this model"),
+              "long auxiliary prompt": (["--prompt-file", str(tmp_path / "prompts.txt"), "--aux-noun",
+                                         "very big fluffy brown and white dog"], "auxiliary prompt of .* over CLIP's 77")}
+    for what, (extra, msg) in errors.items():
+        with pytest.raises(SystemExit, match=msg), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            di.main([*sample, *extra])
+        assert not bad.exists(), what
+
+
+def test_template_baseline_has_no_context_table_to_fill_and_any_output_folder_name(tmp_path, base):
+    """--no-contexts trains on any number of images (--max-images sizes the context table only), and the final
+    save records max_train_steps even when the output folder is itself named like a checkpoint."""
+    out = di.train(train_args(tmp_path, "checkpoint-7", contexts=False, max_images=2, max_train_steps=1,
+                              checkpointing_steps=0), copy.deepcopy(base))
+    assert di.read_metadata(out)["steps"] == 1 and not list(out.glob("checkpoint-*"))
