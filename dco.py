@@ -245,7 +245,7 @@ def save_lora(path, unet, loras: list[LoRA], fmt: str = "peft", metadata: dict |
 def load_lora(path, unet, name: str = "default") -> LoRA:
     """A LoRA file in either convention (PEFT/diffusers `lora_A`/`lora.down`, kohya `lora_down` +
     `.alpha`; LDM or diffusers module names) as an adapter on this UNet."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -253,9 +253,12 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
         path = path / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at '{path}'.")
-    sd = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        sd = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:  # a .pt/.bin or truncated file: safetensors' own error is a traceback
+        raise ValueError(f"'{path}' is not a readable safetensors LoRA file ({e}); convert it to .safetensors.") from None
     peft_meta = json.loads(meta.get("lora_adapter_metadata", "{}"))
     dnames = diffusers_names(unet)
     known = {}  # every spelling of a target -> its LDM path: LDM or diffusers names, dotted or kohya's
@@ -294,6 +297,8 @@ def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density:
     set_adapters([subject, style], [1, 1]), card Sec. 5). "ties_svd": TIES (Yadav et al. 2023,
     arXiv:2306.01708: trim to `density`, elect signs, disjoint mean) of the w_i dW_i, then the best
     rank-`rank` factorisation (truncated SVD), as peft's add_weighted_adapter(combination_type="ties_svd")."""
+    if method == "ties_svd" and not (0 < density <= 1 and rank >= 0):
+        raise ValueError(f"ties_svd needs 0 < --density <= 1 and --rank >= 0 (got density {density}, rank {rank}).")
     paths = {k: lora.paths[k] for lora in loras for k in lora.layers}
     merged = {}
     for key, path in paths.items():
@@ -315,7 +320,8 @@ def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density:
             dW = (deltas * w * agree).sum(0) / agree.sum(0).clamp(min=1)
             r = rank or max(lora.layers[key].rank for lora, _ in have)
             U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-            merged[path] = (Vh[:r].contiguous(), (U[:, :r] * S[:r]).contiguous(), float(r))
+            A, B = Vh[:r].contiguous(), (U[:, :r] * S[:r]).contiguous()
+            merged[path] = (A, B, float(len(A)))  # alpha = the rank kept: only min(out, in) factors exist when r exceeds it
         else:
             raise ValueError(f"unknown merge method '{method}'; use sum or ties_svd.")
     return LoRA.from_tensors(merged, name="merged")
@@ -392,7 +398,14 @@ class LearnedTokens(nn.Module):
             tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(embeds["clip_l"]))]
             rows = [embeds["clip_l"], embeds["clip_g"]]
         else:
+            if any(len(v) != 1 for v in embeds.values()):  # one id per token: extra rows would shift every later token's
+                raise ValueError(f"embeddings '{path}' hold multi-vector tokens "
+                                 f"({', '.join(f'{k}: {len(v)}' for k, v in embeds.items() if len(v) != 1)} rows); "
+                                 "this loader reads one vector per token.")
             tokens, rows = list(embeds), [torch.cat(list(embeds.values()))]
+        if any(len(r) != len(tokens) for r in rows):
+            raise ValueError(f"embeddings '{path}' have {[len(r) for r in rows]} rows for the {len(tokens)} tokens {tokens}; "
+                             "each encoder needs one row per token.")
         encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
         if len(rows) != len(encoders) or any(r.shape[1] != e.cfg.width for r, e in zip(rows, encoders)):
             raise ValueError(f"embeddings '{path}' do not fit this base model (widths {[r.shape[1] for r in rows]}, "
@@ -529,6 +542,12 @@ def to_training_tensor(img, res: int):
 # ---- 7. Sampling: consistency guidance and plain CFG of the fine-tuned model.
 
 
+def size_step(model) -> int:
+    """What image sides must be multiples of: the VAE's factor times the UNet's len(channel_mult) - 1 halvings
+    (SD1.5: 64; a side that is not cannot concatenate its skip connections)."""
+    return model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+
+
 def consistency_guidance(u, c, f, w_text: float, w_cons: float):
     """u + w_text (c - u) + w_cons (f - c): u, c the pretrained model on "" and c_base, f the fine-tuned one
     on c (card Sec. 4). w_cons = 0: pretrained CFG; w_cons = w_text: CFG with the fine-tuned cond."""
@@ -552,9 +571,17 @@ def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | Non
     """Images in [-1, 1]. Call inside `install(model.unet, *loras)`. guidance "cfg" is the fine-tuned
     model's own CFG (the README's rg_scale = 0 path, the diamonds of the paper's plots)."""
     h, w = size or (model.cfg.image_size, model.cfg.image_size)
+    if h % size_step(model) or w % size_step(model):
+        raise ValueError(f"height and width must be multiples of {size_step(model)} for this model (got {h}x{w}).")
     extra = tokens.extra if tokens is not None else (None, None)
     cond = model.encode_prompt(prompts, (h, w), extra)
-    uncond = model.uncond([negative] * len(prompts), (h, w))
+    in_negative = [t for t in (tokens.tokens if tokens is not None else []) if t in negative]
+    if in_negative and guidance == "consistency":  # u is the pretrained model's, which cannot read the new rows
+        raise ValueError(f"the negative prompt is for the pretrained model, which has no '{in_negative[0]}'; "
+                         "write the class word there instead, or use --guidance cfg.")
+    # cfg: the fine-tuned model reads its tokens in the negative prompt too (a non-empty one is encoded as any prompt)
+    uncond = (model.encode_prompt([negative] * len(prompts), (h, w), extra) if in_negative
+              else model.uncond([negative] * len(prompts), (h, w)))
     if guidance == "cfg":
         fn = model.cfg_model_fn(cond, uncond, w_text)
     elif guidance == "consistency":
@@ -585,12 +612,18 @@ def train(a: DCOArgs) -> Path:
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
     model = sdm.load_model(a.pretrained_model, half, "fp32", device, "", a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
-    f = model.vae.downsample_factor
-    if res % f:
-        raise ValueError(f"--resolution must be a multiple of {f} (got {res}).")
+    if res % size_step(model):
+        raise ValueError(f"--resolution must be a multiple of {size_step(model)} for this model (got {res}).")
     gen = torch.Generator().manual_seed(a.seed)
     lora = LoRA.create(model.unet, a.rank, a.lora_alpha or a.rank, generator=gen)
     ti = LearnedTokens.from_initializers(model, tokens, inits, gen) if tokens else None
+    if ti is not None:  # CLIP keeps 75 tokens: a learned token past them gets no gradient (the row stays its initializer)
+        table = model.text_encoder.token_embedding.num_embeddings
+        new = set(range(table, table + len(tokens)))
+        for p in prompts:
+            if not new & set(model.tokenizer.tokenize(p)[: model.tokenizer.length - 2]):
+                raise ValueError(f"the caption '{p[:60]}...' puts its learned token past CLIP's 77-token limit, where it "
+                                 "is cut off and never trains; shorten the caption or move the token forward.")
     model.unet.gradient_checkpointing = a.gradient_checkpointing
     pix = [to_training_tensor(img, res) for img in images]
     fixed = a.cache_latents and all(p.shape[1:] == (res, res) for p in pix)
@@ -723,6 +756,8 @@ def main(argv=None):
             p = argparse.ArgumentParser(prog="dco.py sample", description="consistency guidance or CFG with DCO LoRAs")
             p.add_argument("--w-text", dest="guidance_scale", type=float, default=7.5, help="alias of --guidance-scale")
             a = sdm.parse_args(DCOSampleArgs, rest, p)
+            if a.lora_scale and len(a.lora_scale) != len(a.lora):
+                raise ValueError(f"{len(a.lora)} LoRAs but {len(a.lora_scale)} --lora-scale values; give one per LoRA (or none: 1 each).")
             out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
             model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant,
                                    a.compile, a.channels_last)
@@ -753,7 +788,7 @@ def main(argv=None):
             print(f"wrote {a.output}")
         else:
             sys.exit("usage: python dco.py {train,sample,merge} [options]; see --help of each")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss
         sys.exit(f"error: {e}")
 
 

@@ -664,3 +664,117 @@ def test_merge_reads_layer_names_off_the_config_not_the_weights(setup, tmp_path,
     dco.save_lora(want, full, [dco.merge([dco.load_lora(f, full) for f in a], [1.0, 0.5])])
     got, exp = load_file(str(tmp_path / "m.safetensors")), load_file(str(want))
     assert got.keys() == exp.keys() and all(torch.equal(got[k], exp[k]) for k in got)
+
+
+# ---- review fixes: each test failed before its fix ---------------------------------------------------
+
+
+def test_ties_svd_rank_above_the_layer_size_keeps_the_delta_and_bad_knobs_are_refused():
+    """A rank-r SVD of an out x in delta has only min(out, in) factors: the merged layer's alpha must be the
+    rank it really has (alpha = r with fewer rows scaled the delta by r / min(out, in), e.g. a rank-64 style
+    LoRA on the toy model's 32-wide attention). --density outside (0, 1] and a negative --rank are one sentence."""
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    ab = lambda d: dco.LoRA.from_tensors({"l": (torch.eye(d.shape[1]), d, float(d.shape[1]))})  # rank 5 > min(3, 5)
+    want = dco.merge([ab(d1), ab(d2)], [1.0, 1.0], "ties_svd", rank=3).delta_weights()["l"]
+    for rank in (0, 5, 64):  # 0 = the largest input rank, 5
+        assert_close(dco.merge([ab(d1), ab(d2)], [1.0, 1.0], "ties_svd", rank=rank).delta_weights()["l"], want, what=f"rank {rank}")
+    for kw, match in ((dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(rank=-1), "rank")):
+        with pytest.raises(ValueError, match=match):
+            dco.merge([ab(d1), ab(d2)], [1.0, 1.0], "ties_svd", **kw)
+
+
+def test_sizes_the_unet_cannot_halve_are_one_sentence(setup, tmp_path):
+    """The UNet halves the latent len(channel_mult) - 1 times: a size that is not a multiple of
+    f x 2^(levels-1) crashed with a RuntimeError (concatenating skips), or, not a multiple of f, silently gave
+    a smaller image. sample and train now say so before anything is written."""
+    root, sd1, _ = setup
+    model = tiny()
+    step = model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)
+    for size in ((step * 8 + model.vae.downsample_factor,) * 2, (step * 8 + 1, step * 8)):
+        with pytest.raises(ValueError, match=f"multiples of {step}"):
+            dco.sample(model, [], ["a star"], steps=1, size=size, progress=False)
+    with pytest.raises(ValueError, match=f"multiple of {step}"):
+        dco.train(train_args(root, sd1, tmp_path / "run", resolution=32 + model.vae.downsample_factor))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_learned_token_cut_off_by_the_77_token_limit_is_one_sentence(setup, tmp_path):
+    """CLIP keeps 75 tokens of a caption: a learned token past them gets no gradient at all (the row
+    silently stays its initializer), so training refuses such a caption instead of warning."""
+    root, sd1, _ = setup
+    long = "a very " * 40
+    cap = tmp_path / "long.json"
+    cap.write_text(json.dumps({"images": ["00.png", "01.png", "02.png"], "prompts": [f"{long}<dog>", "a <dog>", "a <dog>"],
+                               "base_prompts": [f"{long}dog", "a dog", "a dog"],
+                               "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}))
+    with pytest.raises(ValueError, match="past CLIP's 77-token limit"):
+        dco.train(train_args(root, sd1, tmp_path / "run", captions=str(cap), config_name="", resolution=32))
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_lora_file_that_is_not_safetensors_is_one_sentence(tmp_path):
+    """A .pt/.bin or truncated file given as --lora raised safetensors' SafetensorError with a traceback."""
+    bad = tmp_path / "lora.pt"
+    bad.write_bytes(b"\x80\x02not a safetensors file" * 4)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        dco.load_lora(bad, tiny().unet)
+    with pytest.raises(SystemExit, match="error: .*not a readable safetensors"):
+        dco.main(["merge", "--lora", str(bad), str(bad), "--output", str(tmp_path / "m.safetensors")])
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_learned_token_in_the_negative_prompt(setup, tmp_path):
+    """The negative prompt was encoded without the learned rows: a token there was an IndexError. With
+    --guidance cfg the fine-tuned model reads it like any prompt; consistency guidance runs the negative prompt
+    through the pretrained model, which has no such token: one sentence, as for --base-prompt."""
+    model = tiny()
+    tokens = dco.LearnedTokens.from_initializers(model, ["<dog>"], ["dog"])
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = dco.sample(model, [], ["a <dog>"], tokens=tokens, negative="a <dog> blurry", guidance="cfg", steps=2, latents=latents, progress=False)
+    # the token starts as "dog" exactly, so the negative "a <dog> blurry" is "a dog blurry"
+    want = model.sample(["a dog"], "a dog blurry", steps=2, latents=latents, progress=False)
+    assert_close(x, want, rtol=1e-4, what="cfg with a learned token in the negative prompt")
+    with pytest.raises(ValueError, match="the negative prompt is for the pretrained model, which has no '<dog>'"):
+        dco.sample(model, [], ["a <dog>"], tokens=tokens, negative="a <dog> blurry", steps=1, progress=False)
+
+
+def test_lora_scales_must_match_the_loras_and_a_non_finite_loss_is_one_sentence(setup, tmp_path, monkeypatch):
+    """--lora A B --lora-scale 0.5 silently ran B at 1.0; and the loop's FloatingPointError (a non-finite
+    loss, with the last good checkpoint named) reached the user as a traceback."""
+    root, sd1, _ = setup
+    lora = tmp_path / "l.safetensors"
+    model = sdm.StableDiffusion.from_pretrained(sd1)
+    dco.save_lora(lora, model.unet, [dco.LoRA.create(model.unet, 2)])
+    with pytest.raises(SystemExit, match="error: 2 LoRAs but 1 --lora-scale"):
+        dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(lora), str(lora), "--lora-scale", "0.5",
+                  "--prompt", "a dog", "--steps", "1", "--output-dir", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    real = dco.dco_step
+    monkeypatch.setattr(dco, "dco_step", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
+    with pytest.raises(SystemExit, match="error: the loss became nan at step 0"):
+        dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions", str(root / "config.json"),
+                  "--config-name", "dreambooth", "--output-dir", str(tmp_path / "nan"), "--rank", "2", "--max-train-steps", "2",
+                  "--resolution", "32"])
+
+
+def test_multi_vector_embeddings_are_refused_not_misread(tmp_path):
+    """{"<a>": (2, d), "<b>": (1, d)} was concatenated to 3 rows for 2 token ids, so <b> silently read <a>'s
+    second vector; an SDXL file whose clip_l/clip_g row counts disagree with its tokens likewise. One sentence each."""
+    from safetensors.torch import save_file
+
+    model = tiny()
+    w = model.text_encoder.cfg.width
+    multi = tmp_path / "multi.safetensors"
+    save_file({"<a>": torch.randn(2, w), "<b>": torch.ones(1, w)}, str(multi))
+    with pytest.raises(ValueError, match="multi-vector"):
+        dco.LearnedTokens.load(multi, model)
+    xl = tiny(TINY_XL)
+    w1, w2 = xl.text_encoder.cfg.width, xl.text_encoder_2.cfg.width
+    bad = tmp_path / "xl.safetensors"
+    save_file({"clip_l": torch.randn(2, w1), "clip_g": torch.randn(1, w2)}, str(bad), {"tokens": '["<a>", "<b>"]'})
+    with pytest.raises(ValueError, match="rows"):
+        dco.LearnedTokens.load(bad, xl)
+    one = tmp_path / "one.safetensors"  # single-vector files still load, each token its own row
+    save_file({"<a>": torch.zeros(1, w), "<b>": torch.ones(1, w)}, str(one))
+    assert torch.equal(dco.LearnedTokens.load(one, tiny()).extra[0][1], torch.ones(w))
