@@ -1324,6 +1324,13 @@ def train_vae(a: ToyArgs):
                    torch.Generator().manual_seed(a.seed))
 
 
+@torch.no_grad()
+def latent_moments(vae, arr, n: int) -> torch.Tensor:
+    """The VAE posterior's (mean, logvar) of the first n pretraining images, in fp16: train-unet's latent cache."""
+    return torch.cat([vae.quant_conv(vae.encoder(_pixels(arr, torch.arange(s, min(s + 256, n))))).half()
+                      for s in tqdm(range(0, n, 256), desc="encode")])
+
+
 def train_unet(a: ToyArgs):
     """The denoiser on frozen encoders (LDM Eq. 2): eps-MSE at uniform t, 10 % empty captions,
     an EMA of the weights (the EMA is what ships). Latents are encoded once and cached."""
@@ -1336,11 +1343,7 @@ def train_unet(a: ToyArgs):
     n = min(a.latent_images or len(arr), len(arr))
     cache = os.path.join(a.stage_dir, f"latents-{n}.safetensors")
     if not os.path.isfile(cache):  # posterior moments of every image used, and the latent scale
-        moments = []
-        with torch.no_grad():
-            for s in tqdm(range(0, n, 256), desc="encode"):
-                moments.append(vae.quant_conv(vae.encoder(_pixels(arr, torch.arange(s, min(s + 256, n))))).half())
-        moments = torch.cat(moments)
+        moments = latent_moments(vae, arr, n)
         d = sdm.DiagonalGaussian(moments[:4096].float())
         scale = 1 / (d.mean + d.std * torch.randn_like(d.mean)).std().item()  # LDM Sec. 4.3.2: unit variance
         sdm.save_safetensors({"moments": moments}, cache, {"scale_factor": scale})

@@ -236,10 +236,7 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
     cfg = sdm.replace(m.cfg, schedule=V0SNR if schedule == "v0snr" else m.cfg.schedule)
     arr, captions = tw.load_pretrain_data(data)
     if not os.path.isfile(latents):  # train-unet's cache; without it, the same posterior moments from the shipped VAE
-        n = int(Path(latents).stem.split("-")[-1]) if Path(latents).stem.split("-")[-1].isdigit() else 32000
-        with torch.no_grad():
-            moments = torch.cat([m.vae.quant_conv(m.vae.encoder(tw._pixels(arr, torch.arange(s, min(s + 256, n))))).half()
-                                 for s in tqdm(range(0, n, 256), desc=f"encode {n} latents")])
+        moments = tw.latent_moments(m.vae, arr, min(tw.UnetArgs.latent_images, len(arr)))
         sdm.save_safetensors({"moments": moments}, latents, {"scale_factor": m.cfg.vae.scale_factor})
     with safe_open(latents, "pt") as f:
         moments = f.get_tensor("moments")
