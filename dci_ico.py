@@ -438,6 +438,13 @@ def check_sampling(model, steps: int, sampler: str, tau: float, gamma: float, he
         raise ValueError(f"height and width must be multiples of {step} for this model (got {height}x{width}).")
 
 
+def aux_generator(generator: torch.Generator, device="cpu") -> torch.Generator:
+    """The auxiliary branch's noise stream: its seed is a hash of the concept stream's seed. Seed + 1 would hand
+    seed s's auxiliary rows seed s+1's x_T, correlating consecutive seeds' layouts in a sweep."""
+    seed = np.random.SeedSequence([generator.initial_seed(), 0xDC1]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(seed))
+
+
 @torch.no_grad()
 def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun: str = "", dci: bool = True,
            tau: float = 0.3, gamma: float = 0.0, share_guidance: bool = True, share_noise: bool = False,
@@ -462,7 +469,7 @@ def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun
     gdev = generator.device if generator else "cpu"
     # The auxiliary rows draw from their own stream, so the concept rows get exactly plain sampling's noise, x_T and
     # every stochastic step (DDIM eta > 0, DDPM): DCI and --no-dci with one seed differ only where DCI acts.
-    aux_gen = torch.Generator(gdev).manual_seed(generator.initial_seed() + 1) if generator else None
+    aux_gen = aux_generator(generator, gdev) if generator else None
     draw = lambda n=b, g=generator: torch.randn((n, *shape[1:]), generator=g, device=gdev).to(dev)
     if branches is None:
         check_prompts(model, ico, prompts, need_noun=window)

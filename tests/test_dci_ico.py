@@ -178,6 +178,16 @@ def test_stochastic_samplers_pair_dci_with_plain_sampling_step_by_step(model):
         assert_close(inert, plain, rtol=1e-4, atol=1e-5, what=f"gamma = -inf, {sampler} eta {eta}")
 
 
+def test_the_auxiliary_stream_is_no_other_seeds_stream():
+    # Seeded seed + 1 at first: seed s's auxiliary x_T was seed s+1's concept x_T, so a --seed sweep tied neighbours.
+    draw = lambda g: torch.randn(64, generator=g)
+    for s in range(4):
+        aux = draw(di.aux_generator(torch.Generator().manual_seed(s)))
+        assert torch.equal(aux, draw(di.aux_generator(torch.Generator().manual_seed(s))))  # reproducible
+        for other in range(-2, 8):
+            assert not torch.allclose(aux, draw(torch.Generator().manual_seed(other)), atol=0.5), (s, other)
+
+
 def test_window_boundary_and_tau_zero_never_builds_the_larger_batch(model):
     ico = trained_ico(model)
     sizes = []
