@@ -433,9 +433,8 @@ def check_sampling(model, steps: int, sampler: str, tau: float, gamma: float, he
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(sdm.SAMPLERS)}.")
     if math.isnan(tau) or math.isnan(gamma):
         raise ValueError(f"--tau and --gamma must be numbers (got {tau} and {gamma}).")
-    step = model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)  # the UNet halves the latent
-    if height % step or width % step:
-        raise ValueError(f"height and width must be multiples of {step} for this model (got {height}x{width}).")
+    if height % model.size_multiple or width % model.size_multiple:
+        raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {height}x{width}).")
 
 
 def aux_generator(generator: torch.Generator, device="cpu") -> torch.Generator:
@@ -598,9 +597,8 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     ico = ICO(model, args.tokens, args.class_word, len(refs), args.contexts, args.prefix_init, args.suffix_init,
               args.n_prefix, args.n_suffix, args.template, args.init_tokens, torch.Generator().manual_seed(args.seed)).to(device)
     size = args.resolution or model.cfg.image_size
-    step = model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)  # the UNet halves the latent
-    if size % step:
-        raise ValueError(f"--resolution must be a multiple of {step} for this model (got {size}).")
+    if size % model.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {size}).")
     if args.validation_prompt:  # fail now, not at the first validation
         check_prompts(model, ico, [resolve_prompt(args.validation_prompt, ico)], need_noun=False)
     # cached: the posterior (mean, std) of every view; --no-cache-latents: the views' pixels, encoded each step

@@ -542,12 +542,6 @@ def to_training_tensor(img, res: int):
 # ---- 7. Sampling: consistency guidance and plain CFG of the fine-tuned model.
 
 
-def size_step(model) -> int:
-    """What image sides must be multiples of: the VAE's factor times the UNet's len(channel_mult) - 1 halvings
-    (SD1.5: 64; a side that is not cannot concatenate its skip connections)."""
-    return model.vae.downsample_factor * 2 ** (len(model.cfg.unet.channel_mult) - 1)
-
-
 def consistency_guidance(u, c, f, w_text: float, w_cons: float):
     """u + w_text (c - u) + w_cons (f - c): u, c the pretrained model on "" and c_base, f the fine-tuned one
     on c (card Sec. 4). w_cons = 0: pretrained CFG; w_cons = w_text: CFG with the fine-tuned cond."""
@@ -571,8 +565,8 @@ def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | Non
     """Images in [-1, 1]. Call inside `install(model.unet, *loras)`. guidance "cfg" is the fine-tuned
     model's own CFG (the README's rg_scale = 0 path, the diamonds of the paper's plots)."""
     h, w = size or (model.cfg.image_size, model.cfg.image_size)
-    if h % size_step(model) or w % size_step(model):
-        raise ValueError(f"height and width must be multiples of {size_step(model)} for this model (got {h}x{w}).")
+    if h % model.size_multiple or w % model.size_multiple:
+        raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")
     extra = tokens.extra if tokens is not None else (None, None)
     cond = model.encode_prompt(prompts, (h, w), extra)
     in_negative = [t for t in (tokens.tokens if tokens is not None else []) if t in negative]
@@ -612,8 +606,8 @@ def train(a: DCOArgs) -> Path:
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
     model = sdm.load_model(a.pretrained_model, half, "fp32", device, "", a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
-    if res % size_step(model):
-        raise ValueError(f"--resolution must be a multiple of {size_step(model)} for this model (got {res}).")
+    if res % model.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {res}).")
     gen = torch.Generator().manual_seed(a.seed)
     lora = LoRA.create(model.unet, a.rank, a.lora_alpha or a.rank, generator=gen)
     ti = LearnedTokens.from_initializers(model, tokens, inits, gen) if tokens else None

@@ -333,8 +333,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = nn.ModuleDict({"token_embedding": nn.Embedding(cfg.vocab_size, cfg.width),
                                          "position_embedding": nn.Embedding(cfg.max_positions, cfg.width)})
-        self.encoder = clip_encoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width)
+        self.encoder, self.final_layer_norm = clip_encoder(cfg), nn.LayerNorm(cfg.width)
 
 
 class CLIPTextModel(nn.Module):
@@ -348,8 +347,7 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.cfg = cfg
-        self.text_model = CLIPTextTransformer(cfg)
+        self.cfg, self.text_model = cfg, CLIPTextTransformer(cfg)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
     @property
@@ -399,8 +397,7 @@ class CLIPVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.width)  # sic: the checkpoint's spelling
-        self.encoder = clip_encoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.width)
+        self.encoder, self.post_layernorm = clip_encoder(cfg), nn.LayerNorm(cfg.width)
 
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -415,8 +412,7 @@ class CLIPVisionModel(nn.Module):
 
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.cfg = cfg
-        self.vision_model = CLIPVisionTransformer(cfg)
+        self.cfg, self.vision_model = cfg, CLIPVisionTransformer(cfg)
         self.visual_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def preprocess(self, images):
@@ -901,10 +897,12 @@ class NoiseSchedule:
 
     def timesteps(self, steps: int) -> list[int]:
         """'leading' spacing + offset, as SD's scheduler configs set it: 981, 961, ..., 1 at 50 steps; or 'trailing'."""
-        T, ratio = self.cfg.num_train_timesteps, self.cfg.num_train_timesteps // steps
+        T = self.cfg.num_train_timesteps
+        if not 1 <= steps <= T:  # 0 divides by zero; over T, leading spacing repeats t = 1
+            raise ValueError(f"steps must be between 1 and {T} (got {steps}).")
         if self.cfg.timestep_spacing == "trailing":
             return [round(T - i * T / steps) - 1 for i in range(steps)]
-        return [i * ratio + self.cfg.steps_offset for i in reversed(range(steps))]
+        return [i * (T // steps) + self.cfg.steps_offset for i in reversed(range(steps))]
 
 
 def ddim_step(x_t, eps, x0, a_t, a_prev, eta=0.0, noise=None):
@@ -1006,6 +1004,8 @@ class StableDiffusion(nn.Module):
     @property
     def device(self):
         return self.unet.out[2].weight.device
+    # Image sides must be multiples of this: the VAE's factor times the UNet's halvings, or its skips cannot concatenate.
+    size_multiple = property(lambda self: self.vae.downsample_factor * 2 ** (len(self.cfg.unet.channel_mult) - 1))
 
     @classmethod
     def from_pretrained(cls, path=None, device="cpu", dtype=torch.float32, vae_dtype=None, variant=None) -> "StableDiffusion":
@@ -1103,8 +1103,8 @@ class StableDiffusion(nn.Module):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         h, w, f = height or self.cfg.image_size, width or self.cfg.image_size, self.vae.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"height and width must be multiples of {f} (got {h}x{w}).")
+        if h % self.size_multiple or w % self.size_multiple:
+            raise ValueError(f"height and width must be multiples of {self.size_multiple} for this model (got {h}x{w}).")
         cond = self.encode_prompt(prompts, (h, w))
         uncond = self.uncond(negative, (h, w)) if guidance_scale != 1.0 else None
         if latents is None:

@@ -902,6 +902,8 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
     model = Objective(method, sd, vision, cfg, sd.tokenize([""]))
+    if (cfg.resolution or sd.cfg.image_size) % sd.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {sd.size_multiple} for this model (got {cfg.resolution}).")
     if main:  # only once the models loaded, so that a bad --pretrained-model leaves nothing behind
         if not cfg.resume:
             sdm.prepare_output_dir(out, cfg.overwrite)
@@ -1103,6 +1105,8 @@ def generate(method: SubjectDiffusion, sd: sdm.StableDiffusion, vision: sdm.CLIP
             raise ValueError(f"the entity word '{s.entity}' is not in the prompt '{prompt}'; each subject is tied to "
                              f"a word of the prompt (e.g. 'a {s.entity} on the beach').")
     H, W = height or sd.cfg.image_size, width or sd.cfg.image_size
+    if H % sd.size_multiple or W % sd.size_multiple:
+        raise ValueError(f"height and width must be multiples of {sd.size_multiple} for this model (got {W}x{H}).")
     f, dev, dtype = sd.vae.downsample_factor, sd.device, sd.unet.out[2].weight.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

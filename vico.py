@@ -563,6 +563,8 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
         if len(c) == 1 and args.visual_condition:
             print(f"'{d}' holds one image: it is also its own reference (as in the official code, App. C).", file=sys.stderr)
     size = args.resolution or model.cfg.image_size
+    if size % model.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {size}).")
     table = model.text_encoder.token_embedding
     init_ids = [model.tokenizer.token_id(w) for w in args.init_word]  # one clear error if not one token
     for ph, w, i in zip(placeholders, args.init_word, init_ids):
@@ -673,6 +675,8 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
     h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
+    if h % model.size_multiple or w % model.size_multiple:
+        raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")
     refs = [sdm.image_to_tensor(im, (h, w)) for im in ref_images]
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
     guided, b = a.guidance_scale != 1.0, a.batch_size

@@ -430,7 +430,8 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
                        (["--validation-prompt", "a star", "--validation-subject", str(tmp_path / "x.png"), "--validation-entity", "star"],
                         "does not exist"),
                        (["--validation-prompt", "a star", "--validation-subject", str(ROOT / "README.md"),
-                         "--validation-entity", "dog"], "not in the validation prompt")):
+                         "--validation-entity", "dog"], "not in the validation prompt"),
+                       (["--resolution", "33"], "--resolution must be a multiple of")):
         with pytest.raises((ValueError, FileNotFoundError), match=msg):
             sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "bad"), *extra]))
         assert not (tmp_path / "bad").exists()
@@ -457,7 +458,8 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
            (["--subject", str(ref), "--box", "0", "0", "40", "16"], ["star"], "a star", "lies outside the 32x32 image"),
            (["--subject", str(ref)], [" "], "a star", "needs its entity word"),
            (["--subject", str(ref), str(ref), "--mask", str(tmp_path / "mask.png")], ["star", "toy"], "a star and a toy",
-            "one --mask per --subject"))
+            "one --mask per --subject"),
+           (["--subject", str(ref), "--height", "33"], ["star"], "a star", "height and width must be multiples of"))
     for args, entities, prompt, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             sdx.main([*base, *args, "--entity", *entities, "--prompt", prompt])

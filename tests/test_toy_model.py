@@ -29,6 +29,8 @@ def test_pretraining_stages_run_end_to_end_and_load(tmp_path):
     assert model.unet.output_blocks[10][1].transformer_blocks[0].attn2.name == "output_blocks.10.1.transformer_blocks.0.attn2"
     x = model.sample("a red star on the grass", steps=2, generator=torch.Generator().manual_seed(0), progress=False)
     assert x.shape == (1, 3, 64, 64) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=f"multiples of {model.size_multiple} for this model"):  # the skips cannot concatenate
+        model.sample("a red star", steps=1, height=model.size_multiple // 2, progress=False)
     # the EMA, not the raw weights, ships; the checkpoint keeps both for an exact resume
     from safetensors import safe_open
 

@@ -512,6 +512,9 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
         "unknown reference token": ([*sample, "--reference", str(imgs / "0.png"), "--reference-tokens", "X*", "--prompt", "a S*",
                                      "--overwrite"], r"unknown reference token 'X\*'; this concept's tokens are: S\*\.$"),
         "no concept": ([*sample[:-4], "--concept", str(imgs), "--prompt", "a S*", "--overwrite"], "holds no ViCo concept"),
+        "size": ([*sample, "--reference", str(imgs / "0.png"), "--prompt", "a S*", "--height", "33", "--overwrite"],
+                 "height and width must be multiples of"),
+        "resolution": (["train", *base, "--init-word", "dog", "--resolution", "33", "--overwrite"], "--resolution must be a multiple of"),
     }
     for what, (argv, msg) in errors.items():
         with pytest.raises(SystemExit, match=msg), warnings.catch_warnings():
