@@ -231,12 +231,20 @@ def lora_state_dict(unet, loras: list[LoRA], fmt: str = "peft") -> dict[str, tor
 
 
 def save_lora(path, unet, loras: list[LoRA], fmt: str = "peft", metadata: dict | None = None) -> None:
-    sd = lora_state_dict(unet, loras, fmt)
+    lora = loras[0] if len(loras) == 1 else merge(loras, [1.0] * len(loras))
+    sd = lora_state_dict(unet, [lora], fmt)
     meta = {"method": "dco", "format": fmt, **(metadata or {})}
-    first = next(iter(loras[0].layers.values()))
+    first = next(iter(lora.layers.values()))
     if fmt == "peft":  # what diffusers' save_lora_weights(unet_lora_adapter_metadata=...) writes
-        meta["lora_adapter_metadata"] = {"unet.r": first.rank, "unet.lora_alpha": first.alpha,
-                                         "unet.target_modules": list(TARGETS), "unet.init_lora_weights": "gaussian"}
+        # peft's config holds one r / lora_alpha; layers that differ (a sum over different layer sets, TIES-SVD
+        # capped at min(out, in)) go in rank_pattern / alpha_pattern under their full module names
+        dnames = diffusers_names(unet)
+        ra = {dnames[lora.paths[k]]: (layer.rank, layer.alpha) for k, layer in lora.layers.items()}
+        r0, a0 = max(set(ra.values()), key=list(ra.values()).count)
+        meta["lora_adapter_metadata"] = {"unet.r": r0, "unet.lora_alpha": a0, "unet.target_modules": list(TARGETS),
+                                         "unet.init_lora_weights": "gaussian",
+                                         "unet.rank_pattern": {d: r for d, (r, _) in ra.items() if r != r0},
+                                         "unet.alpha_pattern": {d: a for d, (_, a) in ra.items() if a != a0}}
     else:
         meta.update(ss_network_module="networks.lora", ss_network_dim=first.rank, ss_network_alpha=first.alpha)
     sdm.save_safetensors(sd, path, meta)
@@ -287,9 +295,18 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
         if A.shape[1] != lin[p].in_features or B.shape[0] != lin[p].out_features:
             raise ValueError(f"LoRA '{path}' does not fit this base model: layer {p} is {B.shape[0]}x{A.shape[1]} "
                              f"there and {lin[p].out_features}x{lin[p].in_features} here; use the model it was trained on.")
-        layers[p] = (A, B, float(d["alpha"]) if "alpha" in d else float(peft_meta.get("unet.lora_alpha", A.shape[0])))
+        layers[p] = (A, B, float(d["alpha"]) if "alpha" in d else peft_alpha(peft_meta, dnames[p], A.shape[0]))
     device = next(iter(lin.values())).weight.device
     return LoRA.from_tensors(layers, name).to("cpu" if device.type == "meta" else device)  # meta: a skeleton UNet (merge)
+
+
+def peft_alpha(meta: dict, module: str, rank: int) -> float:
+    """A layer's lora_alpha from diffusers' adapter metadata: the alpha_pattern key matching the module name as
+    peft matches it (a suffix at a '.' boundary), else lora_alpha, else the rank (alpha/r = 1)."""
+    for key, alpha in (meta.get("unet.alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?(?:{key})$", module):
+            return float(alpha)
+    return float(meta.get("unet.lora_alpha", rank))
 
 
 def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density: float = 1.0, rank: int = 0) -> LoRA:
@@ -432,7 +449,7 @@ def dco_loss(eps_theta, eps_ref, target, beta: float, weight=None):
     l_ref = (eps_ref.float() - target.float()).square().mean(dim=(1, 2, 3))
     delta = w * l_theta - w * l_ref
     logs = {"l_theta": l_theta.mean().item(), "l_ref": l_ref.mean().item(), "delta": delta.mean().item(),
-            "dco_weight": torch.sigmoid(beta * delta).mean().item() * beta}  # dL/dl_theta, card Sec. 2.4
+            "dco_weight": (beta * w * torch.sigmoid(beta * delta)).mean().item()}  # dL/dl_theta, card Sec. 2.4
     return F.softplus(beta * delta).mean(), logs
 
 

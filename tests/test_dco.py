@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import dco
@@ -565,6 +566,42 @@ def test_diffusers_load_lora_weights_reads_our_files(tmp_path, kind):
             assert_close(unet(x, t, ctx, **kw).sample, want, rtol=1e-4, what=f"diffusers + peft loading our {fmt} file")
 
 
+def test_peft_files_keep_per_layer_ranks_and_alphas(tmp_path):
+    """peft's config has one r / lora_alpha; an adapter whose layers differ (a sum over different layer sets, a
+    file with per-layer alphas) must write rank_pattern / alpha_pattern, or diffusers would build the wrong
+    shapes and scales. Both diffusers + peft and our own loader read the file back to the same function."""
+    pytest.importorskip("peft")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
+
+    ref = diffusers_unet("sd1")
+    cfg = wc.diffusers_unet_config(ref.config)
+    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    full = randomize_lora(dco.LoRA.create(ours, 4, alpha=8.0, generator=torch.Generator().manual_seed(0)), scale=0.2)
+    g, lin = torch.Generator().manual_seed(2), dco.target_linears(ours)
+    some = list(lin)[:5]
+    partial = dco.LoRA.from_tensors({p: (torch.randn(2, lin[p].in_features, generator=g), 0.2 * torch.randn(lin[p].out_features, 2, generator=g), 1.0)
+                                     for p in some}, name="partial")
+    mixed = dco.LoRA.from_tensors({p: (layer.down, layer.up, 8.0 if p in some else 2.0)
+                                   for p, layer in zip(full.paths.values(), full.layers.values())}, name="mixed")
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
+    for name, loras in (("sum", [full, partial]), ("alphas", [mixed])):
+        with dco.install(ours, *loras), torch.no_grad():
+            want = ours(x, t, ctx)
+        file = tmp_path / f"{name}.safetensors"
+        dco.save_lora(file, ours, loras, "peft")
+        meta = json.loads(safe_open(str(file), "pt").metadata()["lora_adapter_metadata"])
+        assert (meta["unet.r"], bool(meta["unet.rank_pattern"]), bool(meta["unet.alpha_pattern"])) == \
+            ((4, True, True) if name == "sum" else (4, False, True))
+        sd, alphas, dmeta = Mixin.lora_state_dict(str(file), unet_config=ref.config, return_lora_metadata=True)
+        unet = diffusers_unet("sd1")
+        Mixin.load_lora_into_unet(sd, alphas, unet, adapter_name=name, metadata=dmeta)
+        with torch.no_grad():
+            assert_close(unet(x, t, ctx).sample, want, rtol=1e-4, what=f"diffusers + peft loading our {name} file")
+        with dco.install(ours, dco.load_lora(file, ours)), torch.no_grad():
+            assert_close(ours(x, t, ctx), want, rtol=1e-5, what=f"our loader on the {name} file")
+
+
 def test_fp16_skipped_steps_leave_the_schedule_and_the_tokens_still_train(setup, tmp_path):
     """fp16: DCO's gradient (beta/2 = 500x DreamBooth's at init) overflows at GradScaler's first scale, so the
     first steps are skipped while the scale backs off (as in every diffusers fp16 run); a skipped step must not
@@ -601,6 +638,9 @@ def test_the_loss_is_the_mean_of_per_sample_softplus_with_min_snr_inside():
         loss, logs = dco.dco_loss(eps_theta, eps_ref, target, beta, weight)
         want = F.softplus(beta * ws * (l_theta - l_ref)).mean()
         assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+        lt = l_theta.clone().requires_grad_(True)  # the logged weight is each sample's d loss / d l_theta (x batch)
+        (2 * F.softplus(beta * ws * (lt - l_ref)).mean()).backward()
+        assert logs["dco_weight"] == pytest.approx(lt.grad.mean().item(), rel=1e-5)
         one = [dco.dco_loss(eps_theta[i:i + 1], eps_ref[i:i + 1], target[i:i + 1], beta,
                             None if weight is None else weight[i:i + 1])[0] for i in range(2)]
         assert loss.item() == pytest.approx(sum(one).item() / 2, rel=1e-9)  # the mean of the batch-1 losses
