@@ -547,6 +547,29 @@ def load_data(a: DCOArgs):
     return images, prompts, bases if tokens else prompts, tokens, inits
 
 
+class EpochOrder:
+    """Which images each micro-batch takes, as the official DataLoader(shuffle=True) over the N images
+    (card Sec. 3: one epoch = N samples): every image once per epoch, in a fresh permutation drawn from the
+    training generator. Batches run on across an epoch's end instead of ending short. The permutation
+    and the position are tensors in the checkpoint, so `--resume` continues mid-epoch."""
+
+    def __init__(self, n: int):
+        self.order, self.pos = torch.arange(n), torch.tensor(n)  # at an epoch's end: the first draw shuffles
+
+    def draw(self, k: int, generator) -> list[int]:
+        out = []
+        for _ in range(k):
+            if self.pos.item() == len(self.order):
+                self.order.copy_(torch.randperm(len(self.order), generator=generator))
+                self.pos.zero_()
+            out.append(int(self.order[self.pos]))
+            self.pos += 1
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"data.order": self.order, "data.pos": self.pos}
+
+
 def to_training_tensor(img, res: int):
     """Resize the short side to `res` (bilinear, as torchvision's Resize in the official dataset), to [-1, 1]."""
     from PIL import Image
@@ -643,6 +666,7 @@ def train(a: DCOArgs) -> Path:
         with torch.no_grad():
             moments = model.vae.encode(torch.stack(pix).to(device, model.vae.quant_conv.weight.dtype))
     cache: dict[str, sdm.Cond] = {}
+    order = EpochOrder(len(pix))
 
     def encode(ps, extra=(None, None), grad=False):
         if grad or not a.cache_text_embeddings:
@@ -654,7 +678,7 @@ def train(a: DCOArgs) -> Path:
         return sdm.Cond(torch.cat([cache[p].context for p in ps]), None if cache[ps[0]].y is None else torch.cat([cache[p].y for p in ps]))
 
     def loss_fn(g):
-        idx = torch.randint(0, len(pix), (a.train_batch_size,), generator=g).tolist()
+        idx = order.draw(a.train_batch_size, g)
         if fixed:
             mean, std = moments.mean[idx], moments.std[idx]
         else:
@@ -682,7 +706,7 @@ def train(a: DCOArgs) -> Path:
         groups.append({"params": list(ti.rows), "lr": a.text_encoder_lr * scale})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.adam_weight_decay)
     tensors = {f"lora.{k}": v for k, v in lora.state_dict(keep_vars=True).items()}
-    tensors.update({f"tokens.{k}": v for k, v in (ti.state_dict(keep_vars=True).items() if ti else [])})
+    tensors.update({f"tokens.{k}": v for k, v in (ti.state_dict(keep_vars=True).items() if ti else [])}, **order.state())
     meta = {"base_model": a.pretrained_model or "toy", "rank": a.rank, "lora_alpha": a.lora_alpha or a.rank,
             "dco_beta": a.dco_beta, "seed": a.seed, "tokens": tokens, "initializer_tokens": inits}
 

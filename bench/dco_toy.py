@@ -12,6 +12,11 @@ scene's prompt, and both fidelities are reported (concept identity kept / backgr
         --concepts candy_star --steps 4 --sample-steps 2 --per-prompt 1 --w-cons 3             # smoke test
 
 Run from the repository root (it imports dco, sd_model and toy_world). Writes OUT/results.md and .json.
+On 2 cores, run two shards into the same OUT (concepts whose merge scene is the same background in one
+shard: they share that style LoRA), e.g. --concepts candy_star hazard_bolt stripy_moon speckled_hexagon
+in one process and the other four in another: each finished concept leaves OUT/parts/<concept>.json (its
+manifest rows and timings), and every run scores the union of the parts it finds; `--score-only` just
+re-scores them.
 """
 
 import argparse
@@ -112,19 +117,23 @@ def main():
     p.add_argument("--w-cons", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--score-only", action="store_true", help="score the finished concepts in OUT/parts, train nothing")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    model = sdm.load_model(a.model)
-    rows, timing, t_start = [], {}, time.time()
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    model = sdm.load_model(a.model) if not a.score_only else None
+    t_start = time.time()
     settings = [("cfg", 0.0)] + [("consistency", w) for w in a.w_cons]
 
     def emit(images, concept, prompt_ids, method, per_prompt=a.per_prompt):
         rows.extend(tw.save_generated(img_dir, images, concept.id, prompt_ids, method, per_prompt))
 
-    for cid in a.concepts:
+    for cid in a.concepts if not a.score_only else []:
+        rows, timing = [], {}
         concept = tw.find_concept(cid)
         token = f"<{concept.id}>"
         data = out / "data" / concept.id
@@ -155,8 +164,17 @@ def main():
             for tag, dirs in (("alone", [run]), ("merged", [run, style])):
                 imgs = generate(model, dirs, [q["text"].format(token)] * (2 * a.per_prompt), "consistency", 3.0, a, 2)
                 emit(imgs, concept, [q["id"]] * (2 * a.per_prompt), f"merge-{method}-{tag}", 2 * a.per_prompt)
+        tw.atomic_write(parts / f"{cid}.json", json.dumps({"rows": rows, "timing": timing}).encode())
         print(f"{concept.id} done at {time.time() - t_start:.0f} s", flush=True)
 
+    rows, timing = [], {}  # the union of every finished concept, this run's and other shards'
+    for part in sorted(parts.glob("*.json")):
+        done = json.loads(part.read_text())
+        rows += done["rows"]
+        for k, v in done["timing"].items():
+            timing.setdefault(k, []).extend(v)
+    if not rows:
+        sys.exit(f"error: no finished concept in {parts}.")
     tw.write_jsonl(str(img_dir / "manifest.jsonl"), rows)
     probes, _ = tw.load_probes(tw.PROBES_PATH)
     clip = tw.ToyCLIP(a.model or None) if os.path.isfile(os.path.join(a.model or tw.TOY_DIR, "config.json")) and \
@@ -174,7 +192,7 @@ def main():
     (out / "results.json").write_text(json.dumps({"summary": summary, **res}, indent=1))
     table = tw.markdown_table(res)
     text = (f"{table}\n\nhypervolume (area under the prompt/concept fidelity frontier): {summary['hypervolume']}\n"
-            f"timing: {summary['timing']}\nwall: {summary['wall_s']} s\n")
+            f"timing: {summary['timing']}\nwall: {summary['wall_s']} s\ncommand: {' '.join(sys.argv)}\n")
     (out / "results.md").write_text(text)
     print(text)
 

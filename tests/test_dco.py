@@ -348,6 +348,23 @@ def test_tokens_really_train_in_bf16_keep_their_norm_and_the_table(setup, tmp_pa
     assert log[0]["loss"] == pytest.approx(LN2, abs=2e-3)  # bf16: equal inputs to both passes, ~ln 2
 
 
+def test_images_are_drawn_once_per_epoch_in_a_fresh_order():
+    """card Sec. 3: DataLoader(shuffle=True) over the N images, one epoch = N samples; batches run across the
+    epoch's end, and a restored (order, pos) continues the same stream."""
+    g, order = torch.Generator().manual_seed(0), dco.EpochOrder(5)
+    drawn = sum((order.draw(2, g) for _ in range(10)), [])
+    epochs = [drawn[i:i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(e) == list(range(5)) for e in epochs) and len({tuple(e) for e in epochs}) > 1
+    g, order = torch.Generator().manual_seed(0), dco.EpochOrder(5)
+    head = sum((order.draw(2, g) for _ in range(3)), [])
+    saved, g_state = {k: v.clone() for k, v in order.state().items()}, g.get_state()
+    again = dco.EpochOrder(5)
+    for k, v in again.state().items():
+        v.copy_(saved[k])
+    g2 = torch.Generator()
+    g2.set_state(g_state)
+    assert head + sum((again.draw(2, g2) for _ in range(7)), []) == drawn
+
 def test_resume_equals_an_uninterrupted_run(setup, tmp_path):
     root, sd1, _ = setup
     dco.train(train_args(root, sd1, tmp_path / "a"))
