@@ -411,9 +411,9 @@ class LearnedTokens(nn.Module):
         if str(path).endswith(".safetensors"):
             with safe_open(str(path), "pt") as f:
                 meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
-        if "clip_l" in embeds:
-            tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(embeds["clip_l"]))]
-            rows = [embeds["clip_l"], embeds["clip_g"]]
+        if {"clip_l", "clip_g"} & set(embeds):  # the SDXL layout; one key alone fits only a model with that one encoder
+            rows = [embeds[k] for k in ("clip_l", "clip_g") if k in embeds]
+            tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(rows[0]))]
         else:
             if any(len(v) != 1 for v in embeds.values()):  # one id per token: extra rows would shift every later token's
                 raise ValueError(f"embeddings '{path}' hold multi-vector tokens "
@@ -711,9 +711,10 @@ def train(a: DCOArgs) -> Path:
             "dco_beta": a.dco_beta, "seed": a.seed, "tokens": tokens, "initializer_tokens": inits}
 
     def save(folder):
-        folder = Path(folder)
-        save_lora(folder / "pytorch_lora_weights.safetensors", model.unet, [lora], "peft", meta)
-        save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", meta)
+        folder = Path(folder)  # checkpoint-N/, or the run folder after the last step
+        step = a.max_train_steps if folder == Path(a.output_dir) else int(folder.name.split("-")[1])
+        save_lora(folder / "pytorch_lora_weights.safetensors", model.unet, [lora], "peft", {**meta, "step": step})
+        save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", {**meta, "step": step, "ss_steps": step})
         if ti is not None:
             ti.save(folder / "learned_embeds.safetensors", {"base_model": meta["base_model"]})
 

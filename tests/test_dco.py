@@ -374,6 +374,9 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path):
         a, b = (load_file(str(tmp_path / d / f)) for d in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     assert (tmp_path / "b" / "checkpoint-4" / "lora_kohya.safetensors").exists()
+    for folder, step in (("b/checkpoint-2", 2), ("b", 4)):  # the step each file was written at, in both formats
+        for f, key in (("pytorch_lora_weights.safetensors", "step"), ("lora_kohya.safetensors", "ss_steps")):
+            assert safe_open(str(tmp_path / folder / f), "pt").metadata()[key] == str(step)
 
 
 def test_cached_latents_train_as_encoding_every_step(setup, tmp_path, monkeypatch):
@@ -554,6 +557,22 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
         dco.main(["sample", "--pretrained-model", str(sdxl), "--embeddings", str(emb), "--prompt", "a <d>", "--output-dir", str(tmp_path / "s")])
     assert not (tmp_path / "m.safetensors").exists()
 
+
+def test_an_sdxl_layout_file_with_one_encoder(tmp_path):
+    """{"clip_l": rows} alone is a one-encoder file: it loads on SD 1.x and is one sentence on SDXL, which needs
+    clip_l and clip_g (it was a KeyError)."""
+    from safetensors.torch import save_file
+
+    sd1, sdxl = tiny(), tiny(TINY_XL)
+    file = tmp_path / "l.safetensors"
+    save_file({"clip_l": torch.randn(1, sd1.text_encoder.cfg.width)}, str(file))
+    tokens = dco.LearnedTokens.load(file, sd1)
+    assert tokens.tokens == ["<s0>"] and len(tokens.rows) == 1
+    with pytest.raises(ValueError, match="do not fit this base model"):
+        dco.LearnedTokens.load(file, sdxl)
+    save_file({"clip_g": torch.randn(1, sdxl.text_encoder_2.cfg.width)}, str(file))
+    with pytest.raises(ValueError, match="do not fit this base model"):
+        dco.LearnedTokens.load(file, sdxl)
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_diffusers_load_lora_weights_reads_our_files(tmp_path, kind):
