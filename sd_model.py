@@ -1217,11 +1217,11 @@ def save_image(img, path) -> None:
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def prepare_output_dir(path, overwrite: bool) -> Path:
-    path = Path(path)
+def prepare_output_dir(path, overwrite: bool, create: bool = True) -> Path:
+    path = Path(path)  # create=False: only the check, so a later bad input leaves no empty folder behind
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory '{path}' exists and is not empty; pass --overwrite or choose another.")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True) if create else None
     return path
 
 
@@ -1477,7 +1477,7 @@ def main(argv=None):
     args = parse_args(_SampleCLI, argv[1:], argparse.ArgumentParser(prog="sd_model.py sample", description="text -> images"))
     device = pick_device(args.device)
     try:
-        out = prepare_output_dir(args.output_dir, args.overwrite)
+        out = prepare_output_dir(args.output_dir, args.overwrite, create=False)  # save_image makes it
         if args.random_tiny or (not args.pretrained_model and not (TOY_MODEL_PATH / "config.json").exists()):
             print("note: using a tiny Stable Diffusion with random weights, built on the spot "
                   "(its images are noise; pass --pretrained-model for a real model).", file=sys.stderr)

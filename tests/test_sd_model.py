@@ -116,6 +116,7 @@ def test_sample_cli_on_a_random_tiny_model(tmp_path, capsys):
         sdm.main(["sample", "--pretrained-model", str(tmp_path / "nope"), "--prompt", "x", "--output-dir", str(tmp_path / "o2")])
     with pytest.raises(SystemExit, match="multiples of 4 for this model"):
         sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(tmp_path / "o3"), "--height", "33"])
+    assert not (tmp_path / "o3").exists()  # the bad size is found before anything is written
 
 
 def test_speed_switches_change_the_speed_not_the_result():
