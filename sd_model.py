@@ -1344,8 +1344,8 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
 
 
 def find_checkpoint(output_dir, resume: str) -> Path | None:
-    """--resume latest -> the newest checkpoint-N in output_dir (None if there is none yet)."""
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    """--resume latest -> the newest complete checkpoint-N in output_dir (its training state is written last)."""
+    found = sorted((p for p in Path(output_dir).glob("checkpoint-*") if (p / "training_state.safetensors").exists()), key=lambda p: int(p.name.split("-")[1]))
     return None if not resume else Path(resume) if resume != "latest" else (found[-1] if found else None)
 
 

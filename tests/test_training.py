@@ -51,6 +51,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     full = run(ToyArgs(output_dir=str(tmp_path / "a"), **base))
     with pytest.raises(KeyboardInterrupt):
         run(ToyArgs(output_dir=str(tmp_path / "b"), **base), interrupt_at=9)  # 2 calls a step: dies in step 5
+    (tmp_path / "b" / "checkpoint-5").mkdir()  # a save killed before its training state: latest skips it
+    (tmp_path / "b" / "checkpoint-5" / "row.safetensors").touch()
     resumed = run(ToyArgs(output_dir=str(tmp_path / "b"), resume="latest", **base))
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
