@@ -1132,9 +1132,9 @@ def load_pretrain_data(folder):
         return np.load(path, mmap_mode="r"), json.load(f)
 
 
-def _pixels(arr, idx):
-    """uint8 (b, h, w, 3) rows of a memory-mapped array -> (b, 3, h, w) in [-1, 1]."""
-    x = torch.from_numpy(np.stack([arr[i] for i in idx.tolist()])).permute(0, 3, 1, 2)
+def _pixels(arr, idx, device="cpu"):
+    """uint8 (b, h, w, 3) rows of a memory-mapped array -> (b, 3, h, w) in [-1, 1] on `device`."""
+    x = torch.from_numpy(np.stack([arr[i] for i in idx.tolist()])).to(device).permute(0, 3, 1, 2)
     return x.float() / 127.5 - 1
 
 
@@ -1234,9 +1234,9 @@ def clip_loss(scale, v, t, owner):
     b = len(v)
     logits = scale * v @ t.T  # b x (b + negatives)
     mask = torch.ones_like(logits, dtype=torch.bool)
-    mask[:, b:] = owner[None, :] == torch.arange(b)[:, None]
+    mask[:, b:] = owner[None, :] == torch.arange(b, device=v.device)[:, None]
     logits = logits.masked_fill(~mask, float("-inf"))
-    target = torch.arange(b)
+    target = torch.arange(b, device=v.device)
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].T, target)) / 2
     return loss, {"acc": (logits.argmax(1) == target).float().mean().item()}
 
@@ -1247,8 +1247,9 @@ def train_clip(a: ToyArgs):
     with --hard-negatives, each image's texts also include its caption with a swapped shape or position."""
     arr, captions = load_pretrain_data(a.data)
     torch.manual_seed(a.seed)
-    text, vision = _clip_towers()
-    log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    device = sdm.pick_device(a.device)
+    text, vision = (m.to(device) for m in _clip_towers())
+    log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     tok = sdm.CLIPTokenizer()
     params = [*text.parameters(), *vision.parameters()]
     opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.1},
@@ -1264,9 +1265,9 @@ def train_clip(a: ToyArgs):
         ids = tok(texts + [c for c in negs if c is not None])
         # the causal text tower pools at <|endoftext|>, which never sees later positions: cut them
         ids = ids[:, : int((ids == tok.eos_id).int().argmax(1).max()) + 1]
-        t = F.normalize(text(ids)[1], dim=-1)
-        v = F.normalize(vision(vision.preprocess(_pixels(arr, idx)))[1], dim=-1)
-        owner = torch.tensor([i for i, c in enumerate(negs) if c is not None], dtype=torch.long)
+        t = F.normalize(text(ids.to(device))[1], dim=-1)
+        v = F.normalize(vision(vision.preprocess(_pixels(arr, idx, device)))[1], dim=-1)
+        owner = torch.tensor([i for i, c in enumerate(negs) if c is not None], dtype=torch.long, device=device)
         return clip_loss(log_scale.clamp(max=math.log(100)).exp(), v, t, owner)
 
     def save(folder):
@@ -1276,7 +1277,7 @@ def train_clip(a: ToyArgs):
     tensors = {**{f"text.{k}": v for k, v in text.state_dict(keep_vars=True).items()},
                **{f"vision.{k}": v for k, v in vision.state_dict(keep_vars=True).items()},
                "log_scale": log_scale}
-    sdm.train_loop(a, opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed))
+    sdm.train_loop(a, opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed), device=device)
 
 
 def train_vae(a: ToyArgs):
@@ -1291,9 +1292,10 @@ def train_vae(a: ToyArgs):
     over to full size, whose reconstructions came out hazy and framed."""
     arr, _ = load_pretrain_data(a.data)
     torch.manual_seed(a.seed)
-    vae = sdm.AutoencoderKL(TOY_SD.vae)
+    device = sdm.pick_device(a.device)
+    vae = sdm.AutoencoderKL(TOY_SD.vae).to(device)
     _, vision = _clip_towers(os.path.join(a.stage_dir, "clip"))
-    vision.eval().requires_grad_(False)
+    vision.to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.learning_rate, weight_decay=0.0)
     crop = a.resolution or arr.shape[1]
 
@@ -1307,11 +1309,11 @@ def train_vae(a: ToyArgs):
 
     def loss_fn(g):
         idx = torch.randint(0, len(arr), (a.train_batch_size,), generator=g)
-        x = _pixels(arr, idx)
+        x = _pixels(arr, idx, device)
         top, left = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=g).tolist()
         x = x[..., top:top + crop, left:left + crop]
         dist = vae.encode(x)
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)  # CPU draws: one stream on any device
         rec = vae.decode(z)
         kl = 0.5 * (dist.mean**2 + dist.std**2 - 1 - dist.logvar).sum((1, 2, 3)).mean()
         l1 = (rec - x).abs().mean()
@@ -1321,13 +1323,14 @@ def train_vae(a: ToyArgs):
 
     save = lambda folder: sdm.save_safetensors(vae.state_dict(), Path(folder) / "vae.safetensors")
     sdm.train_loop(a, opt, dict(vae.state_dict(keep_vars=True)), loss_fn, save,
-                   torch.Generator().manual_seed(a.seed))
+                   torch.Generator().manual_seed(a.seed), device=device)
 
 
 @torch.no_grad()
 def latent_moments(vae, arr, n: int) -> torch.Tensor:
-    """The VAE posterior's (mean, logvar) of the first n pretraining images, in fp16: train-unet's latent cache."""
-    return torch.cat([vae.quant_conv(vae.encoder(_pixels(arr, torch.arange(s, min(s + 256, n))))).half()
+    """The VAE posterior's (mean, logvar) of the first n pretraining images, in fp16 on the CPU: train-unet's latent cache."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.quant_conv(vae.encoder(_pixels(arr, torch.arange(s, min(s + 256, n)), device))).half().cpu()
                       for s in tqdm(range(0, n, 256), desc="encode")])
 
 
@@ -1336,10 +1339,11 @@ def train_unet(a: ToyArgs):
     an EMA of the weights (the EMA is what ships). Latents are encoded once and cached."""
     arr, captions = load_pretrain_data(a.data)
     torch.manual_seed(a.seed)
+    device = sdm.pick_device(a.device)
     text, _ = _clip_towers(os.path.join(a.stage_dir, "clip"))
     vae = sdm.AutoencoderKL(TOY_SD.vae)
     vae.load_state_dict(_load(os.path.join(a.stage_dir, "vae", "vae.safetensors")))
-    text.eval().requires_grad_(False), vae.eval().requires_grad_(False)
+    text.to(device).eval().requires_grad_(False), vae.to(device).eval().requires_grad_(False)
     n = min(a.latent_images or len(arr), len(arr))
     cache = os.path.join(a.stage_dir, f"latents-{n}.safetensors")
     if not os.path.isfile(cache):  # posterior moments of every image used, and the latent scale
@@ -1352,7 +1356,7 @@ def train_unet(a: ToyArgs):
     cfg = sdm.replace(TOY_SD, vae=sdm.replace(TOY_SD.vae, scale_factor=round(scale, 5)))
     tok = sdm.CLIPTokenizer()
     ids = tok(captions + [""])
-    unet = sdm.UNetModel(cfg.unet)
+    unet = sdm.UNetModel(cfg.unet).to(device)
     unet.gradient_checkpointing = a.gradient_checkpointing
     if a.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -1362,15 +1366,15 @@ def train_unet(a: ToyArgs):
     schedule = sdm.NoiseSchedule(cfg.schedule)
     opt = torch.optim.AdamW(unet.parameters(), lr=a.learning_rate, weight_decay=0.0)
 
-    def loss_fn(g):
+    def loss_fn(g):  # every draw from the CPU generator, so a run's data and noise are the same on any device
         idx = torch.randint(0, n, (a.train_batch_size,), generator=g)
         drop = torch.rand(len(idx), generator=g) < 0.1
         with torch.no_grad():
-            context = text(ids[torch.where(drop, len(captions), idx)])[0]
+            context = text(ids[torch.where(drop, len(captions), idx)].to(device))[0]
         z0 = sdm.DiagonalGaussian(moments[idx].float())
-        z0 = (z0.mean + z0.std * torch.randn(z0.mean.shape, generator=g)) * scale
-        t = torch.randint(0, 1000, (len(idx),), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
+        z0 = ((z0.mean + z0.std * torch.randn(z0.mean.shape, generator=g)) * scale).to(device)
+        t = torch.randint(0, 1000, (len(idx),), generator=g).to(device)
+        noise = torch.randn(z0.shape, generator=g).to(device)
         return F.mse_loss(unet(schedule.q_sample(z0, t, noise), t, context), noise), {}
 
     @torch.no_grad()
@@ -1383,7 +1387,7 @@ def train_unet(a: ToyArgs):
                      "image_encoder": image_encoder}
 
     def validate():  # the EMA model, as it would ship
-        model = sdm.StableDiffusion(cfg)
+        model = sdm.StableDiffusion(cfg).to(device)
         for p, sd in parts().items():
             if p != "image_encoder":
                 getattr(model, p).load_state_dict(sd)
@@ -1395,20 +1399,20 @@ def train_unet(a: ToyArgs):
                **{f"ema.{k}": v for k, v in ema.items()}}
     save = lambda folder: save_toy(folder, parts(), cfg)
     sdm.train_loop(a, opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed),
-                   validate_fn=validate, after_step=ema_update)
+                   validate_fn=validate, after_step=ema_update, device=device)
     if a.export:
         save_toy(a.export, parts(), cfg)
         print(f"wrote the toy model to {a.export}")
 
 
 @torch.no_grad()
-def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out=None, batch=64):
+def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out=None, batch=64, device=""):
     """Quality of a base model on prompts from the training vocabulary: render a fresh
     single-object scene's full description ("a small red striped star in the snow, in the top
     left"), generate, and ask the probes whether background, position, size, shape, colour and
     pattern came out as asked. Returns per-attribute accuracy (and the probes' own on the truth)."""
     probes, meta = load_probes(PROBES_PATH)
-    model = sdm.StableDiffusion.from_pretrained(model_dir)
+    model = sdm.StableDiffusion.from_pretrained(model_dir, device=sdm.pick_device(device))
     rng = np.random.default_rng((seed, 7))
     scenes = [sample_scene(rng, "pretrain", p_two=0.0) for _ in range(n)]
     prompts = [f"{object_phrase(s.objects[0], s.objects[0].shape)} {BG_PHRASE[s.background]}, "
@@ -1431,14 +1435,14 @@ def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out
     return result
 
 
-def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2):
+def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2, device=""):
     """Every stage in order, each resumable and skipped once finished: data, CLIP, VAE, and the UNet in
     the shipped model's two phases (SHIPPED_UNET_STEPS)."""
     torch.set_num_threads(threads)
     data = os.path.join(work, "data")
     if not os.path.isfile(os.path.join(data, "images.npy")):
         pretrain_data(data, n)
-    common = dict(data=data, stage_dir=work, resume="latest", threads=threads)
+    common = dict(data=data, stage_dir=work, resume="latest", threads=threads, device=device)
     for name, cls, fn, done in (("clip", ClipArgs, train_clip, "text_encoder.safetensors"),
                                 ("vae", VaeArgs, train_vae, "vae.safetensors")):
         a = cls(**common, output_dir=os.path.join(work, name))
@@ -1497,12 +1501,14 @@ def main(argv=None):
     c.add_argument("--n", type=int, default=200_000)
     c.add_argument("--export", default=TOY_DIR)
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--device", default="", help="'' = cuda when available")
     c = sub.add_parser("eval-base", help="probe accuracy of a base model on training-vocabulary prompts")
     c.add_argument("--model", default=None, help="default: the toy model")
     c.add_argument("--n", type=int, default=256)
     c.add_argument("--steps", type=int, default=25)
     c.add_argument("--guidance-scale", type=float, default=5.0)
     c.add_argument("--out", default=None, help="folder for a sample grid and the JSON")
+    c.add_argument("--device", default="", help="'' = cuda when available")
     gen = {}
     for name, help in (("make-data", "captioned images + captions.jsonl"),
                        ("make-records", "Subject-Diffusion records (folder or tar shards)"),
@@ -1542,9 +1548,9 @@ def main(argv=None):
     elif a.cmd == "pretrain-data":
         pretrain_data(a.out, a.n, a.seed, workers=a.workers)
     elif a.cmd == "pretrain":
-        pretrain(a.work, a.n, a.export, a.threads)
+        pretrain(a.work, a.n, a.export, a.threads, a.device)
     elif a.cmd == "eval-base":
-        r = eval_base(a.model, a.n, a.steps, a.guidance_scale, out=a.out)
+        r = eval_base(a.model, a.n, a.steps, a.guidance_scale, out=a.out, device=a.device)
         print("| attribute | generated | probes on the truth |\n|---|---|---|")
         print("\n".join(f"| {k} | {v:.3f} | {r['probes_on_truth'][k]:.3f} |" for k, v in r["generated"].items()))
     elif a.cmd == "make-data":

@@ -60,7 +60,7 @@ def test_pretrain_runs_each_stage_once_and_the_unet_in_the_shipped_two_phases(tm
 
     def stage(name, done):
         def run(a):
-            calls.append((name, a.max_train_steps, a.resume, getattr(a, "export", None)))
+            calls.append((name, a.max_train_steps, a.resume, getattr(a, "export", None), a.device))
             path = Path(a.output_dir) / done.format(steps=a.max_train_steps)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
@@ -70,9 +70,9 @@ def test_pretrain_runs_each_stage_once_and_the_unet_in_the_shipped_two_phases(tm
     monkeypatch.setattr(tw, "train_clip", stage("clip", "text_encoder.safetensors"))
     monkeypatch.setattr(tw, "train_vae", stage("vae", "vae.safetensors"))
     monkeypatch.setattr(tw, "train_unet", stage("unet", "checkpoint-{steps}/x"))
-    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1)
-    assert calls == [("clip", 600, "latest", None), ("vae", 6000, "latest", None),
-                     ("unet", 2400, "latest", str(tmp_path / "sd")), ("unet", 7600, "latest", str(tmp_path / "sd"))]
+    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1, device="cpu")
+    assert calls == [("clip", 600, "latest", None, "cpu"), ("vae", 6000, "latest", None, "cpu"),
+                     ("unet", 2400, "latest", str(tmp_path / "sd"), "cpu"), ("unet", 7600, "latest", str(tmp_path / "sd"), "cpu")]
     tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1)
     assert len(calls) == 4
 
