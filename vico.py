@@ -371,11 +371,16 @@ def load_official(folder, step: str = "") -> tuple[dict, dict]:
             raise FileNotFoundError(f"no {stem}{'-' + step if step else '*'}.pt in '{folder}'.")
         return chosen[0]
 
-    blocks = torch.load(pick("cross_attention"), map_location="cpu", weights_only=True)
-    with torch.serialization.safe_globals([(_ParameterDict, "torch.nn.modules.container.ParameterDict")]):
-        emb = torch.load(pick("embeddings_gs"), map_location="cpu", weights_only=True)
-    rows = {k: (v[None] if v.ndim == 1 else v).float() for k, v in dict(emb["string_to_param"]).items()}
-    return {k: v.float() for k, v in blocks.items()}, rows
+    files = pick("cross_attention"), pick("embeddings_gs")
+    try:
+        blocks = torch.load(files[0], map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([(_ParameterDict, "torch.nn.modules.container.ParameterDict")]):
+            emb = torch.load(files[1], map_location="cpu", weights_only=True)
+        rows = {k: (v[None] if v.ndim == 1 else v).float() for k, v in dict(emb["string_to_param"]).items()}
+        return {k: v.float() for k, v in blocks.items()}, rows
+    except Exception as e:  # a truncated or foreign pickle fails in many ways (UnpicklingError, RuntimeError, KeyError ...)
+        raise ValueError(f"'{files[0].name}' + '{files[1].name}' in '{folder}' are not readable official ViCo files "
+                         f"({type(e).__name__}); they should be the tensor dict and the EmbeddingManager pickle.") from e
 
 
 def save_official(vico: ViCo, folder, step: int, star_id: int) -> None:
@@ -399,11 +404,15 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
     folder = Path(folder)
     meta = {}
     if (folder / "vico.safetensors").exists():
-        with safe_open(str(folder / "vico.safetensors"), "pt") as f:
-            meta = f.metadata()
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        rows, phs, mode = sd.pop("token_embeddings"), json.loads(meta["placeholders"]), meta["mask_mode"]
-        vis = json.loads(meta["layers"]) != []
+        try:
+            with safe_open(str(folder / "vico.safetensors"), "pt") as f:
+                meta = f.metadata()
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            rows, phs, mode = sd.pop("token_embeddings"), json.loads(meta["placeholders"]), meta["mask_mode"]
+            vis = json.loads(meta["layers"]) != []
+        except Exception as e:  # truncated (SafetensorError), or not ours: no header (TypeError), a key missing (KeyError)
+            raise ValueError(f"'{folder / 'vico.safetensors'}' is not a readable ViCo concept ({type(e).__name__}); "
+                             "write it again with `vico.py train` or `vico.py export --format vico`.") from e
     elif any(folder.glob("cross_attention*.pt")):
         sd, emb = load_official(folder, step)
         if len(emb) != 1:
@@ -415,6 +424,9 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
     width = model.text_encoder.token_embedding.embedding_dim
     if rows.shape[-1] != width:
         raise ValueError(f"the concept's token vectors are {rows.shape[-1]} wide; this text encoder is {width} wide.")
+    if rows.ndim != 2 or len(rows) != len(phs):  # e.g. a TI file with several vectors per token
+        raise ValueError(f"the concept has {rows.numel() // width} token vectors for its {len(phs)} placeholder(s) {phs}; "
+                         "ViCo learns one vector per placeholder.")
     vico = ViCo(model.unet, phs, add_placeholders(model, phs), rows, vis, mode)
     load_image_blocks(vico, sd, f"'{folder}'")
     vico.metadata = meta  # the file's metadata (JSON strings), so that `export` can keep the training facts
@@ -550,9 +562,17 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     placeholders = args.placeholder or (["S*"] if len(args.images) == 1 else [f"S{i + 1}*" for i in range(len(args.images))])
     if len(placeholders) != len(args.images):
         raise ValueError(f"give one --placeholder per image folder ({len(args.images)}).")
+    if len(set(placeholders)) != len(placeholders):  # one token id for two concepts: one row would silently win
+        raise ValueError(f"the placeholders {placeholders} repeat; give each image folder its own, e.g. S1* S2*.")
     templates = list(IMAGENET_TEMPLATES) if args.templates == ["imagenet"] else list(args.templates)
-    if not all("{}" in t for t in templates):
-        raise ValueError("every caption template needs a '{}' where the placeholder goes, e.g. 'a photo of a {}'.")
+    for t in templates:  # captions are t.format(placeholder), as in TI: try it now, not at step 1 with the folder made
+        try:
+            ok = "\0" in t.format("\0")
+        except (IndexError, KeyError, ValueError, AttributeError):  # "{} and {}", "{name}", a lone "{", "{.x}"
+            ok = False
+        if not ok:
+            raise ValueError(f"caption template '{t}' needs one '{{}}' where the placeholder goes and no other braces "
+                             "(write '{{' for a literal one), e.g. 'a photo of a {}'.")
     concepts = [sdm.load_image_folder(d) for d in args.images]
     device = sdm.pick_device(args.device)
     torch.manual_seed(args.seed)
@@ -678,7 +698,7 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     if h % model.size_multiple or w % model.size_multiple:
         raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")
     refs = [sdm.image_to_tensor(im, (h, w)) for im in ref_images]
-    out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
+    out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the first image makes it: a bad prompt leaves none
     guided, b = a.guidance_scale != 1.0, a.batch_size
 
     def on_step(i, masks):  # the conditional half of the first image; reference k's rows are block k
@@ -709,9 +729,11 @@ def export_cli(argv) -> None:
     p.add_argument("--step", default="", help="official files: which checkpoint number to read or write")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    if a.format == "official" and a.step and not a.step.isdecimal():  # it names the files: cross_attention-399.pt
+        raise ValueError(f"--step must be a checkpoint number such as 399 (got '{a.step}').")
+    out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
     model = sdm.load_model(a.pretrained_model)
     vico = load_concept(model, a.concept, a.placeholder, "" if a.format == "official" else a.step)
-    out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
     if a.format == "official":
         save_official(vico, out, int(a.step or 399), model.tokenizer.token_id("*"))
     else:
@@ -865,7 +887,7 @@ def main(argv=None):
             toy_masks(argv[1:])
         else:
             toy_benchmark(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss
         sys.exit(f"error: {e}")
 
 
