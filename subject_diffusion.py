@@ -359,6 +359,7 @@ class Objective(nn.Module):
 # over on --resume). The counts are events: a bad record is counted each time a batch draws it.
 SKIPS = {
     "unreadable": "a record could not be read (missing or corrupt image or json); it is skipped",
+    "bad_mask": "a record's mask.png is not a one-channel label map of its image's size; the record is skipped",
     "no_boxes": "a record has no object boxes; it is skipped (every training image needs a subject box)",
     "box_outside": "an object's box is missing, outside its image or empty; that object is ignored",
     "entity_missing": "an object's label is not a word of the caption; that object is ignored",
@@ -375,9 +376,18 @@ class Skip(Exception):
     pass
 
 
-def _png(data: bytes, mode: str | None = "RGB"):
-    img = Image.open(io.BytesIO(data))
-    return np.asarray(img.convert(mode) if mode else img)
+def _png(data: bytes, rgb: bool = True):
+    """8-bit RGB as sd_model.load_image makes it (16-bit scaled, not clipped; alpha on white), or the raw label map."""
+    return np.asarray(sdm.load_image(io.BytesIO(data)) if rgb else Image.open(io.BytesIO(data)))
+
+
+def _box(o) -> np.ndarray | None:
+    """An object's "box" as 4 finite floats; None for anything else (a hand-written json can hold anything)."""
+    try:
+        box = np.asarray(o["box"], dtype=np.float64)
+    except (TypeError, KeyError, ValueError):
+        return None
+    return box if box.shape == (4,) and np.isfinite(box).all() else None
 
 
 MEMBERS = ("png", "json", "mask.png")  # a record's files, by extension
@@ -434,10 +444,9 @@ def write_tar_index(path, entries: dict) -> None:
 def json_boxes(rec: dict, W: int, H: int) -> list:
     """Every usable box of the json, clipped to the image, chosen or not: transform() crops to hold the span
     of all of them (card §7.4), not only of the subjects verify_keys kept."""
-    out = []
-    for o in rec["objects"]:
-        box = np.asarray(o.get("box", []) if isinstance(o, dict) else [], dtype=np.float64)
-        if box.shape == (4,) and np.isfinite(box).all():
+    out, objects = [], rec.get("objects") if isinstance(rec, dict) else None
+    for box in map(_box, objects if isinstance(objects, list) else []):
+        if box is not None:
             x1, y1, x2, y2 = np.clip(box, 0, [W, H, W, H])
             if x2 - x1 >= 1 and y2 - y1 >= 1:
                 out.append((x1, y1, x2, y2))
@@ -531,9 +540,12 @@ class Records(torch.utils.data.Dataset):
 
         try:
             rec, mask = json.loads(get("json")), get("mask.png")
-            return _png(get("png")), rec, None if mask is None else _png(mask, None)
+            image, labels = _png(get("png")), None if mask is None else _png(mask, rgb=False)
         except Exception as e:  # any reason a record cannot be decoded
             raise Skip("unreadable") from e
+        if labels is not None and labels.shape != image.shape[:2]:  # an RGB or resized mask would not line up
+            raise Skip("bad_mask")
+        return image, rec, labels
 
     def __getitem__(self, item):
         index, epoch, pos = item
@@ -560,14 +572,12 @@ class Records(torch.utils.data.Dataset):
             raise Skip("no_boxes")
         words = set(re.findall(r"[\w']+", rec["caption"].lower()))
         for o in rec["objects"]:
-            box = np.asarray(o.get("box", []) if isinstance(o, dict) else [], dtype=np.float64)
-            if box.shape != (4,):
-                skips["box_outside"] += 1
-                continue
-            x1, y1, x2, y2 = np.clip(box, 0, [W, H, W, H])
+            box = _box(o)
+            x1, y1, x2, y2 = (0, 0, 0, 0) if box is None else np.clip(box, 0, [W, H, W, H])
             if x2 - x1 < 1 or y2 - y1 < 1:
                 skips["box_outside"] += 1
-                self._say(SKIPS["box_outside"] + f" (first: box {box.tolist()} in a {W}x{H} image).", "box_outside")
+                shown = str(o.get("box") if isinstance(o, dict) else o)[:60]
+                self._say(SKIPS["box_outside"] + f" (first: box {shown} in a {W}x{H} image).", "box_outside")
                 continue
             if str(o.get("label", "")).lower() not in words:
                 skips["entity_missing"] += 1
@@ -579,7 +589,8 @@ class Records(torch.utils.data.Dataset):
             inter = lambda b: max(0, min(x2, b[2]) - max(x1, b[0])) * max(0, min(y2, b[3]) - max(y1, b[1]))
             if any(inter(b) / min((x2 - x1) * (y2 - y1), (b[2] - b[0]) * (b[3] - b[1])) > 0.8 for b, _, _ in chosen):
                 continue
-            chosen.append(((x1, y1, x2, y2), str(o["label"]), o.get("value")))
+            value = o.get("value")  # a label-map value; anything else falls back to the box as the mask
+            chosen.append(((x1, y1, x2, y2), str(o["label"]), value if isinstance(value, (int, float)) else None))
         if not chosen:
             raise Skip("no_subject")
         return chosen
@@ -655,10 +666,9 @@ class Records(torch.utils.data.Dataset):
             return np.full((S, S, 3), 127, np.uint8)
         H, W = image.shape[:2]
         occupied = labels > 0 if labels is not None else np.zeros((H, W), bool)
-        if labels is None:
-            for o in rec.get("objects", []):
-                x1, y1, x2, y2 = np.clip(np.asarray(o.get("box", [0, 0, 0, 0]), float), 0, [W, H, W, H]).astype(int)
-                occupied[y1:y2, x1:x2] = True
+        if labels is None:  # another record, not vetted by `subjects`: json_boxes takes any json
+            for x1, y1, x2, y2 in json_boxes(rec, W, H):
+                occupied[int(y1):int(y2), int(x1):int(x2)] = True
         best = None
         for _ in range(8):
             s = int(rng.integers(max(1, min(W, H) // 2), min(W, H) + 1))
@@ -851,14 +861,14 @@ def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", p
     vision = sdm.StableDiffusion.load_image_encoder(image_encoder or meta.get("image_encoder") or pretrained_model
                                                     or meta.get("base_model") or None, device, sdm.DTYPES[precision])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg)
-    if ours.exists():
-        state = {**load_file(str(ours)), **{"text_encoder." + k: v for k, v in load_file(str(folder / "text_encoder.safetensors")).items()}}
-        try:
-            method.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"the weights in '{folder}' do not fit this base model / image encoder ({str(e)[:300]}).") from None
-    else:
-        import_official(method, sd.unet, folder)
+    try:  # a missing key (KeyError) or a wrong shape (RuntimeError) means another base model or image encoder
+        if ours.exists():
+            method.load_state_dict({**load_file(str(ours)), **{"text_encoder." + k: v for k, v in
+                                                                load_file(str(folder / "text_encoder.safetensors")).items()}})
+        else:
+            import_official(method, sd.unet, folder)
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"the weights in '{folder}' do not fit this base model / image encoder ({str(e)[:300]}).") from None
     return sd, vision, method.to(device, sdm.DTYPES[precision]).eval().requires_grad_(False), meta
 
 
@@ -1185,7 +1195,7 @@ def sample_main(a: SampleConfig) -> None:
         raise ValueError(f"--box takes 4 numbers (x1 y1 x2 y2, pixels) per subject: {4 * len(a.subject)}, got {len(a.box)}.")
     if a.mask and len(a.mask) != len(a.subject):
         raise ValueError("give one --mask per --subject, or none for the automatic cut-out.")
-    out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
+    out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # save_image makes it: a bad input leaves none
     sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
                                             a.compile, a.channels_last)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
@@ -1233,7 +1243,7 @@ def main(argv=None):
             sd, _, method, meta = load_trained(e.weights, e.pretrained_model, device="cpu")
             export_official(method, sd.unet, sdm.prepare_output_dir(e.out, False), meta)
             print(f"wrote {e.out}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss
         sys.exit(f"error: {e}")
 
 

@@ -125,6 +125,27 @@ def test_widened_conv_in_and_the_official_layout_round_trip(tiny, tmp_path):
     assert sdx.official_metadata(official) == {"drop_objects": "False"} and sdx.official_parts(tmp_path / "none") == {}
 
 
+def test_official_layout_weights_that_do_not_fit_the_base_model_give_one_sentence(tiny, tmp_path):
+    """An official-layout folder with a key missing or of another shape (another base model) is a ValueError,
+    which the command line prints as one sentence, as it does for our own files; not a KeyError or RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    sd, vision, root = tiny
+    trained = method_for(sd, vision, perturb=True)
+    for name, change in (("missing", lambda u: u.pop("input_blocks.0.0.bias")),
+                         ("shape", lambda u: u.update({k: v[:, :-1].contiguous() for k, v in u.items() if k.endswith("attn2.to_k.weight")})),
+                         ("fuser", lambda u: u.pop(next(k for k in u if ".fuser.alpha_attn" in k)))):
+        folder = tmp_path / name
+        sdx.export_official(trained, sd.unet, folder, {"base_model": str(root / "model")})
+        unet = load_file(str(folder / "unet" / "model.safetensors"))
+        change(unet)
+        save_file(unet, str(folder / "unet" / "model.safetensors"))
+        with pytest.raises(ValueError, match="do not fit this base model"):
+            sdx.load_trained(folder)
+    sdx.export_official(trained, sd.unet, tmp_path / "ok", {"base_model": str(root / "model")})
+    assert sdx.load_trained(tmp_path / "ok")[2].conv_in.weight.abs().sum() > 0  # the unchanged export loads
+
+
 def test_the_official_codes_diffusers_keyed_unet_loads(tiny, tmp_path):
     """train.py saves `self.unet.state_dict()` of its diffusers copy: diffusers block names, and each block's
     adapter as `...transformer_blocks.0.fuser.{linear, attn.to_q, ff.net.0.proj, norm1, alpha_attn, ...}`
@@ -201,10 +222,10 @@ def test_text_injection_order_count_and_position(tiny):
     h.remove()
     pos = method.text_encoder.text_model.embeddings.position_embedding.weight
     sks = [(ids[r] == 48136).nonzero().flatten().tolist() for r in range(2)]
-    for r, k, slot in ((0, 0, 0), (0, 1, 1), (1, 0, 1)):  # k-th "sks" of a row <- its k-th valid subject
+    for r, k, slot, word in ((0, 0, 0, "dog"), (0, 1, 1, "cat"), (1, 0, 1, "cat")):  # k-th "sks" of a row <- its k-th valid subject
         i = sks[r][k]
         assert_close(seen["x"][r, i], cls[r, slot] + pos[i], what=f"row {r} sks {k}")
-        assert tok.decode([ids[r, i - 2].item()]) in ("dog", "cat")
+        assert tok.decode([ids[r, i - 2].item()]) == word  # the entity word the localisation loss reads
     assert_close(seen["x"][0, 1], method.text_encoder.embed(ids)[0, 1] + pos[1], what="other tokens untouched")
     with pytest.raises(ValueError, match="1 'sks' token.*2 subject"):
         method.encode_text(ids, cls, torch.tensor([[True, True], [True, True]]))
@@ -263,6 +284,67 @@ def test_bad_records_and_shards_are_skipped_and_counted(tiny, tmp_path, capsys):
     assert torch.allclose(first["boxes"][0], torch.tensor([40, 0, 56, 16]) / 64)
     err = capsys.readouterr().err
     assert "not a readable tar file" in err and "no object boxes" in err and "outside its image" in err
+
+
+def test_malformed_json_boxes_and_masks_are_skipped_and_counted_never_a_traceback(tiny, tmp_path):
+    """A hand-written json can hold anything: boxes of strings, of 3 numbers or nested, objects that are not dicts,
+    a json that is a list, an RGB or resized mask, a value that is no label. Each record is read or skipped and
+    counted, both as a training record and as another record's background (which `subjects` never vetted)."""
+    _, _, root = tiny
+    src = root / "loose"
+    good = json.loads((src / "000000.json").read_text())
+    o, lab = good["objects"][0], np.asarray(Image.open(src / "000000.mask.png"))
+    cases = {"a_strings": ({**good, "objects": [{**o, "box": ["a", "b", "c", "d"]}]}, lab),
+             "b_nested": ({**good, "objects": [{**o, "box": [1, 2, [3], 4]}]}, lab),
+             "c_short": ({**good, "objects": [o, {**o, "box": [1, 2, 3]}]}, None),
+             "d_not_dict": ({**good, "objects": [o, 5]}, None),
+             "e_list": ([1, 2], None),
+             "f_rgb_mask": (good, np.stack([lab] * 3, -1)),
+             "g_small_mask": (good, lab[:32, :32].copy()),
+             "h_list_value": ({**good, "objects": [{**o, "value": [1, 2]}]}, lab),
+             "i_good": (good, lab)}
+    for key, (rec, mask) in cases.items():
+        (tmp_path / f"{key}.json").write_text(json.dumps(rec))
+        (tmp_path / f"{key}.png").write_bytes((src / "000000.png").read_bytes())
+        if mask is not None:
+            Image.fromarray(mask).save(tmp_path / f"{key}.mask.png")
+    cfg = sdx.TrainConfig(data=[str(tmp_path)], min_box_area=0.01)
+    data = sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407, verbose=False)
+    samples = [data[(i, 0, i)] for i in range(len(cases))]  # a skipped record hands over to the next one
+    counts = [{k: int(v) for k, v in zip(sdx.SKIPS, s["skips"].tolist()) if v} for s in samples]
+    assert counts == [{"box_outside": 3, "no_subject": 2}, {"box_outside": 2, "no_subject": 1}, {"box_outside": 1},
+                      {"box_outside": 1}, {"unreadable": 1, "bad_mask": 2}, {"bad_mask": 2}, {"bad_mask": 1}, {}, {}]
+    assert all(s["valid"][0] for s in samples)
+    a, b, c, d = (samples[7]["boxes"][0] * 32).round().int().tolist()  # a value that is no label: the box is the mask
+    box_mask = torch.zeros(32, 32)
+    box_mask[b:d, a:c] = 1
+    assert torch.equal(samples[7]["segmaps"][0], box_mask)
+    draws = {int(np.random.default_rng(s).integers(len(data))) for s in range(60)}  # background()'s first draw
+    assert draws == set(range(len(cases)))
+    assert all(data.background(np.random.default_rng(s)).shape == (32, 32, 3) for s in range(60))
+
+
+def test_16_bit_and_rgba_record_images_read_as_sd_model_reads_images(tiny, tmp_path):
+    """16-bit scaled to 8 bits (PIL's convert would clip them to white), transparency on white (convert drops it)."""
+    _, _, root = tiny
+    src = root / "loose"
+    rgb = np.asarray(Image.open(src / "000000.png").convert("RGB"))
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    alpha = np.full(gray.shape, 255, np.uint8)
+    alpha[:, :20] = 0
+    on_white = np.where(alpha[..., None] > 0, rgb, 255).astype(np.uint8)
+    pngs = {"gray8": Image.fromarray(gray), "gray16": Image.fromarray(gray.astype(np.uint16) * 257),
+            "rgba": Image.fromarray(np.dstack([rgb, alpha])), "white": Image.fromarray(on_white)}
+    pixels = {}
+    for name, img in pngs.items():
+        (tmp_path / name).mkdir()
+        img.save(tmp_path / name / "r.png")
+        for ext in ("json", "mask.png"):
+            (tmp_path / name / f"r.{ext}").write_bytes((src / f"000000.{ext}").read_bytes())
+        pixels[name] = records(tmp_path, name)[(0, 0, 0)]["pixels"]
+    assert Image.open(tmp_path / "gray16" / "r.png").mode == "I;16"
+    assert_close(pixels["gray16"], pixels["gray8"], rtol=0, atol=1.01 / 127.5, what="16-bit record image")
+    assert torch.equal(pixels["rgba"], pixels["white"])
 
 
 def test_location_mask_is_zero_on_the_union_of_boxes():
@@ -463,6 +545,12 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     for args, entities, prompt, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             sdx.main([*base, *args, "--entity", *entities, "--prompt", prompt])
+    fresh = [*base[:-3], "--output-dir", str(tmp_path / "fresh"), "--subject", str(ref)]  # a bad input leaves no empty output folder
+    for args, msg in ((["--entity", "star", "--prompt", "a dog"], "not in the prompt"),
+                      (["--entity", "star", "--prompt", "a star", "--weights", str(tmp_path / "nowhere")], "holds no")):
+        with pytest.raises(SystemExit, match=msg):
+            sdx.main([*fresh, *args])
+        assert not (tmp_path / "fresh").exists()
 
 
 def test_automatic_cutout_finds_a_striped_subject_on_a_textured_background():
@@ -535,6 +623,24 @@ def test_three_way_guidance_feeds_text_image_and_null_rows(tiny, monkeypatch):
         hook.remove()
 
 
+def test_no_use_bbox_gives_one_subject_the_null_position_feature(tiny, monkeypatch):
+    """test.py's use_bbox=False (card §4.1, §8.2): one subject's object tokens do not depend on its box; with
+    --use-bbox (the default) they do."""
+    sd, vision, _ = tiny
+    method = method_for(sd, vision, perturb=True).eval()
+    seen, real = [], sdx.install
+    monkeypatch.setattr(sdx, "install", lambda m, unet, cond: seen.append(cond["objs"]) or real(m, unet, cond))
+    image = Image.fromarray(tw.concept_references(tw.CONCEPTS[0], n=1)[0][1])
+    objs = {}
+    for use_bbox in (True, False):
+        for box in ((0.1, 0.1, 0.5, 0.5), (0.4, 0.3, 0.9, 0.8)):
+            seen.clear()
+            sdx.generate(method, sd, vision, "a star", [sdx.Subject(image, "star", box)], steps=1, use_bbox=use_bbox,
+                         progress=False, generator=torch.Generator().manual_seed(0))
+            objs[use_bbox, box[0]] = seen[0][0]
+    assert torch.equal(objs[False, 0.1], objs[False, 0.4]) and not torch.allclose(objs[True, 0.1], objs[True, 0.4])
+
+
 def test_generate_weighs_the_three_rows_with_the_text_and_image_scales(tiny, monkeypatch):
     """The sampler sees eps_u + s_T (eps_c - eps_i) + s_I (eps_i - eps_u) with the rows in the order the UNet
     got them ([c ; i ; u], checked above): the UNet's output is replaced by known rows, the loop by one call."""
@@ -591,6 +697,17 @@ def test_a_bf16_mixed_precision_step_runs_on_cpu(tiny, tmp_path):
     w = weights(tmp_path)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
     assert any(w[k].abs().sum() > 0 for k in w if k.startswith("kv."))  # zero at the start: the step moved them
+
+
+def test_a_non_finite_loss_stops_the_command_line_with_one_sentence(tiny, tmp_path, monkeypatch):
+    """DESIGN: a non-finite loss stops training with a clear message (not a traceback) and writes no final weights."""
+    _, _, root = tiny
+    real = sdx.training_loss
+    monkeypatch.setattr(sdx, "training_loss", lambda *a: (lambda loss, mse, attn: (loss * float("nan"), mse, attn))(*real(*a)))
+    with pytest.raises(SystemExit, match="^error: the loss became nan at step 0"):
+        sdx.main(["train", "--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "1",
+                  "--checkpointing-steps", "0", *FAST, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "subject_diffusion.safetensors").exists()
 
 
 def test_entity_images_paste_the_masked_subject_on_a_background(tiny, tmp_path):
