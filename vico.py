@@ -600,7 +600,8 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     latent_shape = (model.cfg.vae.z_channels, size // model.vae.downsample_factor, size // model.vae.downsample_factor)
     if args.cache_latents:
         with torch.no_grad():
-            post = [(d.mean.float(), d.std.float()) for d in map(encode, images)]
+            chunks = [[encode(x) for x in c.split(8)] for c in images]  # 8 at a time: a large folder's peak stays small
+            post = [tuple(torch.cat([getattr(d, k).float() for d in ds]) for k in ("mean", "std")) for ds in chunks]
     opt = make_optimizer(vico, args)
     n_blocks = sum(p.numel() for p in vico.image_blocks.parameters())
     print(f"trainable: {vico.embeddings.numel():,} (tokens, lr {opt.param_groups[0]['lr']:g}) + {n_blocks:,} (image blocks, lr "

@@ -382,12 +382,13 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path):
 def test_cached_latents_train_as_encoding_every_step(setup, tmp_path, monkeypatch):
     """The cache is exact: the same draws from the same posterior, so --no-cache-latents gives the same LoRA."""
     root, sd1, _ = setup
-    write_images(tmp_path / "square", size=(32, 32))  # already at the resolution: the cached path
-    kw = dict(images=str(tmp_path / "square"), resolution=32)
+    names = write_images(tmp_path / "square", n=10, size=(32, 32))  # already at the resolution: the cached path
+    (tmp_path / "captions.json").write_text(json.dumps({"dreambooth": {"images": names, "prompts": ["a photo of a dog"] * 10}}))
+    kw = dict(images=str(tmp_path / "square"), resolution=32, captions=str(tmp_path / "captions.json"), config_name="dreambooth")
     calls, encode = [], sdm.AutoencoderKL.encode
     monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
     dco.train(train_args(root, sd1, tmp_path / "cached", **kw))
-    assert calls == [3]  # the three images, once
+    assert calls == [8, 2]  # the ten images, once, 8 at a time (the peak of a large folder stays small)
     calls.clear()
     dco.train(train_args(root, sd1, tmp_path / "encoded", cache_latents=False, **kw))
     assert calls == [1] * 4  # each step's batch of 1
