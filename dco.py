@@ -234,7 +234,6 @@ def save_lora(path, unet, loras: list[LoRA], fmt: str = "peft", metadata: dict |
     lora = loras[0] if len(loras) == 1 else merge(loras, [1.0] * len(loras))
     sd = lora_state_dict(unet, [lora], fmt)
     meta = {"method": "dco", "format": fmt, **(metadata or {})}
-    first = next(iter(lora.layers.values()))
     if fmt == "peft":  # what diffusers' save_lora_weights(unet_lora_adapter_metadata=...) writes
         # peft's config holds one r / lora_alpha; layers that differ (a sum over different layer sets, TIES-SVD
         # capped at min(out, in)) go in rank_pattern / alpha_pattern under their full module names
@@ -246,7 +245,10 @@ def save_lora(path, unet, loras: list[LoRA], fmt: str = "peft", metadata: dict |
                                          "unet.rank_pattern": {d: r for d, (r, _) in ra.items() if r != r0},
                                          "unet.alpha_pattern": {d: a for d, (_, a) in ra.items() if a != a0}}
     else:
-        meta.update(ss_network_module="networks.lora", ss_network_dim=first.rank, ss_network_alpha=first.alpha)
+        # sd-scripts' resize_lora writes "Dynamic" where the layers' ranks (alphas) differ; each .alpha is in the file
+        ranks, alphas = {layer.rank for layer in lora.layers.values()}, {layer.alpha for layer in lora.layers.values()}
+        meta.update(ss_network_module="networks.lora", ss_network_dim=ranks.pop() if len(ranks) == 1 else "Dynamic",
+                    ss_network_alpha=alphas.pop() if len(alphas) == 1 else "Dynamic")
     sdm.save_safetensors(sd, path, meta)
 
 
@@ -268,6 +270,8 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     except SafetensorError as e:  # a .pt/.bin or truncated file: safetensors' own error is a traceback
         raise ValueError(f"'{path}' is not a readable safetensors LoRA file ({e}); convert it to .safetensors.") from None
     peft_meta = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    if not any(k.startswith("unet.") for k in peft_meta):  # a model's save_lora_adapter writes peft's config bare;
+        peft_meta = {f"unet.{k}": v for k, v in peft_meta.items()}  # a pipeline's save_lora_weights prefixes "unet."
     dnames = diffusers_names(unet)
     known = {}  # every spelling of a target -> its LDM path: LDM or diffusers names, dotted or kohya's
     for p, d in dnames.items():
@@ -570,6 +574,25 @@ class EpochOrder:
         return {"data.order": self.order, "data.pos": self.pos}
 
 
+def check_resume(a: DCOArgs, n: int) -> None:
+    """`--resume` continues the checkpoint's image order, so it must have one, over these n images: checked before
+    the model loads (otherwise a KeyError or a size mismatch inside sd_model.load_checkpoint)."""
+    from safetensors import safe_open
+
+    ckpt = sdm.find_checkpoint(Path(a.output_dir), a.resume)
+    if ckpt is None or not (ckpt / "training_state.safetensors").is_file():
+        return  # a fresh start, or load_checkpoint's own sentence
+    with safe_open(str(ckpt / "training_state.safetensors"), "pt") as f:
+        shape = f.get_slice("param.data.order").get_shape() if "param.data.order" in f.keys() else None
+    if shape is None:  # written when images were drawn with replacement: that stream cannot be continued exactly
+        raise ValueError(f"checkpoint '{ckpt}' has no image order (it was written before dco.py drew each epoch's "
+                         "images in a fresh order), so it cannot continue exactly; finish it with the dco.py that "
+                         "wrote it, or start a new run.")
+    if shape != [n]:
+        raise ValueError(f"checkpoint '{ckpt}' was trained on {shape[0]} images and this run has {n}; "
+                         "resume with the same images, or start a new run.")
+
+
 def to_training_tensor(img, res: int):
     """Resize the short side to `res` (bilinear, as torchvision's Resize in the official dataset), to [-1, 1]."""
     from PIL import Image
@@ -643,6 +666,7 @@ def train(a: DCOArgs) -> Path:
     device = sdm.pick_device(a.device)
     torch.manual_seed(a.seed)
     images, prompts, bases, tokens, inits = load_data(a)  # bad input fails before the model loads
+    check_resume(a, len(images))
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
     model = sdm.load_model(a.pretrained_model, half, "fp32", device, "", a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size

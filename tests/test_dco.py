@@ -379,6 +379,29 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path):
             assert safe_open(str(tmp_path / folder / f), "pt").metadata()[key] == str(step)
 
 
+def test_resume_refuses_a_checkpoint_without_this_image_order(setup, tmp_path):
+    """A checkpoint from before the per-epoch image order has no data.order (it was a KeyError deep in
+    load_checkpoint), and one of another image folder an order of another length (a size mismatch): each is one
+    sentence before the model loads, and the run folder stays as it was."""
+    from safetensors.torch import save_file
+
+    root, sd1, _ = setup
+    out = tmp_path / "b"
+    dco.train(train_args(root, sd1, out, max_train_steps=2))
+    state = out / "checkpoint-2" / "training_state.safetensors"
+    full, meta, log = load_file(str(state)), safe_open(str(state), "pt").metadata(), (out / "log.jsonl").read_text()
+    save_file({k: v for k, v in full.items() if not k.startswith("param.data.")}, str(state), meta)
+    with pytest.raises(ValueError, match="has no image order"):
+        dco.train(train_args(root, sd1, out, resume="latest"))
+    save_file(full, str(state), meta)
+    names = write_images(tmp_path / "four", n=4)
+    (tmp_path / "four.json").write_text(json.dumps({"images": names, "prompts": ["a photo of a dog"] * 4}))
+    with pytest.raises(SystemExit, match="error: checkpoint .* was trained on 3 images and this run has 4"):
+        dco.main(["train", "--pretrained-model", str(sd1), "--images", str(tmp_path / "four"), "--captions", str(tmp_path / "four.json"),
+                  "--output-dir", str(out), "--rank", "4", "--max-train-steps", "4", "--resume", "latest"])
+    assert (out / "log.jsonl").read_text() == log and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_cached_latents_train_as_encoding_every_step(setup, tmp_path, monkeypatch):
     """The cache is exact: the same draws from the same posterior, so --no-cache-latents gives the same LoRA."""
     root, sd1, _ = setup
@@ -637,6 +660,35 @@ def test_peft_files_keep_per_layer_ranks_and_alphas(tmp_path):
             assert_close(unet(x, t, ctx).sample, want, rtol=1e-4, what=f"diffusers + peft loading our {name} file")
         with dco.install(ours, dco.load_lora(file, ours)), torch.no_grad():
             assert_close(ours(x, t, ctx), want, rtol=1e-5, what=f"our loader on the {name} file")
+        dco.save_lora(file, ours, loras, "kohya")  # kohya's resize_lora: "Dynamic" where the layers differ
+        kmeta = safe_open(str(file), "pt").metadata()
+        assert (kmeta["ss_network_dim"], kmeta["ss_network_alpha"]) == (("Dynamic", "Dynamic") if name == "sum" else ("4", "Dynamic"))
+
+
+def test_a_diffusers_save_lora_adapter_file_keeps_its_alphas(tmp_path):
+    """diffusers' model-level unet.save_lora_adapter writes peft's config as it is ("lora_alpha", "alpha_pattern"),
+    without the "unet." prefix the pipeline's save_lora_weights adds; its alphas must scale our layers too."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    ref = diffusers_unet("sd1")
+    cfg = wc.diffusers_unet_config(ref.config)
+    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    one = next(n for n, _ in ref.named_modules() if n.endswith("attn2.to_k"))
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(dco.TARGETS), alpha_pattern={one: 2}))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    ref.save_lora_adapter(str(tmp_path))
+    assert "lora_alpha" in json.loads(safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt").metadata()["lora_adapter_metadata"])
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
+    with torch.no_grad():
+        want = ref(x, t, ctx).sample
+    with dco.install(ours, dco.load_lora(tmp_path, ours)), torch.no_grad():
+        assert_close(ours(x, t, ctx), want, rtol=1e-5, what="our loader on diffusers' save_lora_adapter file")
 
 
 def test_fp16_skipped_steps_leave_the_schedule_and_the_tokens_still_train(setup, tmp_path):
