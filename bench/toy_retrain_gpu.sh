@@ -9,9 +9,10 @@
 #   bash bench/toy_retrain_gpu.sh join FILES_AT outputs/toy-gpu/sd   # here: the returned files -> a model folder
 #
 # A returned file is capped at 16 MB, so the UNet (17 MB in fp16) comes back in two halves, beside
-# the towers, the VAE, config.json and report.tar (logs, args, the last validation grids). The UNet
-# stage stops after UNET_SECONDS of wall clock and then ships its newest complete checkpoint, so a
-# machine slower than guessed still returns a model. Not yet run on a GPU: its timings are unmeasured.
+# the towers, the VAE, config.json and report.tar (logs, args, the last validation grids). The whole
+# script ends by DEADLINE seconds (a device call is cut at 600): the CLIP stage stops after CLIP_SECONDS
+# and the UNet stage when the deadline nears, each then going on from its newest complete checkpoint,
+# so a machine slower than guessed still returns a model. Not yet run on a GPU: its timings are unmeasured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,33 +43,42 @@ N=${N:-200000}                   # pretraining scenes (the shipped run's 200,000
 CLIP_STEPS=${CLIP_STEPS:-3600}   # batch 256; on the CPU: position 0.93 at 1800, 0.96 at 3600
 UNET_STEPS=${UNET_STEPS:-7600}   # batch 32, one cosine schedule (the shipped UNet: 2400, then a warm restart to 7600)
 LATENTS=${LATENTS:-200000}       # images with cached latents (the shipped run: 32,000)
-UNET_SECONDS=${UNET_SECONDS:-330}
+CLIP_SECONDS=${CLIP_SECONDS:-200}
+DEADLINE=${DEADLINE:-560}        # seconds from the start; packing the results takes about 10
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-8}
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
-quiet() { tr '\r' '\n' | grep -v "it/s\]" || true; }   # progress bars out of the returned tail
+newest() {  # the newest checkpoint whose training state (written last) is there
+  for c in "$1"/checkpoint-*; do if [ -f "$c/training_state.safetensors" ]; then echo "${c##*-} $c"; fi; done | sort -n | tail -1 | cut -d' ' -f2-
+}
+quiet() { tr '\r' '\n' | grep -v "%|" || true; }   # progress bars out of the returned tail
 
 [ -f "$W/data/images.npy" ] || { stamp data; $PY toy_world.py pretrain-data --out "$W/data" --n "$N" --workers "$(nproc)"; }
 stamp clip
-$PY toy_world.py train-clip --data "$W/data" --output-dir "$W/clip" --max-train-steps "$CLIP_STEPS" \
-    --checkpointing-steps 600 --device "$DEVICE" --threads "$OMP_NUM_THREADS" --resume latest 2>&1 | quiet
-[ -f "$W/clip/text_encoder.safetensors" ] || { echo "the CLIP stage did not finish"; exit 1; }
+set +e   # a stage cut off by its timeout (exit 124) goes on from its newest complete checkpoint
+timeout "$CLIP_SECONDS" $PY toy_world.py train-clip --data "$W/data" --output-dir "$W/clip" --max-train-steps "$CLIP_STEPS" \
+    --checkpointing-steps "${CLIP_CKPT:-300}" --device "$DEVICE" --threads "$OMP_NUM_THREADS" --resume latest 2>&1 | quiet; rc=${PIPESTATUS[0]}; set -e
+if [ "$rc" != 0 ]; then   # the UNet trains on the newest complete CLIP checkpoint
+  c=$(newest "$W/clip"); [ -n "$c" ] || { echo "the CLIP stage (exit $rc) wrote no checkpoint in ${CLIP_SECONDS} s"; exit 1; }
+  echo "the CLIP stage ended with exit $rc; using $c"; cp "$c"/text_encoder.safetensors "$c"/image_encoder.safetensors "$W/clip/"
+fi
 mkdir -p "$W/vae" && cp assets/toy/sd/vae.safetensors "$W/vae/"   # the shipped VAE reconstructs well (README)
 stamp unet
-timeout "$UNET_SECONDS" $PY toy_world.py train-unet --data "$W/data" --stage-dir "$W" --output-dir "$W/unet" \
-    --max-train-steps "$UNET_STEPS" --latent-images "$LATENTS" --checkpointing-steps 400 --validation-steps 1000 \
-    --device "$DEVICE" --threads "$OMP_NUM_THREADS" --export "" --resume latest 2>&1 | quiet
-stamp pack
-W="$W" OUT="$OUT" $PY - <<'PY'
+set +e
+timeout $(( DEADLINE - 15 - $(date +%s) + start )) $PY toy_world.py train-unet --data "$W/data" --stage-dir "$W" --output-dir "$W/unet" \
+    --max-train-steps "$UNET_STEPS" --latent-images "$LATENTS" --checkpointing-steps "${UNET_CKPT:-400}" --validation-steps 1000 \
+    --device "$DEVICE" --threads "$OMP_NUM_THREADS" --export "" --resume latest 2>&1 | quiet; rc=${PIPESTATUS[0]}; set -e
+stamp "pack (the UNet stage's exit: $rc)"
+W="$W" OUT="$OUT" FINISHED=$(( rc == 0 )) $PY - <<'PY'
 import json, os, shutil, tarfile
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 w, out = Path(os.environ["W"]), Path(os.environ["OUT"])
 unet = w / "unet"
-done = [unet] if (unet / "unet.safetensors").exists() else sorted(
+done = [unet] if os.environ["FINISHED"] == "1" else sorted(
     (p for p in unet.glob("checkpoint-*") if (p / "training_state.safetensors").exists()), key=lambda p: int(p.name[11:]))
 if not done:
-    raise SystemExit("the UNet stage wrote no complete checkpoint: raise UNET_SECONDS or lower --checkpointing-steps")
+    raise SystemExit("the UNet stage wrote no complete checkpoint: raise DEADLINE or lower UNET_CKPT")
 model = done[-1]
 print("shipping", model)
 sd = load_file(str(model / "unet.safetensors"))
