@@ -736,7 +736,9 @@ def export_cli(argv) -> None:
     model = sdm.load_model(a.pretrained_model)
     vico = load_concept(model, a.concept, a.placeholder, "" if a.format == "official" else a.step)
     if a.format == "official":
-        save_official(vico, out, int(a.step or 399), model.tokenizer.token_id("*"))
+        # the official files are numbered by the last global step: 400 steps -> 399; without a recorded step, 399
+        step = int(a.step) if a.step else int(json.loads(vico.metadata.get("step", "400"))) - 1
+        save_official(vico, out, step, model.tokenizer.token_id("*"))
     else:
         kept = {k: v for k, v in vico.metadata.items() if k in TRAINING_METADATA}  # ours -> ours; the official files have none
         save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})

@@ -496,7 +496,8 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
     assert Image.open(out / "masks" / "step001_output_blocks.3.1.png").size == (256, 128)  # two references side by side
     exp = ["export", "--pretrained-model", str(model_dir)]
     vico.main([*exp, "--concept", str(run), "--format", "official", "--output-dir", str(tmp_path / "official")])
-    assert sorted(p.name for p in (tmp_path / "official").iterdir()) == ["cross_attention-399.pt", "embeddings_gs-399.pt"]
+    # named by the run's last global step, as the official ModelCheckpoint names them (400 steps -> 399)
+    assert sorted(p.name for p in (tmp_path / "official").iterdir()) == ["cross_attention-1.pt", "embeddings_gs-1.pt"]
     vico.main([*exp, "--concept", str(tmp_path / "official"), "--format", "vico", "--output-dir", str(tmp_path / "back")])
     with safe_open(str(run / "vico.safetensors"), "pt") as a, safe_open(str(tmp_path / "back" / "vico.safetensors"), "pt") as b:
         assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
