@@ -478,7 +478,7 @@ def generate(model, vico: ViCo, prompts, references=None, ref_tokens=None, negat
     rows = vico.text_rows(model.text_encoder.token_embedding.num_embeddings)
     cond = model.encode_prompt(prompts, extra=(rows, None)).context
     ids = model.tokenize(prompts)
-    present = [p for p in vico.placeholders if any(p in q for q in prompts)]
+    present = [p for p, i in zip(vico.placeholders, vico.token_ids) if (ids == i).any()]  # tokens, not substrings: S1* vs S11*
     if not present:
         raise ValueError(f"the prompt has no concept token ({', '.join(vico.placeholders)}); "
                          f"e.g. 'a photo of {vico.placeholders[0]} on the beach'.")

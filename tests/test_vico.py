@@ -624,6 +624,15 @@ def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monk
     assert masks[0].keys() == set(v.layers) and all(m.shape[0] == 2 * 2 for m in masks[0].values())  # 2 refs x (uncond, cond)
 
 
+def test_the_concepts_in_a_prompt_are_found_by_token_not_by_substring(model):
+    """'S*' is a substring of 'XS*': a prompt with XS* alone has one concept token, so one reference needs no --reference-tokens."""
+    v = make_vico(model, ("S*", "XS*"))
+    seen = []
+    vico.generate(model, v, ["a XS* on the grass"], torch.rand(1, 3, 32, 32) * 2 - 1, steps=1, progress=False,
+                  on_step=lambda i, m: seen.append(m))
+    assert seen and all(m.shape[0] == 2 for m in seen[0].values())  # 1 reference x (uncond, cond)
+
+
 def test_toy_masks_scores_each_layer_against_the_rendered_object(model_dir, tmp_path):
     import toy_world as tw
 
