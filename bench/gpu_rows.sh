@@ -7,6 +7,7 @@
 #   bash bench/gpu_rows.sh sample     # UNet fwd / fwd+bwd / 50 guided calls, the 512 px pipeline, DCI's and ICO's cost
 #   bash bench/gpu_rows.sh train      # one training step of each method at 512 px, time and peak memory
 #   bash bench/gpu_rows.sh scaling    # cost against resolution (256-1024) for sampling and a LoRA step
+#   bash bench/gpu_rows.sh sdxl       # DCO-LoRA on SDXL at 1024 px: step time and peak memory (no diffusers needed)
 #   DEVICE=cpu SMALL=1 OUT=/tmp/g bash bench/gpu_rows.sh sample   # the plumbing, here (tiny sizes, slow)
 #
 # The device machine has torch, transformers and peft but not diffusers, the reference: carry its wheel.
@@ -16,7 +17,7 @@
 # folder is built on the machine's first call (about 4 GB, in $WORK); a fresh machine builds it again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?give a part: sample, train or scaling}
+PART=${1:?give a part: sample, train, scaling or sdxl}
 PY=${PYTHON:-python3}
 OUT=${OUT:?set OUT to the folder whose files come back}
 DEVICE=${DEVICE:-cuda}
@@ -26,7 +27,7 @@ export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ! $PY -c "import diffusers" 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-$PY -c "import diffusers" || { echo "diffusers is missing: carry its wheel (see the top of this script)"; exit 1; }
+[ "$PART" = sdxl ] || $PY -c "import diffusers" || { echo "diffusers is missing: carry its wheel (see the top of this script)"; exit 1; }
 start=$(date +%s)
 # SMALL=1: the same commands at sizes a CPU runs in minutes (a test of this script, not a measurement)
 if [ "${SMALL:-0}" = 1 ]; then RES=64; LAT=8; STEPS=2; RUNS=1; DT=fp32; MP=no; DCI="--config tiny --train-steps 2 --repeats 1"
@@ -45,7 +46,7 @@ step() {  # step LIMIT_S NAME COMMAND...: run it under the smaller of its limit 
   return 0
 }
 
-[ -f "$WORK/model_index.json" ] || step 240 "build the random SD1.5 folder" $PY -c \
+[ "$PART" = sdxl ] || [ -f "$WORK/model_index.json" ] || step 240 "build the random SD1.5 folder" $PY -c \
   "import sys; sys.path.insert(0, 'bench'); import common; common.ensure_random_sd15(sys.argv[1])" "$WORK"
 case $PART in
   sample)
@@ -63,6 +64,10 @@ case $PART in
     if [ "${SMALL:-0}" = 1 ]; then R="64 128"; else R="256 512 768 1024"; fi
     step 500 "cost against resolution" $PY bench/bench_scaling.py "${ON[@]}" --dtype "$DT" --mixed-precision "$MP" --gradient-checkpointing --resolutions $R --batches 1
     ;;
-  *) echo "unknown part '$PART': sample, train or scaling"; exit 2 ;;
+  sdxl)
+    if [ "${SMALL:-0}" = 1 ]; then X="--config tiny --resolution 64"; else X="--config sdxl --resolution 1024"; fi
+    step 500 "SDXL DCO-LoRA step and peak memory" $PY bench/dco_sdxl_memory.py $X --device "$DEVICE" --work "${WORK}_xl"
+    ;;
+  *) echo "unknown part '$PART': sample, train, scaling or sdxl"; exit 2 ;;
 esac
 echo "== done in $(( $(date +%s) - start )) s" | tee -a "$OUT/$PART.txt"
