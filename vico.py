@@ -49,6 +49,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -695,6 +696,9 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     device = sdm.pick_device(a.device)
     model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
+    if ref_images and not vico.visual_condition:
+        warnings.warn("this concept is plain textual inversion (trained with --no-visual-condition): "
+                      "the --reference images are not used.")
     h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
     if h % model.size_multiple or w % model.size_multiple:
         raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")

@@ -624,6 +624,17 @@ def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monk
     assert masks[0].keys() == set(v.layers) and all(m.shape[0] == 2 * 2 for m in masks[0].values())  # 2 refs x (uncond, cond)
 
 
+def test_references_for_a_textual_inversion_concept_are_named_unused(model_dir, tmp_path):
+    imgs = write_images(tmp_path / "imgs", 1)
+    run = tmp_path / "ti"
+    vico.main(["train", "--pretrained-model", str(model_dir), "--images", str(imgs), "--init-word", "dog",
+               "--output-dir", str(run), "--max-train-steps", "1", "--no-visual-condition"])
+    with pytest.warns(UserWarning, match="references? images are not used"):
+        vico.main(["sample", "--pretrained-model", str(model_dir), "--concept", str(run), "--reference", str(imgs / "0.png"),
+                   "--prompt", "a photo of S*", "--steps", "1", "--output-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "0000_00.png").exists()
+
+
 def test_the_concepts_in_a_prompt_are_found_by_token_not_by_substring(model):
     """'S*' is a substring of 'XS*': a prompt with XS* alone has one concept token, so one reference needs no --reference-tokens."""
     v = make_vico(model, ("S*", "XS*"))
