@@ -566,10 +566,8 @@ def posterior(model, images, size: int):
     """VAE posterior mean and std of `views`, (n, 2, c, h, w): encoding is deterministic, so sampling these
     with the generator equals encoding every step (LDM trains on posterior samples)."""
     x = rearrange(views(images, size), "n f c h w -> (n f) c h w")
-    dists = [model.vae.encode(chunk.to(model.device, model.vae.quant_conv.weight.dtype)) for chunk in x.split(8)]
-    mean, std = (rearrange(torch.cat([getattr(d, k).float() for d in dists]), "(n f) c h w -> n f c h w", f=2)
-                 for k in ("mean", "std"))
-    return mean, std
+    d = model.vae.encode(x.to(model.device, model.vae.quant_conv.weight.dtype), chunk=8)
+    return tuple(rearrange(t.float(), "(n f) c h w -> n f c h w", f=2) for t in (d.mean, d.std))
 
 
 def make_optimizer(ico: ICO, args: ICOArgs):

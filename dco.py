@@ -687,9 +687,8 @@ def train(a: DCOArgs) -> Path:
     fixed = a.cache_latents and all(p.shape[1:] == (res, res) for p in pix)
     moments = None
     if fixed:  # no crop to draw: encode once, sample the posterior every step (the encoder is deterministic)
-        with torch.no_grad():  # 8 images at a time: a large folder at 1024 px would otherwise peak at many GB
-            parts = [model.vae.encode(torch.stack(pix[i:i + 8]).to(device, model.vae.quant_conv.weight.dtype)) for i in range(0, len(pix), 8)]
-        moments = SimpleNamespace(mean=torch.cat([d.mean for d in parts]), std=torch.cat([d.std for d in parts]))
+        with torch.no_grad():  # 8 images a pass: a large folder at 1024 px in one batch would peak at many GB
+            moments = model.vae.encode(torch.stack(pix).to(device, model.vae.quant_conv.weight.dtype), chunk=8)
     cache: dict[str, sdm.Cond] = {}
     order = EpochOrder(len(pix))
 

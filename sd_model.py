@@ -844,8 +844,8 @@ class AutoencoderKL(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.cfg.ch_mult) - 1)
 
-    def encode(self, images) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+    def encode(self, images, chunk: int = 0) -> DiagonalGaussian:  # chunk: images a pass (a latent cache's peak); 0 = all
+        return DiagonalGaussian(torch.cat([self.quant_conv(self.encoder(x)) for x in images.split(chunk or len(images))]))
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))

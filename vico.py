@@ -597,12 +597,11 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
 
     # posterior moments of every image, once: each step then samples a fresh latent (LDM samples, card 2)
     images = [torch.stack([sdm.image_to_tensor(im, size) for _, im in c]) for c in concepts]
-    encode = lambda x: model.vae.encode(x.to(device, model.vae.quant_conv.weight.dtype))
+    encode = lambda x, chunk=0: model.vae.encode(x.to(device, model.vae.quant_conv.weight.dtype), chunk)
     latent_shape = (model.cfg.vae.z_channels, size // model.vae.downsample_factor, size // model.vae.downsample_factor)
     if args.cache_latents:
         with torch.no_grad():
-            chunks = [[encode(x) for x in c.split(8)] for c in images]  # 8 at a time: a large folder's peak stays small
-            post = [tuple(torch.cat([getattr(d, k).float() for d in ds]) for k in ("mean", "std")) for ds in chunks]
+            post = [(d.mean.float(), d.std.float()) for d in (encode(c, 8) for c in images)]  # 8 a pass: a small peak
     opt = make_optimizer(vico, args)
     n_blocks = sum(p.numel() for p in vico.image_blocks.parameters())
     print(f"trainable: {vico.embeddings.numel():,} (tokens, lr {opt.param_groups[0]['lr']:g}) + {n_blocks:,} (image blocks, lr "

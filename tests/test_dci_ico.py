@@ -299,12 +299,12 @@ def test_cached_latents_train_as_encoding_every_step(tmp_path, base, monkeypatch
     """The cache (each image and its mirror, and the regularization images) is exact: --no-cache-latents draws the
     same views and noise and trains the same way (to float rounding: a batch encoded against all views at once)."""
     calls, encode = [], sdm.AutoencoderKL.encode
-    monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
+    monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x, chunk=0: calls.append((len(x), chunk)) or encode(self, x, chunk))
     di.train(train_args(tmp_path, "cached"), copy.deepcopy(base))
-    assert len(calls) == 2  # the references' views and the regularization images', once each
+    assert [c for _, c in calls] == [8, 8]  # the references' views and the regularization images', once each, 8 a pass
     calls.clear()
     di.train(train_args(tmp_path, "encoded", cache_latents=False), copy.deepcopy(base))
-    assert calls == [3] * 4  # each step's batch of 3
+    assert calls == [(3, 0)] * 4  # each step's batch of 3
     logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(logs("cached")) == 4 and {r["reg_rows"] for r in logs("cached")} <= {1, 2}
     for a, b in zip(logs("cached"), logs("encoded")):

@@ -409,12 +409,12 @@ def test_cached_latents_train_as_encoding_every_step(setup, tmp_path, monkeypatc
     (tmp_path / "captions.json").write_text(json.dumps({"dreambooth": {"images": names, "prompts": ["a photo of a dog"] * 10}}))
     kw = dict(images=str(tmp_path / "square"), resolution=32, captions=str(tmp_path / "captions.json"), config_name="dreambooth")
     calls, encode = [], sdm.AutoencoderKL.encode
-    monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
+    monkeypatch.setattr(sdm.AutoencoderKL, "encode", lambda self, x, chunk=0: calls.append((len(x), chunk)) or encode(self, x, chunk))
     dco.train(train_args(root, sd1, tmp_path / "cached", **kw))
-    assert calls == [8, 2]  # the ten images, once, 8 at a time (the peak of a large folder stays small)
+    assert calls == [(10, 8)]  # the ten images, once, 8 a pass (the peak of a large folder stays small)
     calls.clear()
     dco.train(train_args(root, sd1, tmp_path / "encoded", cache_latents=False, **kw))
-    assert calls == [1] * 4  # each step's batch of 1
+    assert calls == [(1, 0)] * 4  # each step's batch of 1
     a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("cached", "encoded"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k or "up" in k)

@@ -155,6 +155,19 @@ def test_attention_inputs_are_contiguous(monkeypatch, linear):
     assert qkv == [[True] * 3] * 2  # the encoder's and the decoder's mid-block attention
 
 
+def test_the_vae_encodes_in_chunks_with_the_same_posterior():
+    """encode(x, chunk=8), what the methods' latent caches use: the encoder sees 8 images a pass, and the posterior
+    is the whole batch's (to float rounding); chunk 0 is one pass."""
+    torch.manual_seed(0)
+    vae, x, seen = sdm.AutoencoderKL(sdm.TINY.vae).eval(), torch.randn(10, 3, 16, 16), []
+    vae.encoder.register_forward_pre_hook(lambda mod, args: seen.append(len(args[0])))
+    with torch.no_grad():
+        whole, parts = vae.encode(x), vae.encode(x, chunk=8)
+    assert seen == [10, 8, 2]
+    torch.testing.assert_close(parts.mean, whole.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.std, whole.std, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_compiled_unet_matches_eager_on_gpu():

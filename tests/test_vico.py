@@ -403,15 +403,15 @@ def test_cached_latents_train_as_encoding_every_step(model, tmp_path, monkeypatc
     """The cache is exact: the same draws from the same posterior, so --no-cache-latents trains the same way (to
     float rounding: one image encoded alone against all at once; Adam's first steps are sign-like, hence the losses)."""
     images, calls, encode = write_images(tmp_path / "imgs", 10), [], model.vae.encode
-    monkeypatch.setattr(model.vae, "encode", lambda x: calls.append(len(x)) or encode(x))
+    monkeypatch.setattr(model.vae, "encode", lambda x, chunk=0: calls.append((len(x), chunk)) or encode(x, chunk))
     run_train(model, tmp_path / "a", 3, images=images, train_batch_size=2)
-    assert calls == [8, 2]  # the ten images, once, 8 at a time (the peak of a large folder stays small)
+    assert calls == [(10, 8)]  # the ten images, once, 8 a pass (the peak of a large folder stays small)
     calls.clear()
     run_train(model, tmp_path / "b", 3, images=images, train_batch_size=2, cache_latents=False)
-    assert calls == [1] * 12  # 3 steps x 2 samples x (training image + reference)
+    assert calls == [(1, 0)] * 12  # 3 steps x 2 samples x (training image + reference)
     calls.clear()
     run_train(model, tmp_path / "ti", 3, images=images, train_batch_size=2, cache_latents=False, visual_condition=False)
-    assert calls == [1] * 6  # textual inversion has no reference to encode
+    assert calls == [(1, 0)] * 6  # textual inversion has no reference to encode
     logs = lambda d: [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert len(logs("a")) == len(logs("b")) == 3
     for a, b in zip(logs("a"), logs("b")):
