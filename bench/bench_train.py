@@ -26,7 +26,6 @@ resolution, precision and checkpointing. Each run is its own subprocess; the med
 """
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -55,36 +54,21 @@ def write_images(folder: Path, res: int, n: int = 4) -> Path:
 def ours(name: str, a, images: Path, out: Path, sync) -> list[float]:
     import dci_ico
     import dco
-    import sd_model as sdm
     import vico
 
-    stamps, loop = [], sdm.train_loop
-
-    def timed_loop(*args, **kw):  # time each optimizer step without touching the method's code
-        bound = inspect.signature(loop).bind(*args, **kw)
-        user = bound.arguments.get("after_step")
-
-        def after():
-            if user is not None:
-                user()
-            sync()
-            stamps.append(time.perf_counter())
-        bound.arguments["after_step"] = after
-        return loop(*bound.args, **bound.kwargs)
-
-    sdm.train_loop = timed_loop
-    common = dict(pretrained_model=a.work, output_dir=str(out), max_train_steps=a.warmup + a.runs + 1, resolution=a.resolution,
+    stamps = common.clock_train_steps(sync)
+    flags = dict(pretrained_model=a.work, output_dir=str(out), max_train_steps=a.warmup + a.runs + 1, resolution=a.resolution,
                   train_batch_size=a.batch, gradient_accumulation_steps=1, mixed_precision=a.mixed_precision,
                   gradient_checkpointing=a.gradient_checkpointing, checkpointing_steps=0, device=a.device, overwrite=True,
                   cache_latents=not a.no_cache_latents)
     if name in ("ti", "vico"):
         vico.train(vico.ViCoArgs(images=[str(images)], init_word=["star"], templates=["a photo of a {}"],
-                                 visual_condition=name == "vico", **common))
+                                 visual_condition=name == "vico", **flags))
     elif name in ("lora", "dco"):
         dco.train(dco.DCOArgs(images=str(images), instance_prompt="a photo of sks star", rank=a.rank,
-                              dco_beta=1000.0 if name == "dco" else 0.0, cache_text_embeddings=not a.no_cache_text, **common))
+                              dco_beta=1000.0 if name == "dco" else 0.0, cache_text_embeddings=not a.no_cache_text, **flags))
     else:
-        dci_ico.train(dci_ico.ICOArgs(images=str(images), class_word="star", contexts=name == "ico", **common))
+        dci_ico.train(dci_ico.ICOArgs(images=str(images), class_word="star", contexts=name == "ico", **flags))
     return [t1 - t0 for t0, t1 in zip(stamps, stamps[1:])]
 
 

@@ -99,6 +99,31 @@ def timed(fn, runs: int, device, warmup: int = 1, warmup_fn=None) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def clock_train_steps(sync) -> list:
+    """Wrap sd_model.train_loop so that each optimizer step appends a time stamp (after `sync`) to the list
+    returned, leaving the methods' code untouched; step times are the differences of the stamps."""
+    import inspect
+
+    import sd_model as sdm
+
+    stamps, loop = [], sdm.train_loop
+
+    def timed_loop(*args, **kw):
+        bound = inspect.signature(loop).bind(*args, **kw)
+        user = bound.arguments.get("after_step")
+
+        def after():
+            if user is not None:
+                user()
+            sync()
+            stamps.append(time.perf_counter())
+        bound.arguments["after_step"] = after
+        return loop(*bound.args, **bound.kwargs)
+
+    sdm.train_loop = timed_loop
+    return stamps
+
+
 def run_impl(script: str, *extra: str, fatal: bool = True) -> dict:
     """Run `script` again with this command line plus `extra` in a fresh process; its last stdout line is JSON.
     A failed process ends this one, or with fatal=False becomes {"error": why} (a sweep's out-of-memory point)."""

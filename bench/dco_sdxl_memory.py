@@ -11,12 +11,10 @@ torch.cuda.max_memory_allocated over the whole run (CPU: the process's peak resi
 """
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,21 +63,7 @@ def main():
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (a.resolution, a.resolution, 3), dtype=np.uint8)).save(images / f"{i}.png")
-    sync, stamps, loop = common.sync_for(a.device), [], sdm.train_loop
-
-    def timed_loop(*args, **kw):  # a clock between optimizer steps, the method's code untouched (as bench_train)
-        bound = inspect.signature(loop).bind(*args, **kw)
-        user = bound.arguments.get("after_step")
-
-        def after():
-            if user is not None:
-                user()
-            sync()
-            stamps.append(time.perf_counter())
-        bound.arguments["after_step"] = after
-        return loop(*bound.args, **bound.kwargs)
-
-    sdm.train_loop = timed_loop
+    stamps = common.clock_train_steps(common.sync_for(a.device))
     if torch.device(a.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dco.train(dco.DCOArgs(pretrained_model=str(work), images=str(images), instance_prompt="a photo of sks dog", rank=a.rank,
