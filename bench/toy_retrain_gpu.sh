@@ -48,8 +48,8 @@ DEADLINE=${DEADLINE:-560}        # seconds from the start; packing the results t
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-8}
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
-newest() {  # the newest checkpoint whose training state (written last) is there
-  for c in "$1"/checkpoint-*; do if [ -f "$c/training_state.safetensors" ]; then echo "${c##*-} $c"; fi; done | sort -n | tail -1 | cut -d' ' -f2-
+newest() {  # the newest complete checkpoint, as --resume latest finds it
+  $PY -c "import sys; sys.path.insert(0, '.'); import sd_model; print(sd_model.find_checkpoint(sys.argv[1], 'latest') or '')" "$1"
 }
 quiet() { tr '\r' '\n' | grep -v "%|" || true; }   # progress bars out of the returned tail
 
@@ -70,16 +70,16 @@ timeout $(( DEADLINE - 15 - $(date +%s) + start )) $PY toy_world.py train-unet -
     --device "$DEVICE" --threads "$OMP_NUM_THREADS" --export "" --resume latest 2>&1 | quiet; rc=${PIPESTATUS[0]}; set -e
 stamp "pack (the UNet stage's exit: $rc)"
 W="$W" OUT="$OUT" FINISHED=$(( rc == 0 )) $PY - <<'PY'
-import json, os, shutil, tarfile
+import json, os, shutil, sys, tarfile
 from pathlib import Path
 from safetensors.torch import load_file, save_file
+sys.path.insert(0, ".")
+import sd_model as sdm
 w, out = Path(os.environ["W"]), Path(os.environ["OUT"])
 unet = w / "unet"
-done = [unet] if os.environ["FINISHED"] == "1" else sorted(
-    (p for p in unet.glob("checkpoint-*") if (p / "training_state.safetensors").exists()), key=lambda p: int(p.name[11:]))
-if not done:
+model = unet if os.environ["FINISHED"] == "1" else sdm.find_checkpoint(unet, "latest")
+if model is None:
     raise SystemExit("the UNet stage wrote no complete checkpoint: raise DEADLINE or lower UNET_CKPT")
-model = done[-1]
 print("shipping", model)
 sd = load_file(str(model / "unet.safetensors"))
 keys = sorted(sd)
