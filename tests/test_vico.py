@@ -682,7 +682,7 @@ def test_the_reference_rows_stop_after_the_last_image_layer_exactly(model, monke
         hook.remove()
     assert rows == [len(x), 3 * len(x)]  # the early stop, then the whole doubled batch
     assert_close(fast, full, rtol=1e-6, atol=1e-6, what="eps")
-    assert torch.equal(reg, reg_full)  # was `assert_close(...) and torch.equal(...)`: None short-circuits, nothing checked
+    assert torch.equal(reg, reg_full)  # its own assert: assert_close returns None, so an `and` after it never runs
     monkeypatch.undo()
     model.unet.gradient_checkpointing = True
     try:
