@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -259,8 +260,9 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if path.is_dir():
-        path = path / "pytorch_lora_weights.safetensors"
+    if path.is_dir():  # diffusers' save_lora_weights / save_lora_adapter, or peft's save_pretrained
+        path = path / "adapter_model.safetensors" if (path / "adapter_model.safetensors").is_file() \
+            else path / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at '{path}'.")
     try:
@@ -270,8 +272,14 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     except SafetensorError as e:  # a .pt/.bin or truncated file: safetensors' own error is a traceback
         raise ValueError(f"'{path}' is not a readable safetensors LoRA file ({e}); convert it to .safetensors.") from None
     peft_meta = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    config = path.parent / "adapter_config.json"  # peft's save_pretrained keeps its LoraConfig beside the weights
+    if not peft_meta and config.is_file():
+        peft_meta = json.loads(config.read_text())
     if not any(k.startswith("unet.") for k in peft_meta):  # a model's save_lora_adapter writes peft's config bare;
         peft_meta = {f"unet.{k}": v for k, v in peft_meta.items()}  # a pipeline's save_lora_weights prefixes "unet."
+    if peft_meta.get("unet.use_dora") or any("lora_magnitude_vector" in k for k in sd):
+        raise ValueError(f"'{path}' is a DoRA adapter (use_dora: a learned magnitude per output row); "
+                         "this loader reads plain LoRA only.")
     dnames = diffusers_names(unet)
     known = {}  # every spelling of a target -> its LDM path: LDM or diffusers names, dotted or kohya's
     for p, d in dnames.items():
@@ -305,12 +313,16 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
 
 
 def peft_alpha(meta: dict, module: str, rank: int) -> float:
-    """A layer's lora_alpha from diffusers' adapter metadata: the alpha_pattern key matching the module name as
-    peft matches it (a suffix at a '.' boundary), else lora_alpha, else the rank (alpha/r = 1)."""
-    for key, alpha in (meta.get("unet.alpha_pattern") or {}).items():
+    """A layer's alpha in our alpha/r convention, from peft's config (diffusers' adapter metadata or peft's
+    adapter_config.json): the alpha_pattern key matching the module name as peft matches it (a suffix at a '.'
+    boundary), else lora_alpha, else the rank (alpha/r = 1). rsLoRA (Kalajdzievski 2023) scales by
+    alpha/sqrt(r), which is alpha*sqrt(r) over r."""
+    alpha = float(meta.get("unet.lora_alpha", rank))
+    for key, a in (meta.get("unet.alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?(?:{key})$", module):
-            return float(alpha)
-    return float(meta.get("unet.lora_alpha", rank))
+            alpha = float(a)
+            break
+    return alpha * math.sqrt(rank) if meta.get("unet.use_rslora") else alpha
 
 
 def merge(loras: list[LoRA], weights: list[float], method: str = "sum", density: float = 1.0, rank: int = 0) -> LoRA:

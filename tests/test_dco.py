@@ -691,6 +691,41 @@ def test_a_diffusers_save_lora_adapter_file_keeps_its_alphas(tmp_path):
         assert_close(ours(x, t, ctx), want, rtol=1e-5, what="our loader on diffusers' save_lora_adapter file")
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_peft_save_pretrained_folder_loads_with_its_config(tmp_path, rslora):
+    """peft's own save_pretrained writes adapter_model.safetensors (base_model.model.* keys, no metadata) and its
+    LoraConfig as adapter_config.json beside it; lora_alpha, alpha_pattern and use_rslora (alpha/sqrt(r)) live
+    only there, so the loader must read them or scale every layer wrongly. DoRA is refused in one sentence."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    ref = diffusers_unet("sd1")
+    cfg = wc.diffusers_unet_config(ref.config)
+    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    one = next(n for n, _ in ref.named_modules() if n.endswith("attn2.to_k"))
+    peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=16, target_modules=list(dco.TARGETS),
+                                                alpha_pattern={one: 2}, use_rslora=rslora))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
+    x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
+    with torch.no_grad():
+        want = peft_model(x, t, ctx).sample
+    lora = dco.load_lora(tmp_path, ours)
+    assert {layer.alpha for layer in lora.layers.values()} == ({32.0, 4.0} if rslora else {16.0, 2.0})
+    with dco.install(ours, lora), torch.no_grad():
+        assert_close(ours(x, t, ctx), want, rtol=1e-5, what=f"our loader on peft's save_pretrained folder (rslora={rslora})")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA adapter"):
+        dco.load_lora(tmp_path, ours)
+
+
 def test_fp16_skipped_steps_leave_the_schedule_and_the_tokens_still_train(setup, tmp_path):
     """fp16: DCO's gradient (beta/2 = 500x DreamBooth's at init) overflows at GradScaler's first scale, so the
     first steps are skipped while the scale backs off (as in every diffusers fp16 run); a skipped step must not
