@@ -117,6 +117,7 @@ class TrainConfig(sdm.TrainArgs):
     max_box_area: float = 0.7
     min_box_aspect: float = 0.3  # ratio_min/max of custom_dataset.py: w/h of the record's box in (0.3, 3)
     max_box_aspect: float = 3.0  # (verify_keys), then h/w of the cropped box (post_bbox_filter): (1/3, 3) in all
+    min_box_logit: float = 0.3  # a box's detector "logit", where the json has one, must pass it (verify_keys)
     backgrounds: str = ""  # folder of background images for the entity crops (the paper: BG-20k)
     num_workers: int = 2
     validation_subject: str = ""  # image for the validation grid, with --validation-entity and -prompt
@@ -441,11 +442,20 @@ def write_tar_index(path, entries: dict) -> None:
     sdm.atomic_write(path, write)
 
 
+def json_objects(rec) -> list | None:
+    """The json's object list: "objects", or "mask" as the official labeller names it (card §7.4), less its
+    {"value": 0, "label": "background"} entry (the label map's background, with no box: not an object)."""
+    objects = rec.get("objects", rec.get("mask")) if isinstance(rec, dict) else None
+    if not isinstance(objects, list):
+        return None
+    return [o for o in objects if not (isinstance(o, dict) and o.get("value") == 0 and "box" not in o)]
+
+
 def json_boxes(rec: dict, W: int, H: int) -> list:
     """Every usable box of the json, clipped to the image, chosen or not: transform() crops to hold the span
     of all of them (card §7.4), not only of the subjects verify_keys kept."""
-    out, objects = [], rec.get("objects") if isinstance(rec, dict) else None
-    for box in map(_box, objects if isinstance(objects, list) else []):
+    out = []
+    for box in map(_box, json_objects(rec) or []):
         if box is not None:
             x1, y1, x2, y2 = np.clip(box, 0, [W, H, W, H])
             if x2 - x1 >= 1 and y2 - y1 >= 1:
@@ -459,8 +469,9 @@ class Records(torch.utils.data.Dataset):
 
     json: {"caption": str, "objects": [{"value": k, "label": entity word in the caption,
     "box": [x1, y1, x2, y2] pixels, x2/y2 exclusive}, ...]}; the mask is a label map (k = object k,
-    0 = background); without it the boxes serve as masks. This is the official labeller's json
-    (card §7.4) with "objects" for its "mask" list. Unreadable shards are skipped and counted.
+    0 = background); without it the boxes serve as masks. The official labeller's json (card §7.4) reads as
+    it is: its "mask" list for "objects", its background entry left out, its "logit"s filtered (> 0.3) and
+    ordered (highest first). Unreadable shards are skipped and counted.
     Items are (index, epoch, position): every random number of a sample (crop, entity-image
     augmentation, noise, timestep, dropout draw) is drawn from a generator seeded by
     (seed, epoch, position), so the data do not depend on the number of processes or on resuming.
@@ -563,15 +574,19 @@ class Records(torch.utils.data.Dataset):
 
     def subjects(self, rec, W, H, skips):
         """verify_keys (card §7.4): clip boxes, the label must be a caption word, area and w/h limits,
-        no near-duplicate box (intersection / smaller area > 0.8); every candidate, in record order (the
-        official order is by detector logit, which records need not have). `make` keeps at most two."""
+        no near-duplicate box (intersection / smaller area > 0.8); every candidate, by descending detector
+        logit where the json has them (the official order), else in record order. `make` keeps at most two."""
         cfg, chosen = self.cfg, []
         if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str):
             raise Skip("unreadable")
-        if not isinstance(rec.get("objects"), list) or not rec["objects"]:
+        objects = json_objects(rec)
+        if not objects:
             raise Skip("no_boxes")
+        logit = lambda o: o.get("logit") if isinstance(o, dict) and isinstance(o.get("logit"), (int, float)) else None
+        if any(logit(o) is not None for o in objects):  # the official order: descending detector logit
+            objects = sorted(objects, key=lambda o: -logit(o) if logit(o) is not None else math.inf)  # stable
         words = set(re.findall(r"[\w']+", rec["caption"].lower()))
-        for o in rec["objects"]:
+        for o in objects:
             box = _box(o)
             x1, y1, x2, y2 = (0, 0, 0, 0) if box is None else np.clip(box, 0, [W, H, W, H])
             if x2 - x1 < 1 or y2 - y1 < 1:
@@ -583,7 +598,8 @@ class Records(torch.utils.data.Dataset):
                 skips["entity_missing"] += 1
                 continue
             area, aspect = (x2 - x1) * (y2 - y1) / (W * H), (x2 - x1) / (y2 - y1)
-            if not (cfg.min_box_area < area < cfg.max_box_area and cfg.min_box_aspect < aspect < cfg.max_box_aspect):
+            if not (cfg.min_box_area < area < cfg.max_box_area and cfg.min_box_aspect < aspect < cfg.max_box_aspect) \
+                    or (logit(o) is not None and logit(o) <= cfg.min_box_logit):
                 skips["box_filtered"] += 1
                 continue
             inter = lambda b: max(0, min(x2, b[2]) - max(x1, b[0])) * max(0, min(y2, b[3]) - max(y1, b[1]))
@@ -1200,7 +1216,7 @@ def sample_main(a: SampleConfig) -> None:
                                             a.compile, a.channels_last)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
     subjects = []
-    for i, (path, word) in enumerate(zip(a.subject, a.entity)):
+    for i, (path, word) in enumerate(zip(a.subject, (w.strip() for w in a.entity))):  # --entity ' dog' is 'dog'
         box = None
         if a.box:
             x1, y1, x2, y2 = a.box[4 * i: 4 * i + 4]

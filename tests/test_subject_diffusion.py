@@ -324,6 +324,30 @@ def test_malformed_json_boxes_and_masks_are_skipped_and_counted_never_a_tracebac
     assert all(data.background(np.random.default_rng(s)).shape == (32, 32, 3) for s in range(60))
 
 
+def test_the_official_labellers_json_reads_as_it_is(tiny, tmp_path):
+    """The official labeller writes {"caption", "mask": [{"value": 0, "label": "background"}, {"value", "label",
+    "logit", "box"}, ...]} (card §7.4): its list is read as "objects", its background entry is no object (not a
+    box outside the image), boxes at logit <= 0.3 are filtered, and candidates go by descending logit."""
+    _, _, root = tiny
+    src = root / "loose"
+    good = json.loads((src / "000000.json").read_text())
+    o = {**good["objects"][0], "value": None}
+    boxes = {"low": [0, 0, 16, 16], "mid": [40, 0, 56, 16], "high": [0, 40, 16, 56]}
+    official = {"caption": good["caption"], "mask": [{"value": 0, "label": "background"},
+                                                      {**o, "box": boxes["low"], "logit": 0.25},
+                                                      {**o, "box": boxes["mid"], "logit": 0.5},
+                                                      {**o, "box": boxes["high"], "logit": 0.9}]}
+    (tmp_path / "a.json").write_text(json.dumps(official))
+    (tmp_path / "a.png").write_bytes((src / "000000.png").read_bytes())
+    cfg = sdx.TrainConfig(data=[str(tmp_path)], min_box_area=0.01)
+    s = sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407, verbose=False)[(0, 0, 0)]
+    counts = {k: int(v) for k, v in zip(sdx.SKIPS, s["skips"].tolist()) if v}
+    assert counts == {"box_filtered": 1}  # the 0.25 box; the background entry is not counted
+    assert s["valid"].all()
+    for k, name in enumerate(("high", "mid")):  # "high" first although the json lists it last
+        assert torch.allclose(s["boxes"][k], torch.tensor(boxes[name]) / 64)
+
+
 def test_16_bit_and_rgba_record_images_read_as_sd_model_reads_images(tiny, tmp_path):
     """16-bit scaled to 8 bits (PIL's convert would clip them to white), transparency on white (convert drops it)."""
     _, _, root = tiny
