@@ -1370,16 +1370,16 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     to checkpoint, by name."""
     out, resume_from = Path(args.output_dir), find_checkpoint(Path(args.output_dir), args.resume)
     prepare_output_dir(out, args.overwrite) if not args.resume else out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
-    print("config: " + json.dumps(asdict(args)), file=sys.stderr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
     step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler) if resume_from else 0
-    print(f"resumed from {resume_from} at step {step}" if resume_from else "", file=sys.stderr)
+    if step > args.max_train_steps:  # else the run folder would get that checkpoint's weights labelled as the last step
+        raise ValueError(f"'{resume_from}' is at step {step}, past --max-train-steps {args.max_train_steps}; raise it to go on.")
+    (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
+    print("config: " + json.dumps(asdict(args)) + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps)
-    last_good = resume_from
+    bar, last_good = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps), resume_from
     for step in bar:
         logs = {}
         for _ in range(args.gradient_accumulation_steps):

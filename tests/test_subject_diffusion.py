@@ -525,6 +525,9 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     last = lambda d: json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[-1])
     assert last("full")["skipped"] and last("full")["skipped"] == last("half")["skipped"]  # the counts carry over the resume
+    with pytest.raises(ValueError, match="is at step 4, past --max-train-steps 2"):  # no step, weights mislabelled
+        sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "half"), "--resume", "latest",
+                                                   "--max-train-steps", "2"]))
     # a model that fails to load leaves no output folder behind (a retry would meet "exists, not empty")
     bad_model = [*common[2:], "--pretrained-model", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "bad")]
     with pytest.raises((FileNotFoundError, ValueError, SystemExit)):
@@ -550,6 +553,8 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     sdx.main([*base, "--subject", str(ref), str(ref), "--entity", "star", "toy", "--prompt", "a star next to a toy",
               "--save-maps", "--box", "0", "0", "16", "16", "10", "10", "30", "30"])
     assert len(list((out / "maps").glob("*.png"))) == 4 and (out / "0000_00.png").exists()
+    sdx.main([*base, "--subject", str(ref), "--entity", " star ", "--prompt", "a star", "--save-maps"])  # stripped
+    assert (out / "maps" / "0000_00_0_star.png").exists()
     mask = tmp_path / "mask.png"  # a user mask instead of the automatic cut-out: only its pixels reach the encoder
     Image.fromarray(((np.mgrid[:32, :32] - 16) ** 2).sum(0) < 100).convert("L").save(mask)
     seen, real = [], sdx.subject_image
