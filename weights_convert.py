@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import shutil
 import sys
@@ -233,6 +234,33 @@ def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool 
 # ---- reading -------------------------------------------------------------------------------------
 
 
+class _Inert:
+    """Stands in for a pickled training-time object (a Lightning callback's state) that a converter never reads."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only; original LDM .ckpt files (v1-5-pruned-emaonly.ckpt among them) also pickle
+    Lightning's ModelCheckpoint and numpy scalars, which weights_only refuses: those names, and only those, are
+    allowed on a second try (the callback as an inert stub, so pytorch_lightning need not be installed)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        import numpy as np
+
+        scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+        allowed = [(_Inert, f"{m}.callbacks.model_checkpoint.ModelCheckpoint") for m in ("pytorch_lightning", "lightning.pytorch")]
+        allowed += [(scalar, f"numpy.{m}.multiarray.scalar") for m in ("core", "_core")]
+        allowed += [np.dtype] + [type(np.dtype(t)) for t in ("int64", "int32", "float64", "float32", "bool")]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: Path) -> dict:
     """A flat {key: tensor} from a .safetensors / .ckpt / .pt / .bin file, with one clear error if unreadable."""
     if not path.exists():
@@ -243,7 +271,7 @@ def read_state_dict(path: Path) -> dict:
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _torch_load(path)
     except Exception as e:
         raise ValueError(f"'{path}' is not a readable checkpoint (truncated, or not a .ckpt/.safetensors file; {type(e).__name__}).") from None
     while isinstance(sd, dict) and len(sd) <= 4 and isinstance(sd.get("state_dict", sd.get("model")), dict):
@@ -281,9 +309,11 @@ def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple
             if src is None:
                 raise ValueError(f"--ema: no EMA copy of '{k}'.")
             sd = {**sd, k: sd[src]}
+        dropped["the trained (non-EMA) UNet weights, replaced by their EMA copy (--ema)"] = len(flat)
+        sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
     for part, prefix in PREFIXES[family].items():
-        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k.endswith("position_ids")}
-        used |= {k for k in sd if k.startswith(prefix)}
+        mine = [k for k in sd if k.startswith(prefix) and not any(re.search(pat, k) for pat, _ in DROPPED)]
+        sub, used = {k[len(prefix):]: sd[k] for k in mine}, used | set(mine)
         if (family, part) in OPENCLIP_PARTS:
             keep = 23 if family == "sd2" else None  # SD2 conditions on the penultimate layer: layer 24 is never used
             sub, extra = openclip_to_hf(sub, "text", keep)
@@ -292,7 +322,7 @@ def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple
             sub = hf_clip_layout(sub, "text_model.") if part.startswith("text") else sub
         parts[part] = sub
     for k in sd:
-        if k not in used or k.endswith("position_ids"):
+        if k not in used:
             why = next((w for pat, w in DROPPED if re.search(pat, k)), None)
             if why is None:
                 raise ValueError(f"unexpected key '{k}' in the checkpoint; this converter does not know what it is.")
@@ -303,16 +333,20 @@ def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple
 
 def folder_weights(folder: Path, stem: str) -> dict:
     """A diffusers/transformers component: plain, sharded (index.json) or .fp16 variant, safetensors or bin."""
-    for ext in (".safetensors", ".bin"):
-        for variant in ("", ".fp16"):
-            f = folder / f"{stem}{variant}{ext}"
-            if f.exists():
-                return read_state_dict(f)
-            index = folder / f"{stem}{variant}{ext}.index.json"
-            if index.exists():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return {k: v for s in shards for k, v in read_state_dict(folder / s).items()}
-    raise FileNotFoundError(f"no weights in '{folder}' (looked for {stem}.safetensors / .bin).")
+    stems = (stem, "pytorch_model") if stem == "model" else (stem,)  # transformers 4.x named .bin weights pytorch_model
+    for st in stems:
+        for ext in (".safetensors", ".bin"):
+            for variant in ("", ".fp16"):
+                f = folder / f"{st}{variant}{ext}"
+                if f.exists():
+                    return read_state_dict(f)
+                # a sharded variant's index: <stem>.safetensors.index.fp16.json (diffusers/transformers' _add_variant)
+                for index in (folder / f"{st}{ext}.index{variant}.json", folder / f"{st}{variant}{ext}.index.json"):
+                    if index.exists():
+                        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                        return {k: v for s in shards for k, v in read_state_dict(folder / s).items()}
+    raise FileNotFoundError(f"no weights in '{folder}' (looked for {' / '.join(stems)} .safetensors / .bin, "
+                            "plain, .fp16 or sharded).")
 
 
 def diffusers_unet_config(c: dict) -> sdm.UNetConfig:
@@ -408,7 +442,8 @@ def load_clip_vision(path: Path) -> tuple[sdm.CLIPVisionConfig, dict]:
         sd = folder_weights(path, "model") if any(path.glob("model*")) else folder_weights(path, "pytorch_model")
         sd = hf_clip_layout({k: v for k, v in sd.items() if not k.startswith(("text_model.", "text_projection.", "logit_scale"))}, "vision_model.")
         cfg = sdm.CLIPVisionConfig(c["image_size"], c["patch_size"], c["hidden_size"], c["num_hidden_layers"],
-                                   c["num_attention_heads"], c["intermediate_size"], c["hidden_act"], c["projection_dim"])
+                                   c["num_attention_heads"], c["intermediate_size"], c["hidden_act"],
+                                   sd["visual_projection.weight"].shape[0] if "visual_projection.weight" in sd else c["projection_dim"])
         return cfg, sd
     sd = read_state_dict(path)
     sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -518,6 +553,8 @@ def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=
     if to == "ldm":
         if cfg is None:
             raise ValueError("--to ldm needs a Stable Diffusion model, not a lone CLIP image tower.")
+        if dst.suffix != ".safetensors":
+            raise ValueError(f"--to ldm writes a .safetensors file; name it so ('{dst.with_suffix('.safetensors').name}'), not '{dst.name}'.")
         if dst.exists() and not overwrite:
             raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it.")
         sdm.save_safetensors(to_ldm(cfg, parts), dst, {"format": "pt"})

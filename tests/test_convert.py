@@ -1,5 +1,6 @@
 """weights_convert.py: full-size configs, key sets, round trips, and bad input."""
 
+import json
 import warnings
 
 import pytest
@@ -199,3 +200,49 @@ def test_long_prompt_warns_and_says_what_was_cut():
         ids = tok("a photo of " + "red " * 80 + "END")
     assert ids.shape == (1, 77) and ids[0, -1] == tok.eos_id
     assert len(w) == 1 and "over CLIP's 77" in str(w[0].message) and "end" in str(w[0].message)
+
+
+def test_checkpoints_as_people_have_them(tiny_ldm, tmp_path, capsys, monkeypatch):
+    """Original LDM .ckpt files pickle Lightning's ModelCheckpoint and numpy scalars (v1-5-pruned-emaonly.ckpt);
+    some carry the VAE's training loss; --ema says which weights it dropped; --to ldm refuses a name that would
+    lie about the format; transformers' pytorch_model.bin and diffusers' sharded-variant index are found."""
+    import sys
+    import types
+
+    import numpy as np
+
+    _, parts, ckpt = tiny_ldm
+    sd = wc.read_state_dict(ckpt)
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": mod.__name__})
+    mod.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    torch.save({"state_dict": sd, "global_step": np.int64(840000), "callbacks": {ModelCheckpoint: ModelCheckpoint()}},
+               tmp_path / "lightning.ckpt")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+        monkeypatch.delitem(sys.modules, name)  # the converting machine has no pytorch_lightning
+    assert wc.read_state_dict(tmp_path / "lightning.ckpt").keys() == sd.keys()
+    torch.save({**sd, "first_stage_model.loss.logvar": torch.zeros(()),
+                "first_stage_model.loss.discriminator.main.0.weight": torch.zeros(2)}, tmp_path / "vae_loss.ckpt")
+    wc.main([str(tmp_path / "vae_loss.ckpt"), str(tmp_path / "a")])
+    assert "dropped 2 key(s): VAE training-loss weights" in capsys.readouterr().err
+    wc.main([str(ckpt), str(tmp_path / "ema"), "--ema"])
+    err = capsys.readouterr().err
+    assert "replaced by their EMA copy" in err and "EMA copy of the UNet (use --ema" not in err
+    assert "name it so ('back.safetensors')" in run_cli([ckpt, tmp_path / "back.ckpt", "--to", "ldm"], capsys)
+    assert not (tmp_path / "back.ckpt").exists()
+    te = {k: v.clone() for k, v in list(parts["text_encoder"].items())[:4]}
+    (tmp_path / "bin").mkdir()
+    torch.save(te, tmp_path / "bin" / "pytorch_model.bin")
+    assert wc.folder_weights(tmp_path / "bin", "model").keys() == te.keys()
+    (tmp_path / "shards").mkdir()
+    keys, weight_map = list(te), {}
+    for i, chunk in enumerate((keys[:2], keys[2:])):
+        name = f"model.fp16-0000{i + 1}-of-00002.safetensors"
+        sdm.save_safetensors({k: te[k] for k in chunk}, tmp_path / "shards" / name)
+        weight_map.update({k: name for k in chunk})
+    (tmp_path / "shards" / "model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = wc.folder_weights(tmp_path / "shards", "model")
+    assert got.keys() == te.keys() and all(torch.equal(got[k], te[k]) for k in te)
