@@ -46,7 +46,25 @@ DROPPED = ((r"^model_ema\.", "EMA copy of the UNet (use --ema to convert it inst
            (r"^(betas|alphas_cumprod.*|sqrt_.*|log_one_minus.*|posterior_.*|model_ema_decay|num_updates|logvar)$", "noise-schedule buffers (recomputed)"),
            (r"position_ids$", "position-id buffers (recomputed)"),
            (r"(logit_scale|attn_mask)$", "CLIP training-only tensors"),
-           (r"^first_stage_model\.loss\.", "VAE training-loss weights"))
+           (r"^first_stage_model\.loss\.", "VAE training-loss weights"),
+           (r"^(v_pred|ztsnr)$", "ComfyUI's empty schedule markers (read into the schedule)"))
+
+
+def single_file_schedule(path: Path, sd: dict) -> dict:
+    """What a single file says of its schedule, as ScheduleConfig fields: ComfyUI's empty `v_pred` / `ztsnr`
+    tensors, or the ModelSpec / kohya header (`modelspec.prediction_type`, `ss_v_parameterization`)."""
+    meta = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    pred = meta.get("modelspec.prediction_type", "").lower()
+    out = {"prediction": "v"} if "v_pred" in sd or pred == "v" or meta.get("ss_v_parameterization") == "True" else \
+        {"prediction": "eps"} if pred == "epsilon" else {}
+    if "ztsnr" in sd:  # zero terminal SNR is a v-prediction schedule (Lin et al. 2024)
+        out.update(prediction="v", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return out
 
 
 def _rules(s: str, rules) -> str:
@@ -313,6 +331,9 @@ def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple
         sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
     for part, prefix in PREFIXES[family].items():
         mine = [k for k in sd if k.startswith(prefix) and not any(re.search(pat, k) for pat, _ in DROPPED)]
+        if not mine:  # a UNet-only or VAE-less file: every part is needed to build the model
+            raise ValueError(f"this {family} file has no {part} weights (no '{prefix}*' keys); "
+                             "convert a full checkpoint, or a diffusers folder that has every part.")
         sub, used = {k[len(prefix):]: sd[k] for k in mine}, used | set(mine)
         if (family, part) in OPENCLIP_PARTS:
             keep = 23 if family == "sd2" else None  # SD2 conditions on the penultimate layer: layer 24 is never used
@@ -473,8 +494,10 @@ def load_any(path, variant: str | None = None, ema: bool = False, quiet: bool = 
             raise ValueError(f"'{path}' is neither a converted model (config.json) nor a diffusers folder (model_index.json).")
         cfg, parts = load_diffusers(path)
     else:
-        parts, _ = split_single_file(read_state_dict(path), ema, quiet)
-        cfg = sdm.infer_config(parts, variant)
+        sd = read_state_dict(path)
+        parts, _ = split_single_file(sd, ema, quiet)
+        cfg, schedule = sdm.infer_config(parts, variant), single_file_schedule(path, sd)
+        cfg = replace(cfg, schedule=replace(cfg.schedule, **schedule)) if schedule else cfg
     if variant is not None and cfg.name != sdm.PRESETS.get(variant, cfg).name:
         raise ValueError(f"'{path}' is a '{cfg.name}' model, not '{variant}'.")
     return cfg, parts

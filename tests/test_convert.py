@@ -246,3 +246,27 @@ def test_checkpoints_as_people_have_them(tiny_ldm, tmp_path, capsys, monkeypatch
     (tmp_path / "shards" / "model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": weight_map}))
     got = wc.folder_weights(tmp_path / "shards", "model")
     assert got.keys() == te.keys() and all(torch.equal(got[k], te[k]) for k in te)
+
+
+def test_single_files_that_say_their_schedule(tiny_ldm, tmp_path):
+    """ComfyUI marks v-prediction files with empty `v_pred` / `ztsnr` tensors (NoobAI-XL V-Pred), kohya and
+    Stability's ModelSpec with a header; converted as eps, such a model samples noise-shaped garbage."""
+    _, _, ckpt = tiny_ldm
+    sd = {k: v.contiguous() for k, v in wc.read_state_dict(ckpt).items()}
+    cases = {"plain": ({}, {}, ("eps", False, "leading")),
+             "comfy_v": ({"v_pred": torch.tensor([])}, {}, ("v", False, "leading")),
+             "comfy_ztsnr": ({"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, {}, ("v", True, "trailing")),
+             "modelspec_v": ({}, {"modelspec.prediction_type": "v"}, ("v", False, "leading")),
+             "kohya_v": ({}, {"ss_v_parameterization": "True"}, ("v", False, "leading"))}
+    for name, (extra, header, want) in cases.items():
+        sdm.save_safetensors({**sd, **extra}, tmp_path / f"{name}.safetensors", header)
+        cfg, _ = wc.load_any(tmp_path / f"{name}.safetensors")
+        s = cfg.schedule
+        assert (s.prediction, s.rescale_betas_zero_snr, s.timestep_spacing) == want, name
+
+
+def test_a_single_file_without_a_part_is_one_sentence(tiny_ldm, tmp_path, capsys):
+    _, _, ckpt = tiny_ldm
+    sd = {k: v for k, v in wc.read_state_dict(ckpt).items() if not k.startswith("first_stage_model.")}
+    torch.save(sd, tmp_path / "no_vae.ckpt")
+    assert "has no vae weights (no 'first_stage_model.*' keys)" in run_cli([tmp_path / "no_vae.ckpt", tmp_path / "o"], capsys)
