@@ -28,7 +28,9 @@ from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 
 import sd_model as sdm
 
@@ -53,12 +55,7 @@ DROPPED = ((r"^model_ema\.", "EMA copy of the UNet (use --ema to convert it inst
 def single_file_schedule(path: Path, sd: dict) -> dict:
     """What a single file says of its schedule, as ScheduleConfig fields: ComfyUI's empty `v_pred` / `ztsnr`
     tensors, or the ModelSpec / kohya header (`modelspec.prediction_type`, `ss_v_parameterization`)."""
-    meta = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+    meta = (safe_open(str(path), "pt").metadata() or {}) if path.suffix == ".safetensors" else {}
     pred = meta.get("modelspec.prediction_type", "").lower()
     out = {"prediction": "v"} if "v_pred" in sd or pred == "v" or meta.get("ss_v_parameterization") == "True" else \
         {"prediction": "eps"} if pred == "epsilon" else {}
@@ -252,14 +249,8 @@ def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool 
 # ---- reading -------------------------------------------------------------------------------------
 
 
-class _Inert:
-    """Stands in for a pickled training-time object (a Lightning callback's state) that a converter never reads."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
+# stands in for a pickled training-time object (a Lightning callback's state) that a converter never reads
+_Inert = type("_Inert", (), {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, state: None})
 
 
 def _torch_load(path: Path):
@@ -269,8 +260,6 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        import numpy as np
-
         scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
         allowed = [(_Inert, f"{m}.callbacks.model_checkpoint.ModelCheckpoint") for m in ("pytorch_lightning", "lightning.pytorch")]
         allowed += [(scalar, f"numpy.{m}.multiarray.scalar") for m in ("core", "_core")]
