@@ -633,7 +633,8 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
         return F.mse_loss(pred.float(), schedule.target(z0, noise, t)), {"reg_rows": n_reg}
 
     opt = make_optimizer(ico, args)
-    meta = {"method": "ico" if args.contexts else "cd-template", "base_model": args.pretrained_model,
+    base = args.pretrained_model  # absolute when it is a local path: `sample` may run from another folder
+    meta = {"method": "ico" if args.contexts else "cd-template", "base_model": str(Path(base).resolve()) if base and Path(base).exists() else base,
             "base_probe": base_probe(model).tolist(), "seed": args.seed, "resolution": size,
             "max_train_steps": args.max_train_steps, "batch": [args.train_batch_size, args.gradient_accumulation_steps],
             # the effective rates, after --scale-lr: V rows and K/V, then the contexts (10x by default)
@@ -650,11 +651,28 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
 
     tensors = {"rows": ico.rows, **{f"kv.{k}": v for k, v in ico.kv.items()},
                **{k: p for k, p in (("prefix", ico.prefix), ("suffix", ico.suffix)) if p is not None}}
+    check_resume_shapes(sdm.find_checkpoint(Path(args.output_dir), args.resume), tensors)
     # One install for the whole run: with --gradient-checkpointing the blocks run again during
     # backward, after loss_fn has returned, and must see the same K/V deltas and SOS detach.
     with ico.install(model.unet):
         return sdm.train_loop(args, opt, tensors, loss_fn, save, torch.Generator().manual_seed(args.seed),
                               validate, device=device, metadata={"method": meta["method"]})
+
+
+def check_resume_shapes(ckpt, tensors: dict) -> None:
+    """A checkpoint of other ICO settings (Lv, Lp, Ls, the image count, --no-contexts) would be broadcast into
+    this run's tensors or fail inside Adam: refuse it in one sentence before anything is loaded."""
+    from safetensors import safe_open
+
+    if ckpt is None or not (Path(ckpt) / "training_state.safetensors").exists():
+        return
+    with safe_open(str(Path(ckpt) / "training_state.safetensors"), "pt") as f:
+        saved = {k[len("param."):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("param.")}
+    for k in sorted(set(saved) | set(tensors)):
+        here = tuple(tensors[k].shape) if k in tensors else None
+        if saved.get(k) != here:
+            raise ValueError(f"'{ckpt}' was trained with other ICO settings ({k}: {saved.get(k) or 'absent'} there, "
+                             f"{here or 'absent'} here); resume with its settings (args.json), or use a new --output-dir.")
 
 
 # ---- 5. Command line.
@@ -714,7 +732,7 @@ def main(argv=None):
             print(f"wrote {train(args)}")
         else:
             run_sample(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 

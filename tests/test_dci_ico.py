@@ -3,6 +3,7 @@
 
 import copy
 import json
+import re
 import math
 import warnings
 
@@ -334,6 +335,10 @@ def test_resume_equals_an_uninterrupted_run_and_the_backbone_is_untouched(tmp_pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert logs("full")[-2:] == logs("resumed")[-2:] and {r["reg_rows"] for r in logs("full")} <= {1, 2}
+    # a resume with other ICO settings: one sentence before anything is loaded (it was broadcast, or failed in Adam)
+    for kw, what in (({"prefix_init": "A photo of"}, "prefix: (3, 1, "), ({"contexts": False}, "prefix: (3, 1, ")):
+        with pytest.raises(ValueError, match=re.escape(what) + r".*resume with its settings"):
+            di.train(train_args(tmp_path, "resumed", resume="latest", max_train_steps=6, **kw), copy.deepcopy(base))
 
 
 def test_checkpoint_round_trip_and_refusing_another_base_model(tmp_path, base):
