@@ -651,28 +651,11 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
 
     tensors = {"rows": ico.rows, **{f"kv.{k}": v for k, v in ico.kv.items()},
                **{k: p for k, p in (("prefix", ico.prefix), ("suffix", ico.suffix)) if p is not None}}
-    check_resume_shapes(sdm.find_checkpoint(Path(args.output_dir), args.resume), tensors)
     # One install for the whole run: with --gradient-checkpointing the blocks run again during
     # backward, after loss_fn has returned, and must see the same K/V deltas and SOS detach.
     with ico.install(model.unet):
         return sdm.train_loop(args, opt, tensors, loss_fn, save, torch.Generator().manual_seed(args.seed),
                               validate, device=device, metadata={"method": meta["method"]})
-
-
-def check_resume_shapes(ckpt, tensors: dict) -> None:
-    """A checkpoint of other ICO settings (Lv, Lp, Ls, the image count, --no-contexts) would be broadcast into
-    this run's tensors or fail inside Adam: refuse it in one sentence before anything is loaded."""
-    from safetensors import safe_open
-
-    if ckpt is None or not (Path(ckpt) / "training_state.safetensors").exists():
-        return
-    with safe_open(str(Path(ckpt) / "training_state.safetensors"), "pt") as f:
-        saved = {k[len("param."):]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("param.")}
-    for k in sorted(set(saved) | set(tensors)):
-        here = tuple(tensors[k].shape) if k in tensors else None
-        if saved.get(k) != here:
-            raise ValueError(f"'{ckpt}' was trained with other ICO settings ({k}: {saved.get(k) or 'absent'} there, "
-                             f"{here or 'absent'} here); resume with its settings (args.json), or use a new --output-dir.")
 
 
 # ---- 5. Command line.

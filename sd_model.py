@@ -44,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -1032,8 +1034,6 @@ class StableDiffusion(nn.Module):
     def load_image_encoder(path=None, device="cpu", dtype=torch.float32) -> CLIPVisionModel:
         """The CLIP image tower of a converted folder (stored beside a model, or alone by
         `weights_convert.py --clip-vision`); no path: the toy CLIP's."""
-        from safetensors.torch import load_file
-
         path = Path(path) if path is not None else TOY_MODEL_PATH
         cfg = json.loads((path / "config.json").read_text()).get("image_encoder") if (path / "config.json").exists() else None
         if cfg is None:
@@ -1186,8 +1186,6 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """Atomic safetensors write; metadata values become strings (non-strings as JSON)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -1203,8 +1201,6 @@ def save_embeddings(path, embeds: dict, fmt: str = "diffusers", metadata: dict |
 
 def load_embeddings(path) -> dict:
     """{name: (n, d)} from a diffusers .safetensors/.bin, an A1111 .safetensors (emb_params) or .pt (string_to_param)."""
-    from safetensors.torch import load_file
-
     d = load_file(str(path)) if str(path).endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
     d = d.get("string_to_param", d)
     return {k: (v[None] if v.ndim == 1 else v).float() for k, v in d.items() if torch.is_tensor(v)}
@@ -1311,17 +1307,19 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     save_safetensors(state, Path(folder) / "training_state.safetensors", {k: json.dumps(v, default=lambda o: None) for k, v in meta.items()})
 
 
-def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None) -> int:
-    """Restore what `save_checkpoint` wrote (tensors in place); returns the step to continue from."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None, max_steps=None) -> int:
+    """Restore what `save_checkpoint` wrote (tensors in place); returns the step to continue from. One sentence, loading
+    nothing, for a checkpoint of other settings (names or shapes differ: copy_ would broadcast) or past `max_steps`."""
     path = Path(folder) / "training_state.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no training checkpoint in '{folder}' (training_state.safetensors is missing).")
-    state = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    state, meta = load_file(str(path)), {k: json.loads(v) for k, v in safe_open(str(path), "pt").metadata().items()}
+    saved, here = {k[6:]: tuple(v.shape) for k, v in state.items() if k.startswith("param.")}, {k: tuple(v.shape) for k, v in tensors.items()}
+    if bad := next((k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)), None):
+        raise ValueError(f"'{folder}' was trained with other settings ({bad}: {saved.get(bad) or 'absent'} there, {here.get(bad) or 'absent'} "
+                         "here); resume with its settings (its args.json), or use a new --output-dir.")
+    if max_steps is not None and meta["step"] > max_steps:
+        raise ValueError(f"'{folder}' is at step {meta['step']}, past --max-train-steps {max_steps}; raise it to go on.")
     with torch.no_grad():
         for k, v in tensors.items():
             v.copy_(state[f"param.{k}"])
@@ -1372,9 +1370,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     prepare_output_dir(out, args.overwrite) if not args.resume else out.mkdir(parents=True, exist_ok=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
-    step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler) if resume_from else 0
-    if step > args.max_train_steps:  # else the run folder would get that checkpoint's weights labelled as the last step
-        raise ValueError(f"'{resume_from}' is at step {step}, past --max-train-steps {args.max_train_steps}; raise it to go on.")
+    step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler, args.max_train_steps) if resume_from else 0
     (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
     print("config: " + json.dumps(asdict(args)) + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")

@@ -947,9 +947,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, sdm.lr_lambda(cfg))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.mixed_precision == "fp16")
     tensors = dict(method.state_dict(keep_vars=True))
-    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler) if resume_from else 0
-    if start > cfg.max_train_steps:  # else the outputs would get that checkpoint's weights labelled as the last step
-        raise ValueError(f"'{resume_from}' is at step {start}, past --max-train-steps {cfg.max_train_steps}; raise it to go on.")
+    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, cfg.max_train_steps) if resume_from else 0
     if main and resume_from:
         print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
     R = cfg.resolution or sd.cfg.image_size

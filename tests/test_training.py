@@ -70,14 +70,19 @@ def test_checkpoint_limit_and_refusing_a_used_output_dir(tmp_path):
         run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4))
 
 
-def test_resuming_past_max_train_steps_is_one_sentence_and_writes_nothing(tmp_path):
-    """A checkpoint beyond --max-train-steps would run no step and label its weights as the last step's."""
+def test_resuming_past_max_train_steps_or_with_other_shapes_is_one_sentence_and_writes_nothing(tmp_path):
+    """A checkpoint beyond --max-train-steps would run no step and label its weights as the last step's; one of
+    other shapes would be broadcast by copy_ (or fail inside Adam)."""
     run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4, checkpointing_steps=2))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="checkpoint-4' is at step 4, past --max-train-steps 2; raise it"):
         run(ToyArgs(output_dir=str(tmp_path), max_train_steps=2, checkpointing_steps=2, resume="latest"))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4, checkpointing_steps=2, resume="latest"))  # at the end: a no-op
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"trained with other settings \(model.0.bias: \(8,\) there, \(16,\) here\)"):
+        run(ToyArgs(output_dir=str(tmp_path), max_train_steps=6, checkpointing_steps=2, resume="latest", width=16))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # a wider model: not broadcast
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
