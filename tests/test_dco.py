@@ -33,6 +33,24 @@ def randomize_lora(lora, seed=1, scale=0.05):
     return lora
 
 
+def unet_pair(kind="sd1"):
+    """A tiny diffusers UNet and ours with the same weights."""
+    ref = diffusers_unet(kind)
+    cfg = wc.diffusers_unet_config(ref.config)
+    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
+    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    return ref, ours
+
+
+def randomize_peft_b(model, scale=0.2):
+    """peft initialises B = 0; random B makes every adapter layer (and its alpha) count."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
 def inputs(model, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = model.cfg.image_size // model.vae.downsample_factor
@@ -462,10 +480,7 @@ def test_exported_loras_load_into_a_diffusers_unet_with_the_same_function(tmp_pa
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    ref = diffusers_unet(kind)
-    cfg = wc.diffusers_unet_config(ref.config)
-    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
-    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    ref, ours = unet_pair(kind)
     lora = randomize_lora(dco.LoRA.create(ours, 4, alpha=8.0, generator=torch.Generator().manual_seed(0)), scale=0.2)
     x, ctx, t = torch.randn(2, 4, 8, 8), torch.randn(2, 7, ref.config.cross_attention_dim), torch.tensor([10, 873])
     kw, y = {}, None
@@ -605,10 +620,7 @@ def test_diffusers_load_lora_weights_reads_our_files(tmp_path, kind):
     pytest.importorskip("peft")
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
 
-    ref = diffusers_unet(kind)
-    cfg = wc.diffusers_unet_config(ref.config)
-    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
-    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    ref, ours = unet_pair(kind)
     lora = randomize_lora(dco.LoRA.create(ours, 4, alpha=8.0, generator=torch.Generator().manual_seed(0)), scale=0.2)
     x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
     kw, y = {}, None
@@ -633,10 +645,7 @@ def test_peft_files_keep_per_layer_ranks_and_alphas(tmp_path):
     pytest.importorskip("peft")
     from diffusers.loaders import StableDiffusionLoraLoaderMixin as Mixin
 
-    ref = diffusers_unet("sd1")
-    cfg = wc.diffusers_unet_config(ref.config)
-    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
-    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    ref, ours = unet_pair("sd1")
     full = randomize_lora(dco.LoRA.create(ours, 4, alpha=8.0, generator=torch.Generator().manual_seed(0)), scale=0.2)
     g, lin = torch.Generator().manual_seed(2), dco.target_linears(ours)
     some = list(lin)[:5]
@@ -671,17 +680,10 @@ def test_a_diffusers_save_lora_adapter_file_keeps_its_alphas(tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig
 
-    ref = diffusers_unet("sd1")
-    cfg = wc.diffusers_unet_config(ref.config)
-    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
-    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    ref, ours = unet_pair("sd1")
     one = next(n for n, _ in ref.named_modules() if n.endswith("attn2.to_k"))
     ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(dco.TARGETS), alpha_pattern={one: 2}))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    randomize_peft_b(ref)
     ref.save_lora_adapter(str(tmp_path))
     assert "lora_alpha" in json.loads(safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt").metadata()["lora_adapter_metadata"])
     x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
@@ -699,18 +701,11 @@ def test_a_peft_save_pretrained_folder_loads_with_its_config(tmp_path, rslora):
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
-    ref = diffusers_unet("sd1")
-    cfg = wc.diffusers_unet_config(ref.config)
-    ours = sdm.UNetModel(cfg).eval().requires_grad_(False)
-    ours.load_state_dict(wc.diffusers_unet_to_ldm(ref.state_dict(), cfg), strict=True)
+    ref, ours = unet_pair("sd1")
     one = next(n for n, _ in ref.named_modules() if n.endswith("attn2.to_k"))
     peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=16, target_modules=list(dco.TARGETS),
                                                 alpha_pattern={one: 2}, use_rslora=rslora))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    randomize_peft_b(peft_model)
     peft_model.save_pretrained(str(tmp_path))
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "adapter_config.json").is_file()
     x, ctx, t = torch.randn(1, 4, 8, 8), torch.randn(1, 7, ref.config.cross_attention_dim), torch.tensor([500])
