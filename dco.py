@@ -91,6 +91,7 @@ class DCOArgs(sdm.TrainArgs):
     max_train_steps: int = 2000  # subject; 1000 for a style
     checkpointing_steps: int = 1000
     w_cons: float = 3.0  # validation images use consistency guidance with w_text = 7.5 (README)
+    minima = {"rank": 1, "lora_alpha": 0, "snr_gamma": 0, "offset_noise": 0, "text_encoder_lr": 0, "adam_weight_decay": 0}
 
 
 # ---- 2. LoRA as forward hooks: out = W x + s (alpha/r) B A x on the target Linears.

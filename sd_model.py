@@ -151,8 +151,7 @@ TINY = SDConfig("tiny", UNetConfig(model_channels=32, channel_mult=(1, 2), atten
                                    transformer_depth=(1, 1), context_dim=64),
                 VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1), CLIPTextConfig(width=64, layers=2, heads=1, mlp_dim=128),
                 image_size=32)
-PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": SD21_BASE,
-           "sd21-base": SD21_BASE, "sdxl": SDXL, "tiny": TINY}
+PRESETS = {"sd15": SD15, "sd14": SD15, "sd20": SD21, "sd21": SD21, "sd20-base": SD21_BASE, "sd21-base": SD21_BASE, "sdxl": SDXL, "tiny": TINY}
 
 
 def config_from_dict(d: dict) -> SDConfig:
@@ -280,8 +279,7 @@ class CLIPTokenizer:
                 warnings.warn(f"prompt is {len(ids) + 2} tokens, over CLIP's {self.length}; "
                               f"cut: '{self.decode(ids[self.length - 2:])}'", stacklevel=2)
                 ids = ids[: self.length - 2]
-            ids = [self.bos_id, *ids, self.eos_id]
-            rows.append(ids + [pad_id] * (self.length - len(ids)))
+            rows.append([self.bos_id, *ids, self.eos_id] + [pad_id] * (self.length - 2 - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
 
@@ -359,10 +357,9 @@ class CLIPTextModel(nn.Module):
     def embed(self, input_ids, extra=None):
         """Token embeddings. Ids past the table (tokens added to the tokenizer) take rows of `extra`
         (n_added, width), e.g. an fp32 trainable parameter: the pretrained table stays untouched."""
-        table = self.token_embedding
+        table, n = self.token_embedding, self.token_embedding.num_embeddings
         if extra is None:
             return table(input_ids)
-        n = table.num_embeddings
         new = extra[(input_ids - n).clamp(min=0)].to(table.weight.dtype)
         return torch.where((input_ids >= n)[..., None], new, table(input_ids.clamp(max=n - 1)))
 
@@ -397,8 +394,7 @@ class CLIPVisionEmbeddings(nn.Module):
 class CLIPVisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.embeddings = CLIPVisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.width)  # sic: the checkpoint's spelling
+        self.embeddings, self.pre_layrnorm = CLIPVisionEmbeddings(cfg), nn.LayerNorm(cfg.width)  # sic: the checkpoint's spelling
         self.encoder, self.post_layernorm = clip_encoder(cfg), nn.LayerNorm(cfg.width)
 
 
@@ -478,9 +474,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx=None):
         ctx = x if ctx is None else ctx
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k = rearrange(self.to_k(ctx), "b n (h d) -> b h n d", h=self.heads)
-        v = rearrange(self.to_v(ctx), "b n (h d) -> b h n d", h=self.heads)
+        heads = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        q, k, v = heads(self.to_q(x)), heads(self.to_k(ctx)), heads(self.to_v(ctx))
         out = F.scaled_dot_product_attention(q, k, v) if self.processor is None else self.processor(self, q, k, v)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -632,9 +627,8 @@ class UNetModel(nn.Module):
                 m.name = name
 
     def _run(self, block, h, emb, ctx):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, ctx, use_reentrant=False)
-        return block(h, emb, ctx)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        return checkpoint(block, h, emb, ctx, use_reentrant=False) if checkpointed else block(h, emb, ctx)
 
     def forward(self, x, t, context, y=None):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(len(x))
@@ -972,17 +966,14 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
             last = i + 1 == len(ts) and a_prev == 1.0
             x_new = dpmpp_2m_step(x, x0, None if last else x0_last, a_t, a_prev, a_last)
             x0_last, a_last = x0, a_t
-        if callback is not None:
-            callback(i, t, x_new, x0)
+        callback(i, t, x_new, x0) if callback is not None else None
         x = x_new
     return x
 
 
 def _progress(it, enabled=True, **kw):
-    if not enabled:
-        return it
     from tqdm.auto import tqdm
-    return tqdm(it, **kw)
+    return tqdm(it, **kw) if enabled else it
 
 
 # ---- 8. StableDiffusion: load, encode prompts and images, sample.
@@ -1175,13 +1166,11 @@ def atomic_write(path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
+        os.umask(umask := os.umask(0))
         os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give it a normal file's mode
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
@@ -1255,6 +1244,16 @@ class TrainArgs:
     overwrite: bool = False
 
 
+# Floors of the shared flags: below them a run fails steps later in a traceback (0 micro-batches) or ascends the loss.
+FLAG_MINIMA = {"train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "validation_steps": 1, "steps": 1,
+               "num_validation_images": 1, "batch_size": 1, **dict.fromkeys(["learning_rate", "lr_warmup_steps", "seed", "eta",
+               "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm", "resolution", "height", "width"], 0)}
+# What a resumed run may change (where it runs, how long, what it logs); the rest, paths aside, must be the checkpoint's.
+RESUME_FREE = {"resume", "overwrite", "output_dir", "device", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
+               "validation_prompt", "validation_steps", "num_validation_images", "compile", "channels_last",
+               "gradient_checkpointing", "num_workers", "validation_subject", "validation_entity"}
+
+
 def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
     """Dataclass fields -> dashed argparse flags with the same defaults (bools get --x / --no-x), also spelt with
     underscores and, for three, as diffusers spells them. --config FILE.json sets defaults by field name (a run's
@@ -1284,17 +1283,18 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
         if skipped := sorted(set(given) - names):
             print(f"--config {config}: skipped keys that are no flag of this command: {', '.join(skipped)}", file=sys.stderr)
         parser.set_defaults(**{k: v for k, v in given.items() if k in names})
-    ns = parser.parse_args(argv)
-    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+    args = cls(**{f.name: getattr(parser.parse_args(argv), f.name) for f in fields(cls)})
+    for k, lo in {**FLAG_MINIMA, **getattr(cls, "minima", {})}.items():  # a class adds its own: minima = {"rank": 1}
+        if k in names and (v := getattr(args, k)) is not None and min(v if isinstance(v, list) else [v], default=lo) < lo:
+            parser.error(f"--{k.replace('_', '-')} must be at least {lo} (got {v}).")
+    return args
 
 
-def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None) -> None:
-    """Everything `--resume` needs to continue bit for bit: trainable tensors, optimizer and LR
-    schedule state, the gradient scaler, the data/noise generator and the global RNGs."""
-    state = {f"param.{k}": v for k, v in tensors.items()}
-    osd = optimizer.state_dict()
+def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None, args=None) -> None:
+    """Everything `--resume` needs to continue bit for bit: trainable tensors, optimizer and LR schedule state, the
+    gradient scaler, the data/noise generator, the global RNGs, and the run's settings (`args`) to check a resume by."""
+    state, osd = {f"param.{k}": v for k, v in tensors.items()} | {"rng.torch": torch.get_rng_state()}, optimizer.state_dict()
     state.update({f"optim.{i}.{name}": torch.as_tensor(v) for i, st in osd["state"].items() for name, v in st.items()})
-    state["rng.torch"] = torch.get_rng_state()
     if generator is not None:
         state["rng.generator"] = generator.get_state()
     if torch.cuda.is_available():
@@ -1303,23 +1303,32 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     state["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     meta = {"step": step, "param_groups": osd["param_groups"], "numpy": [kind, pos, has_gauss, gauss],
             "random": random.getstate(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None, "args": _settings(args)}
     save_safetensors(state, Path(folder) / "training_state.safetensors", {k: json.dumps(v, default=lambda o: None) for k, v in meta.items()})
 
 
-def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None, max_steps=None) -> int:
+def _settings(args) -> dict | None:
+    return None if args is None else json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in RESUME_FREE
+                                                             and not (isinstance(v, str) and v and Path(v).exists())}))
+
+
+def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None, args=None) -> int:
     """Restore what `save_checkpoint` wrote (tensors in place); returns the step to continue from. One sentence, loading
-    nothing, for a checkpoint of other settings (names or shapes differ: copy_ would broadcast) or past `max_steps`."""
+    nothing, for a checkpoint of other settings (tensor names or shapes: copy_ would broadcast; or `args` outside
+    RESUME_FREE: the optimizer state would keep the old learning rate silently) or past `args.max_train_steps`."""
     path = Path(folder) / "training_state.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no training checkpoint in '{folder}' (training_state.safetensors is missing).")
     state, meta = load_file(str(path)), {k: json.loads(v) for k, v in safe_open(str(path), "pt").metadata().items()}
     saved, here = {k[6:]: tuple(v.shape) for k, v in state.items() if k.startswith("param.")}, {k: tuple(v.shape) for k, v in tensors.items()}
+    for k, now in (_settings(args).items() if meta.get("args") and args is not None else ()):  # paths: skipped on either side
+        if k in meta["args"]:
+            saved["--" + k.replace("_", "-")], here["--" + k.replace("_", "-")] = meta["args"][k], now
     if bad := next((k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)), None):
-        raise ValueError(f"'{folder}' was trained with other settings ({bad}: {saved.get(bad) or 'absent'} there, {here.get(bad) or 'absent'} "
+        raise ValueError(f"'{folder}' was trained with other settings ({bad}: {saved.get(bad, 'absent')} there, {here.get(bad, 'absent')} "
                          "here); resume with its settings (its args.json), or use a new --output-dir.")
-    if max_steps is not None and meta["step"] > max_steps:
-        raise ValueError(f"'{folder}' is at step {meta['step']}, past --max-train-steps {max_steps}; raise it to go on.")
+    if args is not None and meta["step"] > args.max_train_steps:
+        raise ValueError(f"'{folder}' is at step {meta['step']}, past --max-train-steps {args.max_train_steps}; raise it to go on.")
     with torch.no_grad():
         for k, v in tensors.items():
             v.copy_(state[f"param.{k}"])
@@ -1335,8 +1344,7 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
         generator.set_state(state["rng.generator"])
     if torch.cuda.is_available() and "rng.cuda.0" in state:
         torch.cuda.set_rng_state_all([state[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
-    kind, pos, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((kind, state["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((meta["numpy"][0], state["rng.numpy"].numpy().astype(np.uint32), *meta["numpy"][1:]))
     random.setstate((meta["random"][0], tuple(meta["random"][1]), meta["random"][2]))
     return int(meta["step"])
 
@@ -1358,19 +1366,16 @@ def lr_lambda(args: TrainArgs):
 
 def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, generator, validate_fn=None, after_step=None,
                device="cpu", metadata: dict | None = None) -> Path:
-    """The loop every method shares: gradient accumulation, mixed precision (fp16 with a gradient
-    scaler, bf16 without), clipping, LR schedule, a progress bar with the loss, JSONL logs,
-    validation grids, checkpoints every `checkpointing_steps` and exact `--resume`.
-
-    loss_fn(generator) -> (loss, logs) for one micro-batch, drawing all randomness from `generator`;
-    save_fn(folder) writes the method's outputs; after_step() runs after each optimizer step
-    (e.g. renormalising token rows); validate_fn() -> PIL images. `tensors` are the trainables
-    to checkpoint, by name."""
+    """The loop every method shares: gradient accumulation, mixed precision (fp16 with a gradient scaler, bf16
+    without), clipping, LR schedule, a progress bar with the loss, JSONL logs, validation grids, checkpoints every
+    `checkpointing_steps` and exact `--resume`. loss_fn(generator) -> (loss, logs) for one micro-batch, drawing all
+    randomness from `generator`; save_fn(folder) writes the method's outputs; after_step() runs after each optimizer
+    step (e.g. renormalising token rows); validate_fn() -> PIL images. `tensors`: the trainables to checkpoint."""
     out, resume_from = Path(args.output_dir), find_checkpoint(Path(args.output_dir), args.resume)
     prepare_output_dir(out, args.overwrite) if not args.resume else out.mkdir(parents=True, exist_ok=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
-    step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler, args.max_train_steps) if resume_from else 0
+    step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler, args) if resume_from else 0
     (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
     print("config: " + json.dumps(asdict(args)) + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
@@ -1394,8 +1399,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
         if not scaler.is_enabled() or scaler.get_scale() >= scale:  # fp16: a step skipped for inf/NaN gradients
             scheduler.step()  # leaves the LR schedule where it was (accelerate's rule; no PyTorch warning)
         optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
+        after_step() if after_step is not None else None
         logs = {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **logs}
         logs.update({"grad_scale": scaler.get_scale(), "step_skipped": scaler.get_scale() < scale} if scaler.is_enabled() else {})
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -1405,7 +1409,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
         if args.checkpointing_steps and ((step + 1) % args.checkpointing_steps == 0 or done):
             ckpt = out / f"checkpoint-{step + 1}"
             save_fn(ckpt)
-            save_checkpoint(ckpt, step + 1, tensors, optimizer, scheduler, generator, scaler)
+            save_checkpoint(ckpt, step + 1, tensors, optimizer, scheduler, generator, scaler, args)
             last_good = ckpt
             old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for p in old[: -args.checkpoints_total_limit] if args.checkpoints_total_limit else []:

@@ -122,6 +122,7 @@ class TrainConfig(sdm.TrainArgs):
     num_workers: int = 2
     validation_subject: str = ""  # image for the validation grid, with --validation-entity and -prompt
     validation_entity: str = ""
+    minima = {"attn_loss_weight": 0, "p_drop_text": 0, "p_drop_both": 0, "p_drop_location": 0, "min_box_area": 0, "num_workers": 0}
 
 
 # ---- 1. The new modules (official key names, so the official weights map one to one).
@@ -934,8 +935,6 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         if not cfg.resume:
             sdm.prepare_output_dir(out, cfg.overwrite)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
-        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
     if world > 1:
         dist.barrier()
     if world > 1:
@@ -947,9 +946,11 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, sdm.lr_lambda(cfg))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.mixed_precision == "fp16")
     tensors = dict(method.state_dict(keep_vars=True))
-    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, cfg.max_train_steps) if resume_from else 0
-    if main and resume_from:
-        print(f"resumed from {resume_from} at step {start}", file=sys.stderr)
+    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, cfg) if resume_from else 0
+    if main:  # after the checkpoint's checks: a refused resume leaves the run's args.json as it was
+        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
+        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
+        print(f"resumed from {resume_from} at step {start}", file=sys.stderr) if resume_from else None
     R = cfg.resolution or sd.cfg.image_size
     if world > 1 and not main:  # rank 0 indexes the shards first and writes the index the others read
         dist.barrier()
@@ -1011,7 +1012,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
             ckpt = last_good = out / f"checkpoint-{step + 1}"
             if main:
                 save_method(method, ckpt, {**meta, "step": str(step + 1)})
-                sdm.save_checkpoint(ckpt, step + 1, tensors, opt, sched, None, scaler)
+                sdm.save_checkpoint(ckpt, step + 1, tensors, opt, sched, None, scaler, cfg)
                 old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
                 for p in old[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit else []:
                     shutil.rmtree(p)

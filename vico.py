@@ -94,6 +94,7 @@ class ViCoArgs(sdm.TrainArgs):
     templates: list[str] = field(default_factory=lambda: ["imagenet"])  # "imagenet" = TI's 81, or "a {}" ...
     seed: int = 23  # main.py --seed in the README's command
     cache_latents: bool = True  # encode each image once and sample its posterior every step (exact; --no-: every step)
+    minima = {"image_lr": 0, "weight_decay": 0, "reg_weight": 0}  # floors checked by sdm.parse_args
 
 
 # ---- 1. The parts of ViCo that are plain functions: layers, Otsu mask, regulariser, masked attention.

@@ -1,6 +1,7 @@
 """The shared training loop: exact resume, non-finite loss, flags from the config dataclass."""
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -70,19 +71,33 @@ def test_checkpoint_limit_and_refusing_a_used_output_dir(tmp_path):
         run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4))
 
 
-def test_resuming_past_max_train_steps_or_with_other_shapes_is_one_sentence_and_writes_nothing(tmp_path):
+def test_resuming_past_max_train_steps_or_with_other_settings_is_one_sentence_and_writes_nothing(tmp_path):
     """A checkpoint beyond --max-train-steps would run no step and label its weights as the last step's; one of
-    other shapes would be broadcast by copy_ (or fail inside Adam)."""
+    other shapes would be broadcast by copy_ (or fail inside Adam); one of other settings of the same shapes would
+    go on with the checkpoint's learning rate (the optimizer state holds it) or on other data, silently."""
     run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4, checkpointing_steps=2))
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = files()
     with pytest.raises(ValueError, match="checkpoint-4' is at step 4, past --max-train-steps 2; raise it"):
         run(ToyArgs(output_dir=str(tmp_path), max_train_steps=2, checkpointing_steps=2, resume="latest"))
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert files() == before
     run(ToyArgs(output_dir=str(tmp_path), max_train_steps=4, checkpointing_steps=2, resume="latest"))  # at the end: a no-op
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=r"trained with other settings \(model.0.bias: \(8,\) there, \(16,\) here\)"):
-        run(ToyArgs(output_dir=str(tmp_path), max_train_steps=6, checkpointing_steps=2, resume="latest", width=16))
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # a wider model: not broadcast
+    before = files()
+    for kw, what in (({"width": 16}, "--width: 8 there, 16 here"), ({"learning_rate": 1e-3}, "--learning-rate: 0.0001 there, 0.001 here"),
+                     ({"words": ["a", "c"]}, "--words: ['a', 'b'] there, ['a', 'c'] here"), ({"mixed_precision": "bf16"}, "--mixed-precision: ")):
+        with pytest.raises(ValueError, match=r"checkpoint-4' was trained with other settings \(" + re.escape(what)):
+            run(ToyArgs(output_dir=str(tmp_path), max_train_steps=6, checkpointing_steps=2, resume="latest", **kw))
+        assert files() == before, kw  # nothing loaded, args.json as it was
+    # without the settings (an older checkpoint, or a caller that passes none) the shapes are still compared
+    model = {"model.0.weight": torch.zeros(16, 4), "model.0.bias": torch.zeros(16)}
+    with pytest.raises(ValueError, match=r"other settings \(model.0.bias: \(8,\) there, \(16,\) here\)"):
+        sdm.load_checkpoint(tmp_path / "checkpoint-4", model, torch.optim.AdamW(model.values()))
+    # what a resume may change: how long, where, what it logs and saves; and paths (a moved folder is the same run)
+    (tmp_path.parent / "m1").mkdir(exist_ok=True), (tmp_path.parent / "m2").mkdir(exist_ok=True)
+    run(ToyArgs(output_dir=str(tmp_path / "p"), max_train_steps=2, checkpointing_steps=2, pretrained_model=str(tmp_path.parent / "m1")))
+    run(ToyArgs(output_dir=str(tmp_path / "p"), max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=1, device="cpu",
+                validation_prompt="x", resume="latest", pretrained_model=str(tmp_path.parent / "m2")))
+    assert sorted(p.name for p in (tmp_path / "p").glob("checkpoint-*")) == ["checkpoint-3"]
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
@@ -96,6 +111,26 @@ def test_flags_come_from_the_dataclass():
                                  "--mixed-precision", "bf16", "--learning-rate", "3e-4"])
     assert (a.max_train_steps, a.gradient_checkpointing, a.words, a.mixed_precision, a.learning_rate) == (7, True, ["x", "y", "z"], "bf16", 3e-4)
     assert sdm.parse_args(ToyArgs, []) == ToyArgs()
+
+
+@pytest.mark.parametrize("flags, said", [(["--train-batch-size", "0"], "--train-batch-size must be at least 1 (got 0)"),
+                                         (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be at least 1"),
+                                         (["--learning-rate", "-0.5"], "--learning-rate must be at least 0 (got -0.5)"),
+                                         (["--validation-steps", "0"], "--validation-steps must be at least 1"),
+                                         (["--width", "0"], "--width must be at least 1 (got 0)"),  # the class's own floor
+                                         (["--sizes", "4", "0"], "--sizes must be at least 1 (got [4, 0])")])
+def test_a_flag_below_its_floor_is_one_sentence_at_parse_time(flags, said, capsys):
+    """0 micro-batches (an empty stack), 0 accumulation steps (no loss to log), a modulo by 0: tracebacks steps
+    into a run, and a negative learning rate ascends the loss; each is refused before anything runs."""
+    @dataclass
+    class Floored(ToyArgs):
+        sizes: list[int] = field(default_factory=lambda: [4])
+        minima = {"width": 1, "sizes": 1}
+
+    with pytest.raises(SystemExit):
+        sdm.parse_args(Floored, flags)
+    assert said in capsys.readouterr().err
+    assert sdm.parse_args(Floored, ["--checkpointing-steps", "0", "--learning-rate", "0"]).checkpointing_steps == 0  # 0 = never
     f = sdm.lr_lambda(sdm.TrainArgs(max_train_steps=10, lr_warmup_steps=2, lr_scheduler="cosine"))
     assert [round(f(s), 4) for s in (0, 1, 2, 7)] == [0.5, 1.0, 1.0, 0.3087]  # 0.5 (1 + cos(pi 5/8))
 
