@@ -113,6 +113,7 @@ class ICOArgs(sdm.TrainArgs):
     seed: int = 23
     checkpointing_steps: int = 100
     validation_steps: int = 100
+    minima = {"n_prefix": 0, "n_suffix": 0, "max_images": 1, "context_lr_scale": 0, "weight_decay": 0}  # sdm.parse_args
 
 
 @dataclass
@@ -129,6 +130,7 @@ class DCIArgs(sdm.SampleArgs):
     steps: int = 200  # sample.py: DDIM 200 steps, eta 1, scale 6
     eta: float = 1.0
     guidance_scale: float = 6.0
+    minima = {"tau": 0}  # tau >= 1 is the whole run
 
 
 # ---- 2. ICO's parameters and the prompt of Eq. 2.
@@ -168,7 +170,12 @@ class ICO(nn.Module):
             self.token_ids = [tok.token_id(t) for t in self.tokens]
         if self.token_ids != list(range(n, n + len(self.tokens))):
             raise ValueError(f"the concept tokens {self.tokens} must be new words, and the first ones added to the tokenizer.")
-        init = [int(w) if w.isdigit() else tok.token_id(w) for w in init_tokens] * len(self.tokens)
+        if not init_tokens or 1 < len(init_tokens) < len(self.tokens):
+            raise ValueError(f"--init-tokens gives {len(init_tokens)} starting rows for {len(self.tokens)} tokens; give one, "
+                             "or one per token (more: the last ones are used, as in Custom Diffusion).")
+        init = [int(w) if w.isdigit() else tok.token_id(w) for w in init_tokens] * len(self.tokens)  # one word: every row
+        if bad := [i for i in init if i >= n]:
+            raise ValueError(f"--init-tokens: id {bad[0]} is not a token of this model (ids 0-{n - 1}).")
         self.rows = nn.Parameter(te.token_embedding.weight[init[-len(self.tokens):]].detach().float().clone())
 
         # P^i and S^i, a separate set per reference image: the init words' token rows (Lp, Ls = their
@@ -369,9 +376,11 @@ def resolve_prompt(prompt: str, ico: ICO) -> str:
 
 
 @torch.no_grad()
-def pick_aux_noun(model, class_word: str, nouns=AUX_NOUNS) -> str:
-    """The preset noun whose pooled text embedding ("a photo of a ...") is nearest the class word's."""
-    words = class_word.lower().split()
+def pick_aux_noun(model, class_word: str, nouns=AUX_NOUNS, prompts=()) -> str:
+    """The preset noun whose pooled text embedding ("a photo of a ...") is nearest the class word's, among those
+    neither in the class word nor in a prompt: "a V bag next to a bag" must not get the auxiliary prompt
+    "a bag next to a bag", whose two bags the auxiliary branch could not tell apart."""
+    words = {w for text in [class_word, *prompts] for w in re.findall(r"[a-z]+", text.lower())}
     cands = [n for n in nouns if n not in words]
     pooled = model.text_encoder(model.tokenize([f"a photo of a {w}" for w in [class_word, *cands]]))[1].float()
     return cands[int(F.cosine_similarity(pooled[:1], pooled[1:]).argmax())]
@@ -380,6 +389,11 @@ def pick_aux_noun(model, class_word: str, nouns=AUX_NOUNS) -> str:
 def _find(ids: list[int], sub: list[int]) -> int:
     """First position of the run `sub` in `ids`, or -1."""
     return next((j for j in range(len(ids) - len(sub) + 1) if ids[j:j + len(sub)] == sub), -1)
+
+
+def _find_all(ids: list[int], sub: list[int]) -> list[int]:
+    """Every start of the run `sub` in `ids`; "V noun" runs never overlap (V's ids are new, so not in the noun)."""
+    return [j for j in range(len(ids) - len(sub) + 1) if ids[j:j + len(sub)] == sub]
 
 
 def check_prompts(model, ico: ICO, prompts: list[str], need_noun: bool) -> None:
@@ -398,8 +412,9 @@ def check_prompts(model, ico: ICO, prompts: list[str], need_noun: bool) -> None:
 
 
 def make_branches(model, ico: ICO, prompts: list[str], aux_noun: str) -> Branches:
-    """Both branches' token rows from the tokenization: p_a is p_c with the tokens of "V noun" replaced
-    by the auxiliary noun's, so the token sets are known exactly, whatever the nouns' lengths."""
+    """Both branches' token rows from the tokenization: p_a is p_c with the tokens of every "V noun" replaced
+    by the auxiliary noun's, so the token sets are known exactly, whatever the nouns' lengths. S_c is every
+    occurrence ("a V cat and a V cat"): one left in p_a would put the concept in the auxiliary branch."""
     tok, pad = model.tokenizer, model.cfg.text.pad_id
     phrase, noun = ico.token_ids + ico.noun_ids, tok.tokenize(aux_noun)
     if not noun or aux_noun.strip().lower() == ico.class_word.lower() or noun == ico.noun_ids:
@@ -408,15 +423,22 @@ def make_branches(model, ico: ICO, prompts: list[str], aux_noun: str) -> Branche
     b = len(prompts)
     rows, aux_prompts, masks = [], [], torch.zeros(4, b, tok.length, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids = tok.tokenize(p)
-        s = _find(ids, phrase)  # the first occurrence is S_c; a second "V noun" would stay in p_a
-        aux = ids[:s] + noun + ids[s + len(phrase):]
+        ids, aux, starts_a, end = tok.tokenize(p), [], [], 0
+        for s in (starts := _find_all(ids, phrase)):
+            aux += ids[end:s]
+            starts_a.append(len(aux))
+            aux, end = aux + noun, s + len(phrase)
+        aux += ids[end:]
+        if _find(ids, noun) >= 0:
+            warnings.warn(f"the auxiliary noun '{aux_noun}' is also in the prompt '{p}' outside the concept; the "
+                          "auxiliary branch cannot tell the two apart (choose another --aux-noun).", stacklevel=2)
         if len(aux) > tok.length - 2:
             raise ValueError(f"the auxiliary prompt of '{p}' is over CLIP's {tok.length} tokens; use a shorter --aux-noun.")
         rows.append([[tok.bos_id, *r, tok.eos_id] + [pad] * (tok.length - 2 - len(r)) for r in (ids, aux)])
         aux_prompts.append(tok.decode(aux))
-        masks[0, i, 1:1 + len(ids)], masks[1, i, 1 + s:1 + s + len(phrase)] = True, True
-        masks[2, i, 1:1 + len(aux)], masks[3, i, 1 + s:1 + s + len(noun)] = True, True
+        masks[0, i, 1:1 + len(ids)], masks[2, i, 1:1 + len(aux)] = True, True
+        for s, sa in zip(starts, starts_a):
+            masks[1, i, 1 + s:1 + s + len(phrase)], masks[3, i, 1 + sa:1 + sa + len(noun)] = True, True
     ids = torch.tensor(rows, device=model.device)
     return Branches(ids[:, 0], ids[:, 1], *masks.to(model.device), aux_prompts)
 
@@ -472,7 +494,8 @@ def sample(model: sdm.StableDiffusion, ico: ICO, prompts: list[str], *, aux_noun
     draw = lambda n=b, g=generator: torch.randn((n, *shape[1:]), generator=g, device=gdev).to(dev)
     if branches is None:
         check_prompts(model, ico, prompts, need_noun=window)
-    br = branches or (make_branches(model, ico, prompts, aux_noun or pick_aux_noun(model, ico.class_word)) if window else None)
+    aux_noun = aux_noun or (pick_aux_noun(model, ico.class_word, prompts=prompts) if window and branches is None else "")
+    br = branches or (make_branches(model, ico, prompts, aux_noun) if window else None)
     latents = draw() if latents is None else latents.to(dev)
     c = ico.encode_ids(model, br.ids_c if br else model.tokenize(prompts))
     u = ico.encode_ids(model, model.tokenize([negative_prompt] * b)) if s != 1 else None  # "" is plain CLIP's uncond

@@ -235,6 +235,37 @@ def test_token_sets_from_the_tokenization_with_multi_token_nouns_and_bad_input(m
     assert noun in di.AUX_NOUNS and noun not in ("teddy", "bear")
 
 
+def test_every_concept_occurrence_is_replaced_and_the_automatic_noun_is_not_in_the_prompt(model):
+    """A second "V noun" used to stay in p_a (the concept in the auxiliary branch) and outside S_c; the automatic
+    noun was chosen without looking at the prompt ("a V bag next to a bag" -> "a bag next to a bag")."""
+    ico = di.ICO(model, ["<new1>", "<new2>"], "teddy bear")
+    prompt = di.resolve_prompt("a V teddy bear and a V teddy bear", ico)
+    br = di.make_branches(model, ico, [prompt], "stuffed animal")
+    slots = lambda m: m[0].nonzero().flatten().tolist()
+    assert br.aux_prompts == ["a stuffed animal and a stuffed animal"]
+    assert slots(br.span_c) == [2, 3, 4, 5, 8, 9, 10, 11] and slots(br.noun_a) == [2, 3, 6, 7]
+    assert slots(br.real_a) == list(range(1, 8)) and not any(t in br.ids_a[0].tolist() for t in ico.token_ids)
+    everyone = di.pick_aux_noun(model, "teddy bear")
+    others = [n for n in di.AUX_NOUNS if n != everyone]
+    assert di.pick_aux_noun(model, "teddy bear", prompts=[f"a V teddy bear next to a {everyone}."]) in others
+    assert di.pick_aux_noun(model, "teddy bear", prompts=["a V teddy bear", f"two {everyone}s"]) == everyone  # words, not parts
+    with pytest.warns(UserWarning, match="'dog' is also in the prompt"):
+        di.make_branches(model, ico, [di.resolve_prompt("a V teddy bear with a dog", ico)], "dog")
+
+
+def test_init_tokens_one_or_one_per_token_and_ids_in_the_table(model):
+    """Two starting rows for three tokens used to cycle silently (rows b, a, b); an id past the table was an IndexError."""
+    tokens, table = ["<new1>", "<new2>", "<new3>"], model.text_encoder.token_embedding.weight
+    one = di.ICO(copy.deepcopy(model), tokens, "cat", init_tokens=["dog"])
+    assert torch.equal(one.rows, table[[model.tokenizer.token_id("dog")] * 3].float())
+    more = di.ICO(copy.deepcopy(model), tokens, "cat", init_tokens=["1", "2", "3", "4"])  # CD's rule: the last ones
+    assert torch.equal(more.rows, table[[2, 3, 4]].float())
+    with pytest.raises(ValueError, match="gives 2 starting rows for 3 tokens; give one, or one per token"):
+        di.ICO(copy.deepcopy(model), tokens, "cat", init_tokens=["dog", "cat"])
+    with pytest.raises(ValueError, match=f"id 99999 is not a token of this model \\(ids 0-{table.shape[0] - 1}\\)"):
+        di.ICO(copy.deepcopy(model), tokens, "cat", init_tokens=["99999"])
+
+
 # ---- ICO training
 
 
@@ -335,8 +366,11 @@ def test_resume_equals_an_uninterrupted_run_and_the_backbone_is_untouched(tmp_pa
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     assert logs("full")[-2:] == logs("resumed")[-2:] and {r["reg_rows"] for r in logs("full")} <= {1, 2}
-    # a resume with other ICO settings: one sentence before anything is loaded (it was broadcast, or failed in Adam)
-    for kw, what in (({"prefix_init": "A photo of"}, "prefix: (3, 1, "), ({"contexts": False}, "prefix: (3, 1, ")):
+    # a resume with other settings: one sentence before anything is loaded. Of other shapes it was broadcast or
+    # failed in Adam; of the same shapes (a class word, a learning rate) it went on silently with the old ones.
+    for kw, what in (({"prefix_init": "A photo of"}, "--prefix-init: A there, A photo of here"),
+                     ({"contexts": False}, "--contexts: True there, False here"),
+                     ({"class_word": "bowl"}, "--class-word: "), ({"learning_rate": 3e-5}, "--learning-rate: ")):
         with pytest.raises(ValueError, match=re.escape(what) + r".*resume with its settings"):
             di.train(train_args(tmp_path, "resumed", resume="latest", max_train_steps=6, **kw), copy.deepcopy(base))
 
@@ -553,7 +587,7 @@ def test_window_batches_hold_the_branches_in_the_card_layout(model):
         hook.remove()
 
 
-def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_dirs, base, tmp_path):
+def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_dirs, base, tmp_path, capsys):
     """Settings the samplers crash on or take silently: --steps 0 (ZeroDivisionError), --steps over 1000 (every t = 1,
     no window), --gamma nan (NaN images), an unknown sampler or a size the UNet cannot halve and double back (found
     only after the output folder existed), and an auxiliary prompt over 77 tokens in a later prompt of the file."""
@@ -563,7 +597,7 @@ def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_d
     (tmp_path / "prompts.txt").write_text("a V cat " + "very " * 70 + "\n")  # 75 tokens: fits, its auxiliary prompt does not
     bad = tmp_path / "bad"
     sample = ["sample", "--concept", str(concept), "--prompt", "a V cat", "--steps", "4", "--output-dir", str(bad)]
-    errors = {"steps 0": (["--steps", "0"], "--steps must be between 1 and 1000"),
+    errors = {"steps 0": (["--steps", "0"], "--steps must be at least 1 \\(got 0\\)"),  # the shared floor, at parse time
               "steps 1001": (["--steps", "1001"], "--steps must be between 1 and 1000"),
               "gamma nan": (["--gamma", "nan"], "must be numbers"),
               "sampler": (["--sampler", "heun"], "unknown sampler 'heun'"),
@@ -571,10 +605,10 @@ def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_d
               "long auxiliary prompt": (["--prompt-file", str(tmp_path / "prompts.txt"), "--aux-noun",
                                          "very big fluffy brown and white dog"], "auxiliary prompt of .* over CLIP's 77")}
     for what, (extra, msg) in errors.items():
-        with pytest.raises(SystemExit, match=msg), warnings.catch_warnings():
+        with pytest.raises(SystemExit) as e, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             di.main([*sample, *extra])
-        assert not bad.exists(), what
+        assert re.search(msg, f"{e.value} {capsys.readouterr().err}") and not bad.exists(), what
 
 
 def test_template_baseline_has_no_context_table_to_fill_and_any_output_folder_name(tmp_path, base):
