@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import sd_model as sdm
 
@@ -245,7 +246,6 @@ def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool 
                           projection_dim=None if proj is None else proj.shape[0], pad_id=pad_id, penultimate=penultimate)
 
 
-
 # ---- reading -------------------------------------------------------------------------------------
 
 
@@ -273,12 +273,7 @@ def read_state_dict(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist.")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = _torch_load(path)
+        sd = load_file(str(path)) if path.suffix == ".safetensors" else _torch_load(path)
     except Exception as e:
         raise ValueError(f"'{path}' is not a readable checkpoint (truncated, or not a .ckpt/.safetensors file; {type(e).__name__}).") from None
     while isinstance(sd, dict) and len(sd) <= 4 and isinstance(sd.get("state_dict", sd.get("model")), dict):
@@ -293,9 +288,8 @@ def read_state_dict(path: Path) -> dict:
 
 
 def _report(dropped: Counter, quiet: bool = False) -> None:
-    for why, n in dropped.items():
-        if not quiet:
-            print(f"  dropped {n} key(s): {why}", file=sys.stderr)
+    for why, n in dropped.items() if not quiet else ():
+        print(f"  dropped {n} key(s): {why}", file=sys.stderr)
 
 
 def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple[dict, str]:
@@ -485,7 +479,11 @@ def load_any(path, variant: str | None = None, ema: bool = False, quiet: bool = 
     else:
         sd = read_state_dict(path)
         parts, _ = split_single_file(sd, ema, quiet)
-        cfg, schedule = sdm.infer_config(parts, variant), single_file_schedule(path, sd)
+        schedule = single_file_schedule(path, sd)
+        try:  # an SD 2.x file that says its prediction needs no --variant (the weights are the same for both)
+            cfg = sdm.infer_config(parts, variant or {"v": "sd21", "eps": "sd21-base"}.get(schedule.get("prediction")))
+        except ValueError:  # not SD 2.x after all: what the weights say
+            cfg = sdm.infer_config(parts, variant)
         cfg = replace(cfg, schedule=replace(cfg.schedule, **schedule)) if schedule else cfg
     if variant is not None and cfg.name != sdm.PRESETS.get(variant, cfg).name:
         raise ValueError(f"'{path}' is a '{cfg.name}' model, not '{variant}'.")
@@ -503,9 +501,11 @@ def check_keys(expected: dict, got: dict, what: str) -> None:
 
 
 def to_ldm(cfg: sdm.SDConfig, parts: dict) -> dict:
-    """Our parts -> one original-layout state dict (the inverse of `split_single_file`)."""
-    family = "sdxl" if cfg.text2 else "sd2" if cfg.text.width == 1024 else "sd1"
-    out = {}
+    """Our parts -> one original-layout state dict (the inverse of `split_single_file`), with ComfyUI's empty
+    `v_pred` / `ztsnr` markers where the schedule needs them: the weights alone cannot say it (single_file_schedule)."""
+    family, sc = "sdxl" if cfg.text2 else "sd2" if cfg.text.width == 1024 else "sd1", cfg.schedule
+    out = {"v_pred": torch.zeros(0)} if sc.prediction == "v" else {}
+    out.update({"ztsnr": torch.zeros(0)} if sc.rescale_betas_zero_snr else {})
     for part, prefix in PREFIXES[family].items():
         sd = parts[part]
         if (family, part) in OPENCLIP_PARTS:
@@ -540,11 +540,11 @@ def save_converted(dst: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=
 
 
 def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=False, vision=False, zsnr=False) -> None:
-    """`zsnr`: the model was trained with v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024), which a
-    single file cannot say; the converted config then samples with that schedule and trailing timesteps."""
+    """`zsnr`: the model was trained with v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024), which its
+    weights cannot say; it then samples with that schedule and trailing timesteps (--to ldm: written as markers)."""
     src, dst = Path(src), Path(dst)
-    if zsnr and (vision or to == "ldm"):
-        raise ValueError("--zero-terminal-snr describes a converted folder's schedule; an image tower or an original single file cannot hold it.")
+    if zsnr and vision:
+        raise ValueError("--zero-terminal-snr describes a model's schedule; a CLIP image tower has none.")
     print(f"reading {src}", file=sys.stderr)
     if vision:
         vcfg, sd = load_clip_vision(src)
@@ -569,7 +569,8 @@ def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=
             raise ValueError(f"--to ldm writes a .safetensors file; name it so ('{dst.with_suffix('.safetensors').name}'), not '{dst.name}'.")
         if dst.exists() and not overwrite:
             raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it.")
-        sdm.save_safetensors(to_ldm(cfg, parts), dst, {"format": "pt"})
+        pred = {"modelspec.prediction_type": "v" if cfg.schedule.prediction == "v" else "epsilon"}  # A1111/Forge read this
+        sdm.save_safetensors(to_ldm(cfg, parts), dst, {"format": "pt", **pred})
     else:
         save_converted(dst, cfg, parts, vcfg if vision else None, overwrite)
     print(f"wrote {dst}", file=sys.stderr)

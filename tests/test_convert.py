@@ -2,9 +2,11 @@
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import sd_model as sdm
 import weights_convert as wc
@@ -175,8 +177,7 @@ def test_bad_input_gets_one_clear_sentence_and_nothing_half_written(tiny_ldm, tm
     torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "other.pt")
     assert "not a Stable Diffusion single-file checkpoint" in run_cli([tmp_path / "other.pt", out], capsys)
     assert "not a 'sdxl' model" in run_cli([ckpt, out, "--variant", "sdxl"], capsys)
-    assert "cannot hold it" in run_cli([ckpt, tmp_path / "o.safetensors", "--to", "ldm", "--zero-terminal-snr"], capsys)
-    assert "cannot hold it" in run_cli([ckpt, out, "--clip-vision", "--zero-terminal-snr"], capsys)
+    assert "a CLIP image tower has none" in run_cli([ckpt, out, "--clip-vision", "--zero-terminal-snr"], capsys)
     sd = wc.read_state_dict(ckpt)
     torch.save({**sd, "model.diffusion_model.extra.weight": torch.zeros(1)}, tmp_path / "odd.ckpt")
     assert "0 missing key(s) [], 1 unexpected [extra.weight]" in run_cli([tmp_path / "odd.ckpt", out], capsys)
@@ -263,6 +264,36 @@ def test_single_files_that_say_their_schedule(tiny_ldm, tmp_path):
         cfg, _ = wc.load_any(tmp_path / f"{name}.safetensors")
         s = cfg.schedule
         assert (s.prediction, s.rescale_betas_zero_snr, s.timestep_spacing) == want, name
+
+
+def test_to_ldm_writes_the_schedule_markers_so_the_file_reads_back_as_the_same_model(tiny_ldm, tmp_path, monkeypatch):
+    """--to ldm of a v-prediction or zero-terminal-SNR model used to write bare weights, which read back as eps:
+    the markers (ComfyUI's tensors and the ModelSpec header) carry the schedule out and back in. An SD 2.x file
+    that says its prediction then needs no --variant."""
+    _, parts, ckpt = tiny_ldm
+    for flags, want in (([], ("eps", False, "leading")), (["--zero-terminal-snr"], ("v", True, "trailing"))):
+        wc.main([str(ckpt), str(tmp_path / "m"), "--overwrite", *flags])
+        wc.main([str(tmp_path / "m"), str(tmp_path / "m.safetensors"), "--to", "ldm", "--overwrite"])
+        with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+            assert f.metadata()["modelspec.prediction_type"] == {"v": "v", "eps": "epsilon"}[want[0]]
+            assert ("v_pred" in f.keys(), "ztsnr" in f.keys()) == (want[0] == "v", want[1])
+        s = wc.load_any(tmp_path / "m.safetensors")[0].schedule
+        assert (s.prediction, s.rescale_betas_zero_snr, s.timestep_spacing) == want
+    # SD 2.x's 768-v and base models share every shape; two tiny presets of SD2's layout stand in for them
+    sd2 = replace(sdm.TINY, text=sdm.CLIPTextConfig(vocab_size=1000, width=1024, layers=2, heads=16, mlp_dim=64, act="gelu", pad_id=0),
+                  unet=replace(sdm.TINY.unet, model_channels=64, context_dim=1024, num_heads=None, num_head_channels=64))
+    monkeypatch.setattr(sdm, "PRESETS", {**sdm.PRESETS, "sd21": replace(sd2, name="sd21", image_size=768), "sd21-base": sd2})
+    torch.manual_seed(0)
+    m2 = sdm.StableDiffusion(sd2)
+    p2 = {p: getattr(m2, p).state_dict() for p in ("unet", "vae", "text_encoder")}
+    for pred, variant in (("v", "sd21"), ("eps", "sd21-base")):
+        cfg = replace(sd2, schedule=replace(sd2.schedule, prediction=pred))
+        sdm.save_safetensors(wc.to_ldm(cfg, p2), tmp_path / "sd2.safetensors", {"modelspec.prediction_type": pred.replace("eps", "epsilon")})
+        got = wc.load_any(tmp_path / "sd2.safetensors")[0]
+        assert got.schedule.prediction == pred and got.image_size == sdm.PRESETS[variant].image_size, pred
+    sdm.save_safetensors({k: v for k, v in wc.to_ldm(sd2, p2).items()}, tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match="pass the variant"):  # a file that says nothing still needs it
+        wc.load_any(tmp_path / "bare.safetensors")
 
 
 def test_a_single_file_without_a_part_is_one_sentence(tiny_ldm, tmp_path, capsys):
