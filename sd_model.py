@@ -1002,8 +1002,8 @@ class StableDiffusion(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path=None, device="cpu", dtype=torch.float32, vae_dtype=None, variant=None) -> "StableDiffusion":
-        """Load a directory written by weights_convert.py, a diffusers folder, or an original single
-        file (.ckpt/.safetensors). No path: the project's toy model (assets/toy/sd)."""
+        """A folder written by weights_convert.py, a diffusers folder, or an original single file; no path: the toy
+        model. SDXL's VAE overflows in fp16 (NaN, black images): without a `vae_dtype` it stays fp32 (`force_upcast`)."""
         import weights_convert
 
         if path is None and not (TOY_MODEL_PATH / "config.json").exists():
@@ -1018,7 +1018,7 @@ class StableDiffusion(nn.Module):
             weights_convert.check_keys(module.state_dict(), sd, what=f"{name} of {path}")
             module.load_state_dict(sd, strict=True, assign=True)
         model.schedule = NoiseSchedule(cfg.schedule)
-        model.to(device=device, dtype=dtype).vae.to(vae_dtype or dtype)
+        model.to(device=device, dtype=dtype).vae.to(vae_dtype or (torch.float32 if cfg.text2 and dtype == torch.float16 else dtype))
         return model.eval().requires_grad_(False)
 
     @staticmethod
@@ -1439,7 +1439,7 @@ class SampleArgs:
     width: int = 0
     batch_size: int = 1
     precision: str = "fp32"  # fp32 | fp16 | bf16
-    vae_precision: str = ""  # "" = --precision; fp32 avoids the fp16 VAE's NaNs/black images
+    vae_precision: str = ""  # "" = --precision (SDXL at fp16: fp32, its VAE overflows); fp32 avoids NaN/black images
     compile: bool = False  # torch.compile the UNet: minutes to compile, then faster steps (GPU)
     channels_last: bool = False  # the UNet in channels-last memory format (GPU convolutions; slower on CPU)
     device: str = ""  # "" = cuda when available
@@ -1457,7 +1457,7 @@ def load_model(path: str = "", precision: str = "fp32", vae_precision: str = "",
     if precision not in DTYPES or (vae_precision or precision) not in DTYPES:
         raise ValueError(f"unknown precision '{precision}/{vae_precision}'; use fp32, fp16 or bf16.")
     model = StableDiffusion.from_pretrained(path or None, pick_device(device), DTYPES[precision],
-                                            DTYPES[vae_precision or precision], variant or None)
+                                            DTYPES[vae_precision] if vae_precision else None, variant or None)
     if channels_last:
         model.unet.to(memory_format=torch.channels_last)
     if compile:

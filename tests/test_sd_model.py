@@ -175,3 +175,19 @@ def test_compiled_unet_matches_eager_on_gpu():
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).cuda()
     a, b = (m.sample(["a red star", "a blue moon"], steps=3, latents=latents, progress=False) for m in (plain, fast))
     assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_sdxl_keeps_its_vae_in_fp32_at_fp16_unless_asked(tmp_path):
+    """SDXL's VAE overflows in fp16 (NaN or black images; diffusers' SDXL pipelines upcast it, `force_upcast`), so an
+    fp16 SDXL loads with an fp32 VAE unless --vae-precision says otherwise; SD1/SD2 and bf16 keep one dtype."""
+    import weights_convert as wc
+    from conftest import TINY_XL
+
+    for name, cfg in (("sd1", sdm.TINY), ("sdxl", TINY_XL)):
+        model = sdm.StableDiffusion(cfg)
+        wc.write_parts(tmp_path / name, cfg, {p: getattr(model, p).state_dict() for p in ("unet", "vae", "text_encoder", "text_encoder_2")
+                                              if getattr(model, p) is not None})
+    vae = lambda name, *a: sdm.load_model(str(tmp_path / name), *a).vae.quant_conv.weight.dtype
+    assert vae("sdxl", "fp16") == torch.float32 and vae("sdxl", "fp16", "fp16") == torch.float16
+    assert vae("sdxl", "bf16") == torch.bfloat16 and vae("sd1", "fp16") == torch.float16
+    assert sdm.load_model(str(tmp_path / "sdxl"), "fp16").unet.out[2].weight.dtype == torch.float16
