@@ -208,8 +208,7 @@ def unet_config_from_weights(sd: dict, **heads) -> sdm.UNetConfig:
     """Read a UNet's architecture off its LDM-named weights (openai/CLIP `build_model` style).
     Head counts and GroupNorm groups leave no trace in the shapes: `heads` gives num_heads or
     num_head_channels, and norm_groups stays 32 as in every released model."""
-    w = sd["input_blocks.0.0.weight"]
-    mc = w.shape[0]
+    mc = (w := sd["input_blocks.0.0.weight"]).shape[0]
     downs = _count({k: 0 for k in sd if ".0.op." in k}, "input_blocks.")
     levels = downs + 1
     n = (_count(sd, "input_blocks.") - 1 - downs) // levels
@@ -298,6 +297,8 @@ def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple
               else "sd2" if any(k.startswith("cond_stage_model.model.") for k in sd)
               else "sd1" if any(k.startswith("cond_stage_model.transformer.") for k in sd) else None)
     if family is None or not any(k.startswith("model.diffusion_model.") for k in sd):
+        if any(k.startswith("conditioner.embedders.0.model.") for k in sd):  # bigG alone, aesthetic-score conditioning
+            raise ValueError("this is an SDXL refiner, which this project does not run; convert the SDXL base model.")
         raise ValueError("this file is not a Stable Diffusion single-file checkpoint "
                          "(no model.diffusion_model.* UNet keys and a known text-encoder prefix).")
     parts, dropped, used = {}, Counter(), set()

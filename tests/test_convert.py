@@ -176,6 +176,9 @@ def test_bad_input_gets_one_clear_sentence_and_nothing_half_written(tiny_ldm, tm
     assert "not a readable checkpoint" in run_cli([tmp_path / "cut.ckpt", out], capsys)
     torch.save({"foo.weight": torch.zeros(3)}, tmp_path / "other.pt")
     assert "not a Stable Diffusion single-file checkpoint" in run_cli([tmp_path / "other.pt", out], capsys)
+    refiner = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)}
+    torch.save(refiner, tmp_path / "sd_xl_refiner_1.0.ckpt")  # its keys say so: one bigG text tower at embedders.0
+    assert "an SDXL refiner, which this project does not run" in run_cli([tmp_path / "sd_xl_refiner_1.0.ckpt", out], capsys)
     assert "not a 'sdxl' model" in run_cli([ckpt, out, "--variant", "sdxl"], capsys)
     assert "a CLIP image tower has none" in run_cli([ckpt, out, "--clip-vision", "--zero-terminal-snr"], capsys)
     sd = wc.read_state_dict(ckpt)
