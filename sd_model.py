@@ -1244,11 +1244,13 @@ class TrainArgs:
     overwrite: bool = False
 
 
-# Floors of the shared flags: below them a run fails steps later in a traceback (0 micro-batches) or ascends the loss.
+# Rules of the shared flags, checked by parse_args (a class adds its own `minima` and `choices`) and load_checkpoint: floors
+# (below them a run fails steps later in a traceback, or ascends the loss), choices, and what a resume may change.
 FLAG_MINIMA = {"train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "validation_steps": 1, "steps": 1,
                "num_validation_images": 1, "batch_size": 1, **dict.fromkeys(["learning_rate", "lr_warmup_steps", "seed", "eta",
                "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm", "resolution", "height", "width"], 0)}
-# What a resumed run may change (where it runs, how long, what it logs); the rest, paths aside, must be the checkpoint's.
+FLAG_CHOICES = {"lr_scheduler": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"), "sampler": SAMPLERS,
+                "precision": ("fp32", "fp16", "bf16"), "vae_precision": ("fp32", "fp16", "bf16")}
 RESUME_FREE = {"resume", "overwrite", "output_dir", "device", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
                "validation_prompt", "validation_steps", "num_validation_images", "compile", "channels_last",
                "gradient_checkpointing", "num_workers", "validation_subject", "validation_entity"}
@@ -1261,7 +1263,7 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
     import types
     import typing
 
-    parser, names = parser or argparse.ArgumentParser(), {f.name for f in fields(cls)}
+    parser, names, choices = parser or argparse.ArgumentParser(), {f.name for f in fields(cls)}, {**FLAG_CHOICES, **getattr(cls, "choices", {})}
     parser.add_argument("--config", default="", help="a JSON file of flags by field name (e.g. a run's args.json)")
     aliases = {"pretrained_model": ["pretrained_model_name_or_path"], "resume": ["resume_from_checkpoint"],
                "images": ["instance_data_dir", "train_data_dir"]}  # USERS.md 2c
@@ -1272,7 +1274,7 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
             typ = next(t for t in typing.get_args(typ) if t is not type(None))
         nargs = "+" if typing.get_origin(typ) in (list, tuple) else None
         kind = ({"action": argparse.BooleanOptionalAction} if typ is bool else
-                {"type": typing.get_args(typ)[0] if nargs else typ, "nargs": nargs})
+                {"type": typing.get_args(typ)[0] if nargs else typ, "nargs": nargs, "choices": choices.get(f.name)})
         parser.add_argument(flags[0], dest=f.name, default=default, **kind)  # the other spellings work but stay out of --help
         parser.add_argument(*flags[1:], dest=f.name, default=default, help=argparse.SUPPRESS, **kind) if flags[1:] else None
     if config := parser.parse_known_args(argv)[0].config:
@@ -1284,7 +1286,7 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
             print(f"--config {config}: skipped keys that are no flag of this command: {', '.join(skipped)}", file=sys.stderr)
         parser.set_defaults(**{k: v for k, v in given.items() if k in names})
     args = cls(**{f.name: getattr(parser.parse_args(argv), f.name) for f in fields(cls)})
-    for k, lo in {**FLAG_MINIMA, **getattr(cls, "minima", {})}.items():  # a class adds its own: minima = {"rank": 1}
+    for k, lo in {**FLAG_MINIMA, **getattr(cls, "minima", {})}.items():
         if k in names and (v := getattr(args, k)) is not None and min(v if isinstance(v, list) else [v], default=lo) < lo:
             parser.error(f"--{k.replace('_', '-')} must be at least {lo} (got {v}).")
     return args
@@ -1295,8 +1297,7 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     gradient scaler, the data/noise generator, the global RNGs, and the run's settings (`args`) to check a resume by."""
     state, osd = {f"param.{k}": v for k, v in tensors.items()} | {"rng.torch": torch.get_rng_state()}, optimizer.state_dict()
     state.update({f"optim.{i}.{name}": torch.as_tensor(v) for i, st in osd["state"].items() for name, v in st.items()})
-    if generator is not None:
-        state["rng.generator"] = generator.get_state()
+    state.update({"rng.generator": generator.get_state()} if generator is not None else {})
     if torch.cuda.is_available():
         state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -1340,8 +1341,7 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
         if obj is not None and meta[key]:
             obj.load_state_dict(meta[key])
     torch.set_rng_state(state["rng.torch"])
-    if generator is not None:
-        generator.set_state(state["rng.generator"])
+    generator.set_state(state["rng.generator"]) if generator is not None else None
     if torch.cuda.is_available() and "rng.cuda.0" in state:
         torch.cuda.set_rng_state_all([state[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
     np.random.set_state((meta["numpy"][0], state["rng.numpy"].numpy().astype(np.uint32), *meta["numpy"][1:]))

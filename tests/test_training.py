@@ -118,14 +118,18 @@ def test_flags_come_from_the_dataclass():
                                          (["--learning-rate", "-0.5"], "--learning-rate must be at least 0 (got -0.5)"),
                                          (["--validation-steps", "0"], "--validation-steps must be at least 1"),
                                          (["--width", "0"], "--width must be at least 1 (got 0)"),  # the class's own floor
-                                         (["--sizes", "4", "0"], "--sizes must be at least 1 (got [4, 0])")])
-def test_a_flag_below_its_floor_is_one_sentence_at_parse_time(flags, said, capsys):
-    """0 micro-batches (an empty stack), 0 accumulation steps (no loss to log), a modulo by 0: tracebacks steps
-    into a run, and a negative learning rate ascends the loss; each is refused before anything runs."""
+                                         (["--sizes", "4", "0"], "--sizes must be at least 1 (got [4, 0])"),
+                                         (["--lr-scheduler", "cosin"], "invalid choice: 'cosin'"),
+                                         (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"), (["--kind", "c"], "invalid choice: 'c'")])
+def test_a_flag_below_its_floor_or_outside_its_choices_is_one_sentence_at_parse_time(flags, said, capsys):
+    """A scheduler name with a typo was a KeyError in step 0, after the output folder existed; 0 micro-batches (an
+    empty stack), 0 accumulation steps (no loss to log), a modulo by 0: tracebacks steps into a run, and a negative
+    learning rate ascends the loss; each is refused before anything runs (a class adds its own floors and choices)."""
     @dataclass
     class Floored(ToyArgs):
         sizes: list[int] = field(default_factory=lambda: [4])
-        minima = {"width": 1, "sizes": 1}
+        kind: str = "a"
+        minima, choices = {"width": 1, "sizes": 1}, {"kind": ("a", "b")}
 
     with pytest.raises(SystemExit):
         sdm.parse_args(Floored, flags)
