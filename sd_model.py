@@ -1308,9 +1308,9 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     save_safetensors(state, Path(folder) / "training_state.safetensors", {k: json.dumps(v, default=lambda o: None) for k, v in meta.items()})
 
 
-def _settings(args) -> dict | None:
-    return None if args is None else json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in RESUME_FREE
-                                                             and not (isinstance(v, str) and v and Path(v).exists())}))
+def _settings(args) -> dict | None:  # paths (values naming files that exist, alone or in a list) are left out: folders move
+    is_path = lambda v: any(isinstance(x, str) and x and Path(x).exists() for x in (v if isinstance(v, list) else [v]))
+    return None if args is None else json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in RESUME_FREE and not is_path(v)}))
 
 
 def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None, args=None) -> int:

@@ -14,6 +14,7 @@ import sd_model as sdm
 class ToyArgs(sdm.TrainArgs):
     width: int = 8
     words: list[str] = field(default_factory=lambda: ["a", "b"])
+    data: list[str] = field(default_factory=list)  # folders, as ViCo's --images and Subject-Diffusion's --data
 
 
 def run(args, interrupt_at=None, nan_at=None):
@@ -94,9 +95,11 @@ def test_resuming_past_max_train_steps_or_with_other_settings_is_one_sentence_an
         sdm.load_checkpoint(tmp_path / "checkpoint-4", model, torch.optim.AdamW(model.values()))
     # what a resume may change: how long, where, what it logs and saves; and paths (a moved folder is the same run)
     (tmp_path.parent / "m1").mkdir(exist_ok=True), (tmp_path.parent / "m2").mkdir(exist_ok=True)
-    run(ToyArgs(output_dir=str(tmp_path / "p"), max_train_steps=2, checkpointing_steps=2, pretrained_model=str(tmp_path.parent / "m1")))
+    run(ToyArgs(output_dir=str(tmp_path / "p"), max_train_steps=2, checkpointing_steps=2, pretrained_model=str(tmp_path.parent / "m1"),
+                data=[str(tmp_path.parent / "m1")]))
     run(ToyArgs(output_dir=str(tmp_path / "p"), max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=1, device="cpu",
-                validation_prompt="x", resume="latest", pretrained_model=str(tmp_path.parent / "m2")))
+                validation_prompt="x", resume="latest", pretrained_model=str(tmp_path.parent / "m2"),
+                data=[str(tmp_path.parent / "m2")]))
     assert sorted(p.name for p in (tmp_path / "p").glob("checkpoint-*")) == ["checkpoint-3"]
 
 
