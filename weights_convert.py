@@ -361,13 +361,10 @@ def diffusers_unet_config(c: dict) -> sdm.UNetConfig:
     depth = [depth] * n_levels if isinstance(depth, int) else list(depth)
     # diffusers' `attention_head_dim` is the number of heads for SD1/SD2 (a known misnomer).
     heads = c.get("num_attention_heads") or c["attention_head_dim"]
-    if isinstance(heads, int):
-        head_kw = {"num_heads": heads}
-    else:
-        widths = {b // h for b, h in zip(boc, heads)}
-        if len(widths) != 1:
-            raise ValueError(f"unsupported UNet: per-level head widths differ ({heads}).")
-        head_kw = {"num_heads": None, "num_head_channels": widths.pop()}
+    widths = set() if isinstance(heads, int) else {b // h for b, h in zip(boc, heads)}  # per level: a fixed head width
+    if len(widths) > 1:
+        raise ValueError(f"unsupported UNet: per-level head widths differ ({heads}).")
+    head_kw = {"num_heads": None, "num_head_channels": widths.pop()} if widths else {"num_heads": heads}
     return sdm.UNetConfig(
         in_channels=c["in_channels"], out_channels=c["out_channels"], model_channels=boc[0],
         channel_mult=tuple(b // boc[0] for b in boc), num_res_blocks=c["layers_per_block"],
@@ -458,9 +455,12 @@ def load_clip_vision(path: Path) -> tuple[sdm.CLIPVisionConfig, dict]:
     width = sd["vision_model.pre_layrnorm.weight"].shape[0]
     grid = int((sd["vision_model.embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5)
     patch = sd["vision_model.embeddings.patch_embedding.weight"].shape[-1]
+    # The activation is not in the weights: the hub's open_clip_config.json beside the file says QuickGELU (DFN, MetaCLIP).
+    occ = path.with_name("open_clip_config.json")
+    act = "quick_gelu" if occ.exists() and json.loads(occ.read_text()).get("model_cfg", {}).get("quick_gelu") else "gelu"
     # OpenCLIP ViT-B has 12 heads, L/H/g/bigG 16 (head widths 64, 64, 80, 88, 104).
     cfg = sdm.CLIPVisionConfig(grid * patch, patch, width, _count(sd, "vision_model.encoder.layers."), 12 if width == 768 else 16,
-                               sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0], "gelu",
+                               sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0], act,
                                sd["visual_projection.weight"].shape[0])
     return cfg, sd
 

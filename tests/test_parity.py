@@ -2,6 +2,7 @@
 in diffusers / transformers / open_clip with random weights, save it the way that library saves it,
 convert it with weights_convert.py, load it strictly into sd_model.py, and compare outputs."""
 
+import json
 import warnings
 from dataclasses import replace
 
@@ -140,17 +141,19 @@ def test_clip_vision_matches_transformers(tmp_path):
     assert_close(emb, out.image_embeds, what="projected image embedding")
 
 
-def test_openclip_vision_converts(tmp_path):
-    """An OpenCLIP image tower (ViT-H/14 layout at toy width) saved as an OpenCLIP state dict."""
-    VisionTransformer = import_open_clip().transformer.VisionTransformer
-
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_openclip_vision_converts(tmp_path, quick_gelu):
+    """An OpenCLIP image tower (ViT-H/14 layout at toy width) saved as an OpenCLIP state dict; a "-quickgelu" model
+    (DFN, MetaCLIP) says so only in the hub's open_clip_config.json beside the weights, and used to be read as GELU."""
+    oc = import_open_clip()
     torch.manual_seed(0)
-    ref = VisionTransformer(image_size=28, patch_size=7, width=768, layers=2, heads=12, mlp_ratio=0.25,
-                            output_dim=16, output_tokens=True).eval()
+    ref = oc.transformer.VisionTransformer(image_size=28, patch_size=7, width=768, layers=2, heads=12, mlp_ratio=0.25, output_dim=16,
+                                           output_tokens=True, act_layer=oc.transformer.QuickGELU if quick_gelu else torch.nn.GELU).eval()
     randomize(ref)
     torch.save({"visual." + k: v for k, v in ref.state_dict().items()}, tmp_path / "open_clip_pytorch_model.bin")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 16, "quick_gelu": quick_gelu}}))
     cfg, sd = wc.load_clip_vision(tmp_path / "open_clip_pytorch_model.bin")
-    assert (cfg.heads, cfg.width, cfg.image_size, cfg.act) == (12, 768, 28, "gelu")
+    assert (cfg.heads, cfg.width, cfg.image_size, cfg.act) == (12, 768, 28, "quick_gelu" if quick_gelu else "gelu")
     ours = load_strict(sdm.CLIPVisionModel(cfg), sd)
     px = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
