@@ -1143,6 +1143,7 @@ class ToyArgs(sdm.TrainArgs):
     data: str = "outputs/toy/data"  # folder written by pretrain-data
     stage_dir: str = "outputs/toy"  # where the clip/ and vae/ stages wrote their results
     threads: int = 2
+    minima = {"threads": 1}  # checked by sdm.parse_args
 
 
 @dataclass
