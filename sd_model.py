@@ -1253,7 +1253,7 @@ FLAG_CHOICES = {"lr_scheduler": ("constant", "linear", "cosine"), "mixed_precisi
                 "precision": ("fp32", "fp16", "bf16"), "vae_precision": ("fp32", "fp16", "bf16")}
 RESUME_FREE = {"resume", "overwrite", "output_dir", "device", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit",
                "validation_prompt", "validation_steps", "num_validation_images", "compile", "channels_last",
-               "gradient_checkpointing", "num_workers", "validation_subject", "validation_entity"}
+               "gradient_checkpointing", "num_workers", "threads", "validation_subject", "validation_entity"}
 
 
 def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
