@@ -600,7 +600,7 @@ def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_d
     errors = {"steps 0": (["--steps", "0"], "--steps must be at least 1 \\(got 0\\)"),  # the shared floor, at parse time
               "steps 1001": (["--steps", "1001"], "--steps must be between 1 and 1000"),
               "gamma nan": (["--gamma", "nan"], "must be numbers"),
-              "sampler": (["--sampler", "heun"], "unknown sampler 'heun'"),
+              "sampler": (["--sampler", "heun"], "invalid choice: 'heun'"),
               "size": (["--height", "30"], "multiples of 4 for this model"),
               "long auxiliary prompt": (["--prompt-file", str(tmp_path / "prompts.txt"), "--aux-noun",
                                          "very big fluffy brown and white dog"], "auxiliary prompt of .* over CLIP's 77")}
