@@ -897,6 +897,12 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     one process per GPU (torchrun), DDP gradient all-reduce (no_sync inside an accumulation), logs and
     checkpoints on rank 0 with sd_model's save_checkpoint / load_checkpoint / lr_lambda. All randomness
     comes with the data (`Records`), so N processes x B equals 1 process x N*B, and --resume is exact."""
+    if cfg.p_drop_text + cfg.p_drop_both + cfg.p_drop_location > 1:  # the three bands of one draw (card §7.3)
+        raise ValueError(f"--p-drop-text, --p-drop-both and --p-drop-location are shares of one draw and must sum to at most 1 "
+                         f"(got {cfg.p_drop_text + cfg.p_drop_both + cfg.p_drop_location:g}).")
+    if cfg.min_box_area >= cfg.max_box_area or cfg.min_box_aspect >= cfg.max_box_aspect:
+        raise ValueError(f"the box limits leave no box: --min-box-area {cfg.min_box_area} must be below --max-box-area "
+                         f"{cfg.max_box_area}, and --min-box-aspect {cfg.min_box_aspect} below --max-box-aspect {cfg.max_box_aspect}.")
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     cuda = torch.cuda.is_available() and not cfg.device.startswith("cpu")
     device = cfg.device or (f"cuda:{local}" if cuda else "cpu")

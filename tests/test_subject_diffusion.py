@@ -739,6 +739,18 @@ def test_a_non_finite_loss_stops_the_command_line_with_one_sentence(tiny, tmp_pa
     assert not (tmp_path / "out" / "subject_diffusion.safetensors").exists()
 
 
+@pytest.mark.parametrize("flags, said", [(["--p-drop-text", "0.7", "--p-drop-both", "0.5"], r"must sum to at most 1 \(got 1.25\)"),
+                                         (["--min-box-area", "0.9", "--max-box-area", "0.2"], "the box limits leave no box")])
+def test_dropout_shares_and_box_limits_that_cannot_hold_are_one_sentence(tiny, tmp_path, flags, said):
+    """Shares over 1 dropped the text of every sample (an unconditional model, trained silently); limits with min >= max
+    filtered every box, reported only as a DataLoader worker's traceback. Both are refused before any file is written."""
+    _, _, root = tiny
+    with pytest.raises(SystemExit, match=said):
+        sdx.main(["train", "--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "1",
+                  *FAST, *flags, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_entity_images_paste_the_masked_subject_on_a_background(tiny, tmp_path):
     """synthesize() (card §2.3): only the masked box crop reaches the canvas, scaled to about half of it,
     over the background; backgrounds are --backgrounds images or other records emptied of their objects."""
