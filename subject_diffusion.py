@@ -856,7 +856,7 @@ def import_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder) -> No
 
 
 def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", precision: str = "fp32", device: str = "",
-                 compile: bool = False, channels_last: bool = False):
+                 compile: bool = False, channels_last: bool = False, vae_precision: str = "", variant: str = ""):
     """(sd, vision, method, metadata) from a training output folder (or one of its checkpoint-N), or an
     official-layout folder; the base model defaults to the one the weights were trained on."""
     from safetensors import safe_open
@@ -873,8 +873,8 @@ def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", p
     else:
         meta = official_metadata(folder)
     device = sdm.pick_device(device)
-    sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, "fp32" if precision == "fp16" else "", device,
-                        "", compile, channels_last)
+    sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, vae_precision or ("fp32" if precision == "fp16" else ""),
+                        device, variant, compile, channels_last)
     vision = sdm.StableDiffusion.load_image_encoder(image_encoder or meta.get("image_encoder") or pretrained_model
                                                     or meta.get("base_model") or None, device, sdm.DTYPES[precision])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg)
@@ -1218,9 +1218,12 @@ def sample_main(a: SampleConfig) -> None:
         raise ValueError(f"--box takes 4 numbers (x1 y1 x2 y2, pixels) per subject: {4 * len(a.subject)}, got {len(a.box)}.")
     if a.mask and len(a.mask) != len(a.subject):
         raise ValueError("give one --mask per --subject, or none for the automatic cut-out.")
+    if a.negative_prompt:  # it used to be accepted and ignored
+        raise ValueError("Subject-Diffusion's three-way guidance has no negative prompt (its image and unconditional branches are the "
+                         "empty text, card §8.2); drop --negative-prompt.")
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # save_image makes it: a bad input leaves none
     sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
-                                            a.compile, a.channels_last)
+                                            a.compile, a.channels_last, a.vae_precision, a.variant)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
     subjects = []
     for i, (path, word) in enumerate(zip(a.subject, (w.strip() for w in a.entity))):  # --entity ' dog' is 'dog'

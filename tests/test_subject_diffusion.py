@@ -564,13 +564,23 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     finally:
         sdx.subject_image = real
     assert seen and np.array_equal(seen[0], np.asarray(Image.open(mask)) > 127)
+    vae = []  # --vae-precision reaches the model (it was fixed by --precision alone)
+    real_load = sdm.load_model
+    sdx.sdm.load_model = lambda *a, **k: vae.append(a[2]) or real_load(*a, **k)
+    try:
+        sdx.main([*base, "--subject", str(ref), "--entity", "star", "--prompt", "a star", "--vae-precision", "bf16"])
+    finally:
+        sdx.sdm.load_model = real_load
+    assert vae == ["bf16"]
     bad = ((["--subject", str(ref), str(ref), str(ref)], ["star"] * 3, "a star", "at most 2 subjects"),
            (["--subject", str(ref)], ["star"], "a dog on the snow", "entity word 'star' is not in the prompt"),
            (["--subject", str(ref), "--box", "0", "0", "40", "16"], ["star"], "a star", "lies outside the 32x32 image"),
            (["--subject", str(ref)], [" "], "a star", "needs its entity word"),
            (["--subject", str(ref), str(ref), "--mask", str(tmp_path / "mask.png")], ["star", "toy"], "a star and a toy",
             "one --mask per --subject"),
-           (["--subject", str(ref), "--height", "33"], ["star"], "a star", "height and width must be multiples of"))
+           (["--subject", str(ref), "--height", "33"], ["star"], "a star", "height and width must be multiples of"),
+           (["--subject", str(ref), "--negative-prompt", "blurry"], ["star"], "a star", "has no negative prompt"),  # was ignored
+           (["--subject", str(ref), "--variant", "sd21"], ["star"], "a star", "model, not 'sd21'"))  # was ignored too
     for args, entities, prompt, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             sdx.main([*base, *args, "--entity", *entities, "--prompt", prompt])
