@@ -386,14 +386,14 @@ def pick_aux_noun(model, class_word: str, nouns=AUX_NOUNS, prompts=()) -> str:
     return cands[int(F.cosine_similarity(pooled[:1], pooled[1:]).argmax())]
 
 
-def _find(ids: list[int], sub: list[int]) -> int:
-    """First position of the run `sub` in `ids`, or -1."""
-    return next((j for j in range(len(ids) - len(sub) + 1) if ids[j:j + len(sub)] == sub), -1)
-
-
 def _find_all(ids: list[int], sub: list[int]) -> list[int]:
     """Every start of the run `sub` in `ids`; "V noun" runs never overlap (V's ids are new, so not in the noun)."""
     return [j for j in range(len(ids) - len(sub) + 1) if ids[j:j + len(sub)] == sub]
+
+
+def _find(ids: list[int], sub: list[int]) -> int:
+    """First position of the run `sub` in `ids`, or -1."""
+    return next(iter(_find_all(ids, sub)), -1)
 
 
 def check_prompts(model, ico: ICO, prompts: list[str], need_noun: bool) -> None:
@@ -427,9 +427,10 @@ def make_branches(model, ico: ICO, prompts: list[str], aux_noun: str) -> Branche
         for s in (starts := _find_all(ids, phrase)):
             aux += ids[end:s]
             starts_a.append(len(aux))
-            aux, end = aux + noun, s + len(phrase)
+            aux += noun
+            end = s + len(phrase)
         aux += ids[end:]
-        if _find(ids, noun) >= 0:
+        if len(_find_all(aux, noun)) > len(starts):  # the noun also outside the replaced spans (not inside "teddy bear")
             warnings.warn(f"the auxiliary noun '{aux_noun}' is also in the prompt '{p}' outside the concept; the "
                           "auxiliary branch cannot tell the two apart (choose another --aux-noun).", stacklevel=2)
         if len(aux) > tok.length - 2:

@@ -3,8 +3,8 @@
 
 import copy
 import json
-import re
 import math
+import re
 import warnings
 
 import numpy as np
@@ -251,6 +251,9 @@ def test_every_concept_occurrence_is_replaced_and_the_automatic_noun_is_not_in_t
     assert di.pick_aux_noun(model, "teddy bear", prompts=["a V teddy bear", f"two {everyone}s"]) == everyone  # words, not parts
     with pytest.warns(UserWarning, match="'dog' is also in the prompt"):
         di.make_branches(model, ico, [di.resolve_prompt("a V teddy bear with a dog", ico)], "dog")
+    with warnings.catch_warnings():  # "bear" inside the replaced "teddy bear" is not elsewhere in the prompt
+        warnings.simplefilter("error")
+        assert di.make_branches(model, ico, [prompt], "bear").aux_prompts == ["a bear and a bear"]
 
 
 def test_init_tokens_one_or_one_per_token_and_ids_in_the_table(model):
