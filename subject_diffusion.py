@@ -361,7 +361,7 @@ class Objective(nn.Module):
 # over on --resume). The counts are events: a bad record is counted each time a batch draws it.
 SKIPS = {
     "unreadable": "a record could not be read (missing or corrupt image or json); it is skipped",
-    "bad_mask": "a record's mask.png is not a one-channel label map of its image's size; the record is skipped",
+    "bad_mask": "a record's label map (mask.png, or the png beside a jpg) is not a one-channel label map of its image's size; the record is skipped",
     "no_boxes": "a record has no object boxes; it is skipped (every training image needs a subject box)",
     "box_outside": "an object's box is missing, outside its image or empty; that object is ignored",
     "entity_missing": "an object's label is not a word of the caption; that object is ignored",
@@ -392,22 +392,34 @@ def _box(o) -> np.ndarray | None:
     return box if box.shape == (4,) and np.isfinite(box).all() else None
 
 
-MEMBERS = ("png", "json", "mask.png")  # a record's files, by extension
+MEMBERS = ("image", "json", "labels")  # a record's three roles
+PHOTO_EXTS = ("jpg", "jpeg", "webp")
+FILE_EXTS = (*PHOTO_EXTS, "png", "json", "mask.png")
+
+
+def roles(exts) -> dict:
+    """{role: extension} of a record's files. Two layouts: ours (`png` image, `mask.png` label map) and the
+    official labeller's (card §7.4: a `jpg` photo beside a `png` label map); a photo makes the png a label map."""
+    exts = set(exts)
+    photo = next((e for e in PHOTO_EXTS if e in exts), None)
+    image, labels = (photo, "png") if photo else ("png", "mask.png")
+    return {r: e for r, e in zip(MEMBERS, (image, "json", labels)) if e in exts}
 
 
 def scan_tar(tar) -> np.ndarray | None:
-    """(records, 6) int64: offset and size of each record's png, json and mask.png (-1: none), the records
+    """(records, 6) int64: offset and size of each record's image, json and label map (-1: none), the records
     sorted by key; None for an unreadable tar. Reading the member headers is the cost: one seek a member."""
     try:
         with tarfile.open(tar) as tf:
             members = {}
             for m in tf.getmembers():
                 key, _, ext = Path(m.name).name.partition(".")
-                members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+                members.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError):
         return None
-    keys = sorted(k for k, v in members.items() if "json" in v and "png" in v)
-    return np.array([[x for ext in MEMBERS for x in members[k].get(ext, (-1, -1))] for k in keys], np.int64).reshape(-1, 6)
+    found = {k: {r: v[e] for r, e in roles(v).items()} for k, v in members.items()}
+    keys = sorted(k for k, v in found.items() if "json" in v and "image" in v)
+    return np.array([[x for r in MEMBERS for x in found[k].get(r, (-1, -1))] for k in keys], np.int64).reshape(-1, 6)
 
 
 def _stamp(path):
@@ -422,6 +434,8 @@ def read_tar_index(path) -> dict:
     if not path or not Path(path).is_file():
         return {}
     with np.load(path) as f:
+        if "jpg_labels" not in f:  # written before jpg + png-label-map records were read: rescan
+            return {}
         meta, rows = json.loads(str(f["meta"])), f["rows"]
     return {t: (stamp, None if n < 0 else rows[a:a + n]) for t, stamp, a, n in meta}
 
@@ -439,7 +453,7 @@ def write_tar_index(path, entries: dict) -> None:
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), rows=rows)
+            np.savez(f, meta=np.array(json.dumps(meta)), rows=rows, jpg_labels=np.ones(()))
     sdm.atomic_write(path, write)
 
 
@@ -466,7 +480,8 @@ def json_boxes(rec: dict, W: int, H: int) -> list:
 
 class Records(torch.utils.data.Dataset):
     """Training records: `{key}.png` (RGB), `{key}.json` and optional `{key}.mask.png`, loose in a folder
-    or as members of webdataset-style `.tar` shards (toy_world.py make-records writes both forms).
+    or as members of webdataset-style `.tar` shards (toy_world.py make-records writes both forms); or the
+    official labeller's `{key}.jpg` photo, `{key}.json` and `{key}.png` label map.
 
     json: {"caption": str, "objects": [{"value": k, "label": entity word in the caption,
     "box": [x1, y1, x2, y2] pixels, x2/y2 exclusive}, ...]}; the mask is a label map (k = object k,
@@ -483,7 +498,7 @@ class Records(torch.utils.data.Dataset):
         self.cfg, self.size, self.latent, self.zc, self.clip_size, self.verbose = cfg, size, latent, z_channels, clip_size, verbose
         self.pad_id = pad_id
         # A compact index, since every rank holds all of it (the paper's 76 M records): per shard its source
-        # and first record; per tar record the (offset, size) of its png, json and mask.png members (-1: none),
+        # and first record; per tar record the (offset, size) of its image, json and label-map members (-1: none),
         # 48 bytes; keys only for loose folders. self.shards are ranges, the unit the sampler shuffles.
         self.bad_shards, self._warned, sources, starts, offsets, self.loose_keys = [], set(), [], [0], [], {}
         cached, scanned = read_tar_index(index), {}
@@ -492,7 +507,9 @@ class Records(torch.utils.data.Dataset):
             if tars is None:
                 raise FileNotFoundError(f"training data '{p}' is neither a folder nor a .tar shard.")
             if not tars:
+                names = {q.name.lower() for q in p.iterdir()}
                 keys = sorted(q.name[:-5] for q in p.glob("*.json"))
+                keys = [k for k in keys if "image" in roles(e for e in FILE_EXTS if f"{k}.{e}".lower() in names)]
                 self.loose_keys[len(sources)] = keys
                 sources.append(str(p)), starts.append(starts[-1] + len(keys))
                 offsets.append(np.full((len(keys), 6), -1, np.int64))
@@ -516,7 +533,7 @@ class Records(torch.utils.data.Dataset):
         self.shards = [range(a, b) for a, b in zip(starts, starts[1:])]
         if not len(self):
             raise ValueError(f"no training records in {', '.join(map(str, paths))}; write {{key}}.png/.json"
-                             "(/.mask.png) files or .tar shards of them (python toy_world.py make-records).")
+                             "(/.mask.png) or {{key}}.jpg/.json/.png files, or .tar shards of them (python toy_world.py make-records).")
         self.tokenizer = sdm.CLIPTokenizer()
         self.bg_files = sorted(q for q in Path(cfg.backgrounds).iterdir() if not q.name.startswith(".")) if cfg.backgrounds else []
 
@@ -541,18 +558,21 @@ class Records(torch.utils.data.Dataset):
     def read(self, i):
         src, key, _, row = self.locate(i)
 
-        def get(ext):  # a loose file, or a tar member read at its offset
+        def get(role):  # a loose file, or a tar member read at its offset
             if key is not None:
-                return (Path(src) / f"{key}.{ext}").read_bytes() if (Path(src) / f"{key}.{ext}").exists() else None
-            off, size = row[2 * MEMBERS.index(ext): 2 * MEMBERS.index(ext) + 2]
+                files = {e: q for e in FILE_EXTS for q in (Path(src) / f"{key}.{e}", Path(src) / f"{key}.{e.upper()}")
+                         if q.is_file()}
+                ext = roles(files).get(role)
+                return None if ext is None else files[ext].read_bytes()
+            off, size = row[2 * MEMBERS.index(role): 2 * MEMBERS.index(role) + 2]
             if off >= 0:
                 with open(src, "rb") as f:
                     f.seek(int(off))
                     return f.read(int(size))
 
         try:
-            rec, mask = json.loads(get("json")), get("mask.png")
-            image, labels = _png(get("png")), None if mask is None else _png(mask, rgb=False)
+            rec, mask = json.loads(get("json")), get("labels")
+            image, labels = _png(get("image")), None if mask is None else _png(mask, rgb=False)
         except Exception as e:  # any reason a record cannot be decoded
             raise Skip("unreadable") from e
         if labels is not None and labels.shape != image.shape[:2]:  # an RGB or resized mask would not line up

@@ -1,9 +1,11 @@
 """Subject-Diffusion: the card's identities (methods/subject_diffusion.md §11), the data format, DDP and resume."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -346,6 +348,33 @@ def test_the_official_labellers_json_reads_as_it_is(tiny, tmp_path):
     assert s["valid"].all()
     for k, name in enumerate(("high", "mid")):  # "high" first although the json lists it last
         assert torch.allclose(s["boxes"][k], torch.tensor(boxes[name]) / 64)
+
+
+def test_the_official_labellers_jpg_photo_and_png_label_map_read_like_our_png_and_mask(tiny, tmp_path):
+    """The official labeller's record is `key.jpg` (the photo), `key.png` (the palettised label map) and
+    `key.json` (card §7.4); loose or in a shard, it reads as our `key.png` + `key.mask.png` of the same pixels."""
+    _, _, root = tiny
+    src = root / "loose"
+    photo = io.BytesIO()
+    Image.open(src / "000000.png").convert("RGB").save(photo, format="JPEG", quality=90)
+    ours, official = tmp_path / "ours", tmp_path / "official"
+    ours.mkdir(), official.mkdir()
+    Image.open(io.BytesIO(photo.getvalue())).save(ours / "a.png")
+    for folder in (ours, official):
+        (folder / "a.json").write_text((src / "000000.json").read_text())
+    (ours / "a.mask.png").write_bytes((src / "000000.mask.png").read_bytes())
+    (official / "a.JPG").write_bytes(photo.getvalue())  # an upper-case extension, as cameras write them
+    (official / "a.png").write_bytes((src / "000000.mask.png").read_bytes())
+    with tarfile.open(tmp_path / "00000.tar", "w") as tf:
+        for name, ext in (("a.JPG", "jpg"), ("a.png", "png"), ("a.json", "json")):
+            tf.add(official / name, arcname=f"a.{ext}")
+    cfg = sdx.TrainConfig(data=[str(ours)], min_box_area=0.01)
+    want = sdx.Records([str(ours)], cfg, 32, 16, 4, 32, 49407, verbose=False)[(0, 0, 0)]
+    a, b, c, d = (want["boxes"][0] * 32).round().int().tolist()
+    assert want["segmaps"][0][b:d, a:c].mean() < 1  # the label map's shape, not the box
+    for data in ([str(official)], [str(tmp_path / "00000.tar")]):
+        got = sdx.Records(data, cfg, 32, 16, 4, 32, 49407, verbose=False)[(0, 0, 0)]
+        assert not got["skips"].any() and all(torch.equal(got[k], want[k]) for k in want), data
 
 
 def test_16_bit_and_rgba_record_images_read_as_sd_model_reads_images(tiny, tmp_path):
