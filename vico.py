@@ -564,6 +564,8 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     placeholders = args.placeholder or (["S*"] if len(args.images) == 1 else [f"S{i + 1}*" for i in range(len(args.images))])
     if len(placeholders) != len(args.images):
         raise ValueError(f"give one --placeholder per image folder ({len(args.images)}).")
+    if not all(p.strip() for p in placeholders):
+        raise ValueError(f"a --placeholder is empty ({placeholders}); give each concept a string such as S*.")
     if len(set(placeholders)) != len(placeholders):  # one token id for two concepts: one row would silently win
         raise ValueError(f"the placeholders {placeholders} repeat; give each image folder its own, e.g. S1* S2*.")
     templates = list(IMAGENET_TEMPLATES) if args.templates == ["imagenet"] else list(args.templates)
@@ -592,6 +594,10 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     for ph, w, i in zip(placeholders, args.init_word, init_ids):
         print(f"{ph} initialised from the token embedding of '{w}' (id {i})", file=sys.stderr)
     token_ids = add_placeholders(model, placeholders)
+    for ph, i in zip(placeholders, token_ids):  # else S* would be read at column 0 (BOS) and its row never train
+        if bad := next((t.format(ph) for t in templates if (model.tokenize([t.format(ph)])[0] == i).sum() != 1), None):
+            raise ValueError(f"the placeholder '{ph}' is not one token of the caption '{bad}' (spaces around it are "
+                             "dropped, a caption is cut at 77 tokens); choose a placeholder such as S* and shorter templates.")
     init = table.weight[torch.tensor(init_ids, device=table.weight.device)].float()  # token only, no position (card 8)
     vico = ViCo(model.unet, placeholders, token_ids, init, args.visual_condition, args.mask_mode, args.zero_init_image_attn).to(device)
     model.unet.gradient_checkpointing = args.gradient_checkpointing

@@ -551,6 +551,7 @@ def test_bad_concept_files_get_one_sentence(model, tmp_path):
         vico.load_concept(model, release)
 
 
+@pytest.mark.filterwarnings("ignore:prompt is")  # the long template
 def test_bad_templates_and_repeated_placeholders_are_refused_before_the_output_folder_is_made(model, tmp_path):
     images = write_images(tmp_path / "imgs", 1)
     for t in ("a {} and {}", "a photo of {name}", "a {} {", "a {.x}", "a photo"):  # str.format would fail at step 1
@@ -561,6 +562,12 @@ def test_bad_templates_and_repeated_placeholders_are_refused_before_the_output_f
         vico.train(vico.ViCoArgs(images=[str(images)] * 2, init_word=["dog"] * 2, placeholder=["A*", "A*"],
                                  output_dir=str(tmp_path / "run")), model)
     assert not (tmp_path / "run").exists()
+    long = "a photo of " + "very " * 80 + "{}"  # cut at 77 tokens before the placeholder
+    for ph, t, said in (("", "a {}", "is empty"), ("zq9 ", "a photo of {}", "'zq9 ' is not one token of the caption 'a photo of zq9 '"),
+                        ("S*", long, "'S\\*' is not one token of the caption 'a photo of very")):
+        with pytest.raises(ValueError, match=said):  # the token would be read at column 0 (BOS) and never train
+            run_train(model, tmp_path / "run", 1, images=images, placeholder=[ph], templates=[t])
+        assert not (tmp_path / "run").exists(), ph
     assert run_train(model, tmp_path / "run", 1, images=images, templates=["a {{literal}} {}"]).layers
 
 
