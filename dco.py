@@ -119,7 +119,7 @@ class LoRA(nn.Module):
 
     def __init__(self, layers: dict[str, LoRALayer], name: str = "default"):
         super().__init__()
-        self.name, self.scale, self.enabled = name, 1.0, True
+        self.name, self.scale, self.enabled, self.tokens = name, 1.0, True, []  # tokens: learned with it (file metadata)
         self.layers = nn.ModuleDict({p.replace(".", "_"): layer for p, layer in layers.items()})
         self.paths = {p.replace(".", "_"): p for p in layers}
 
@@ -310,7 +310,10 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
                              f"there and {lin[p].out_features}x{lin[p].in_features} here; use the model it was trained on.")
         layers[p] = (A, B, float(d["alpha"]) if "alpha" in d else peft_alpha(peft_meta, dnames[p], A.shape[0]))
     device = next(iter(lin.values())).weight.device
-    return LoRA.from_tensors(layers, name).to("cpu" if device.type == "meta" else device)  # meta: a skeleton UNet (merge)
+    lora = LoRA.from_tensors(layers, name).to("cpu" if device.type == "meta" else device)  # meta: a skeleton UNet (merge)
+    with contextlib.suppress(ValueError, TypeError):  # the learned tokens `train` or `merge` wrote it with
+        lora.tokens = [t for t in json.loads(meta.get("tokens", "[]")) if isinstance(t, str)]
+    return lora
 
 
 def peft_alpha(meta: dict, module: str, rank: int) -> float:
@@ -411,42 +414,65 @@ class LearnedTokens(nn.Module):
         return prompt
 
     def save(self, path, metadata: dict | None = None) -> None:
-        """diffusers format: {token: (1, d)} (SD1); SDXL {"clip_l": (n, 768), "clip_g": (n, 1280)} as DCO writes."""
-        if len(self.rows) > 1:
-            embeds = {"clip_l": self.rows[0], "clip_g": self.rows[1]}
-        else:
-            embeds = {t: self.rows[0][i : i + 1] for i, t in enumerate(self.tokens)}
-        sdm.save_embeddings(path, {k: v.detach() for k, v in embeds.items()}, "diffusers",
-                            {"tokens": self.tokens, "initializer_tokens": self.initializers, **(metadata or {})})
+        write_embeddings(path, self.tokens, [r.detach() for r in self.rows], self.initializers, metadata)
 
     @classmethod
     def load(cls, path, model) -> "LearnedTokens":
-        from safetensors import safe_open
-
-        embeds = sdm.load_embeddings(path)
-        meta = {}
-        if str(path).endswith(".safetensors"):
-            with safe_open(str(path), "pt") as f:
-                meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
-        if {"clip_l", "clip_g"} & set(embeds):  # the SDXL layout; one key alone fits only a model with that one encoder
-            rows = [embeds[k] for k in ("clip_l", "clip_g") if k in embeds]
-            tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(rows[0]))]
-        else:
-            if any(len(v) != 1 for v in embeds.values()):  # one id per token: extra rows would shift every later token's
-                raise ValueError(f"embeddings '{path}' hold multi-vector tokens "
-                                 f"({', '.join(f'{k}: {len(v)}' for k, v in embeds.items() if len(v) != 1)} rows); "
-                                 "this loader reads one vector per token.")
-            tokens, rows = list(embeds), [torch.cat(list(embeds.values()))]
-        if any(len(r) != len(tokens) for r in rows):
-            raise ValueError(f"embeddings '{path}' have {[len(r) for r in rows]} rows for the {len(tokens)} tokens {tokens}; "
-                             "each encoder needs one row per token.")
+        tokens, rows, inits = read_embeddings(path)
         encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
         if len(rows) != len(encoders) or any(r.shape[1] != e.cfg.width for r, e in zip(rows, encoders)):
             raise ValueError(f"embeddings '{path}' do not fit this base model (widths {[r.shape[1] for r in rows]}, "
                              f"model {[e.cfg.width for e in encoders]}); use the model they were trained on.")
-        # a plain textual-inversion file does not say which word each token started from: None, and consistency
-        # guidance then needs --base-prompt (the pretrained model cannot read the new tokens)
-        return cls(model, tokens, [r.to(model.device) for r in rows], meta.get("initializer_tokens") or [None] * len(tokens))
+        return cls(model, tokens, [r.to(model.device) for r in rows], inits)
+
+
+def write_embeddings(path, tokens: list[str], rows: list[torch.Tensor], initializers: list, metadata: dict | None = None) -> None:
+    """diffusers format: {token: (1, d)} (SD1); SDXL {"clip_l": (n, 768), "clip_g": (n, 1280)} as DCO writes."""
+    embeds = {"clip_l": rows[0], "clip_g": rows[1]} if len(rows) > 1 else {t: rows[0][i : i + 1] for i, t in enumerate(tokens)}
+    sdm.save_embeddings(path, embeds, "diffusers", {"tokens": tokens, "initializer_tokens": initializers, **(metadata or {})})
+
+
+def read_embeddings(path) -> tuple[list[str], list[torch.Tensor], list]:
+    """(tokens, one (n, d) table per text encoder, initializer words) of a learned_embeds file, ours or a textual-
+    inversion one (which does not say which word each token started from: None, and consistency guidance then
+    needs --base-prompt, as the pretrained model cannot read the new tokens)."""
+    from safetensors import safe_open
+
+    embeds, meta = sdm.load_embeddings(path), {}
+    if str(path).endswith(".safetensors"):
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
+    if {"clip_l", "clip_g"} & set(embeds):  # the SDXL layout; one key alone fits only a model with that one encoder
+        rows = [embeds[k] for k in ("clip_l", "clip_g") if k in embeds]
+        tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(rows[0]))]
+    else:
+        if any(len(v) != 1 for v in embeds.values()):  # one id per token: extra rows would shift every later token's
+            raise ValueError(f"embeddings '{path}' hold multi-vector tokens "
+                             f"({', '.join(f'{k}: {len(v)}' for k, v in embeds.items() if len(v) != 1)} rows); "
+                             "this loader reads one vector per token.")
+        tokens, rows = list(embeds), [torch.cat(list(embeds.values()))]
+    if any(len(r) != len(tokens) for r in rows):
+        raise ValueError(f"embeddings '{path}' have {[len(r) for r in rows]} rows for the {len(tokens)} tokens {tokens}; "
+                         "each encoder needs one row per token.")
+    return tokens, rows, meta.get("initializer_tokens") or [None] * len(tokens)
+
+
+def combine_embeddings(files) -> tuple[list[str], list[torch.Tensor], list]:
+    """Several learned_embeds files as one token set (`merge`): their tokens side by side, a token in two files once
+    when its rows agree; sample reads one file, since new-token ids are given out in order."""
+    tokens, rows, inits = [], None, []
+    for f in files:
+        t, r, i = read_embeddings(f)
+        if rows is not None and [x.shape[1] for x in r] != [x.shape[1] for x in rows]:
+            raise ValueError(f"embeddings '{f}' are for another base model than '{files[0]}' (widths differ).")
+        for k, tok in enumerate(t):
+            if tok in tokens:
+                if not all(torch.equal(x[k], y[tokens.index(tok)]) for x, y in zip(r, rows)):
+                    raise ValueError(f"two LoRAs learned different embeddings for '{tok}'; train them with distinct tokens.")
+                continue
+            rows = [x[k : k + 1] for x in r] if rows is None else [torch.cat([y, x[k : k + 1]]) for x, y in zip(r, rows)]
+            tokens.append(tok), inits.append(i[k])
+    return tokens, rows, inits
 
 
 # ---- 5. The DCO loss and one training step.
@@ -773,10 +799,11 @@ def train(a: DCOArgs) -> Path:
 class DCOSampleArgs(sdm.SampleArgs):
     lora: list[str] = field(default_factory=list)  # LoRA files or training output folders (either format)
     lora_scale: list[float] = field(default_factory=list)  # one weight per LoRA (default 1 each)
-    embeddings: list[str] = field(default_factory=list)  # learned_embeds files; a LoRA folder's own is read too
+    embeddings: list[str] = field(default_factory=list)  # learned_embeds files; none: those found beside the LoRAs
     base_prompt: str = ""  # "" = --prompt with each learned token replaced by its initializer word
     guidance: str = "consistency"  # consistency (3 UNet evaluations a step) | cfg (the fine-tuned model's CFG)
     w_cons: float = 3.0  # README example; the paper sweeps 2-5 (w_text = --guidance-scale = --w-text, 7.5)
+    choices = {"guidance": ("consistency", "cfg")}
 
 
 @dataclass
@@ -789,6 +816,8 @@ class MergeArgs:
     output: str = "merged_lora.safetensors"
     format: str = "peft"  # peft | kohya
     pretrained_model: str = ""  # the base model the LoRAs belong to ("" = the toy model)
+    choices = {"method": ("sum", "ties_svd"), "format": ("peft", "kohya")}
+    minima = {"rank": 0}
 
 
 def unet_skeleton(path: str):
@@ -807,15 +836,33 @@ def unet_skeleton(path: str):
         return sdm.UNetModel(cfg)
 
 
+def embeddings_beside(path, lora: LoRA) -> Path | None:
+    """The learned_embeds file a LoRA came with: in its training folder (given, or the folder of a LoRA file whose
+    metadata lists learned tokens), or `<stem>.learned_embeds.safetensors` beside a file `merge` wrote."""
+    p = Path(path)
+    near = [p / "learned_embeds.safetensors"] if p.is_dir() else \
+        [p.with_name(p.stem + ".learned_embeds.safetensors"), *([p.parent / "learned_embeds.safetensors"] if lora.tokens else [])]
+    return next((q for q in near if q.is_file()), None)
+
+
 def load_adapters(model, paths, scales):
-    loras, tokens = [], []
+    """(LoRAs, the learned_embeds files found beside them)."""
+    loras, found = [], []
     for i, p in enumerate(paths):
         lora = load_lora(p, model.unet, name=f"lora{i}")
         lora.scale = scales[i] if i < len(scales) else 1.0
         loras.append(lora)
-        if Path(p).is_dir() and (Path(p) / "learned_embeds.safetensors").exists():
-            tokens.append(Path(p) / "learned_embeds.safetensors")
-    return loras, tokens
+        found += [q] if (q := embeddings_beside(p, lora)) is not None else []
+    return loras, found
+
+
+def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str) -> None:
+    """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently."""
+    for p, lora in zip(paths, loras):
+        if missing := [t for t in lora.tokens if t in text and (tokens is None or t not in tokens.tokens)]:
+            raise ValueError(f"'{p}' was trained with the learned token(s) {missing}, whose embeddings are not loaded "
+                             f"(the prompt would read '{missing[0]}' as text); give its learned_embeds.safetensors "
+                             "with --embeddings.")
 
 
 def main(argv=None):
@@ -831,14 +878,15 @@ def main(argv=None):
             a = sdm.parse_args(DCOSampleArgs, rest, p)
             if a.lora_scale and len(a.lora_scale) != len(a.lora):
                 raise ValueError(f"{len(a.lora)} LoRAs but {len(a.lora_scale)} --lora-scale values; give one per LoRA (or none: 1 each).")
-            out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
+            out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # save_image makes it: a refusal leaves none
             model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant,
                                    a.compile, a.channels_last)
             loras, found = load_adapters(model, a.lora, a.lora_scale)
-            files = list({Path(f).resolve(): f for f in [*a.embeddings, *found]}.values())  # the same file twice is once
+            files = list({Path(f).resolve(): f for f in a.embeddings or found}.values())  # given ones over those found
             if len(files) > 1:
                 raise ValueError("give one embeddings file (several token sets cannot share the new-token ids).")
             tokens = LearnedTokens.load(files[0], model) if files else None
+            check_tokens(a.lora, loras, tokens, " ".join((a.prompt, a.base_prompt, a.negative_prompt)))
             h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
             g = torch.Generator(model.device).manual_seed(a.seed)
             with install(model.unet, *loras):
@@ -852,13 +900,22 @@ def main(argv=None):
             if len(a.lora) < 2:
                 raise ValueError("give two or more LoRAs to merge with --lora A B ...")
             model = SimpleNamespace(unet=unet_skeleton(a.pretrained_model))
-            loras, _ = load_adapters(model, a.lora, [])
+            loras, found = load_adapters(model, a.lora, [])
             weights = a.weights or [1.0] * len(loras)
             if len(weights) != len(loras):
                 raise ValueError(f"{len(loras)} LoRAs but {len(weights)} weights.")
+            for p, lora in zip(a.lora, loras):
+                if lora.tokens and embeddings_beside(p, lora) is None:
+                    print(f"warning: '{p}' lists learned tokens {lora.tokens} but no learned_embeds.safetensors is beside "
+                          "it; the merged LoRA will not carry them.", file=sys.stderr)
+            tokens, rows, inits = combine_embeddings(list(dict.fromkeys(found))) if found else ([], None, [])
             merged = merge(loras, weights, a.method, a.density, a.rank)
-            save_lora(a.output, model.unet, [merged], a.format, {"merged": a.lora, "weights": weights, "merge_method": a.method})
-            print(f"wrote {a.output}")
+            out = Path(a.output)
+            save_lora(out, model.unet, [merged], a.format, {"merged": a.lora, "weights": weights, "merge_method": a.method,
+                                                            "tokens": tokens, "initializer_tokens": inits})
+            if tokens:  # beside the LoRA under its stem, where sample finds it
+                write_embeddings(out.with_name(out.stem + ".learned_embeds.safetensors"), tokens, rows, inits, {"merged": a.lora})
+            print(f"wrote {out}" + (f" and its learned tokens {tokens} in {out.stem}.learned_embeds.safetensors" if tokens else ""))
         else:
             sys.exit("usage: python dco.py {train,sample,merge} [options]; see --help of each")
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss

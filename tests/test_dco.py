@@ -542,12 +542,28 @@ def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys):
               "--config-name", "full_ti", "--output-dir", str(tmp_path / "subj"), "--rank", "4", "--max-train-steps", "2"])
     dco.main(["merge", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "subj"), str(tmp_path / "style" / "lora_kohya.safetensors"),
               "--weights", "1", "0.5", "--output", str(tmp_path / "merged.safetensors")])
-    for guidance in ("consistency", "cfg"):
-        dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "merged.safetensors"), "--embeddings",
-                  str(tmp_path / "subj" / "learned_embeds.safetensors"), "--prompt", "a <dog> in the snow", "--guidance", guidance,
+    assert "learned tokens ['<dog>'] in merged.learned_embeds.safetensors" in capsys.readouterr().out
+    merged_tokens = dco.read_embeddings(tmp_path / "merged.learned_embeds.safetensors")
+    subj_tokens = dco.read_embeddings(tmp_path / "subj" / "learned_embeds.safetensors")
+    assert merged_tokens[0] == subj_tokens[0] == ["<dog>"] and torch.equal(merged_tokens[1][0], subj_tokens[1][0])
+    assert dco.load_lora(tmp_path / "merged.safetensors", tiny().unet).tokens == ["<dog>"]
+    for guidance, emb in (("consistency", ["--embeddings", str(tmp_path / "subj" / "learned_embeds.safetensors")]), ("cfg", [])):
+        dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "merged.safetensors"), *emb,
+                  "--prompt", "a <dog> in the snow", "--guidance", guidance,  # without --embeddings: the merged file's own
                   "--w-text", "5", "--w-cons", "2", "--steps", "2", "--output-dir", str(tmp_path / guidance)])
         assert (tmp_path / guidance / "0000_00.png").exists()
     assert "wrote 1 image(s)" in capsys.readouterr().out
+    (tmp_path / "alone").mkdir()  # the LoRA file without its learned_embeds: '<dog>' would be read as text
+    (tmp_path / "alone" / "l.safetensors").write_bytes((tmp_path / "subj" / "pytorch_lora_weights.safetensors").read_bytes())
+    with pytest.raises(SystemExit, match=r"trained with the learned token\(s\) \['<dog>'\], whose embeddings are not loaded"):
+        dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "alone" / "l.safetensors"),
+                  "--prompt", "a <dog> in the snow", "--steps", "1", "--output-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "alone" / "l.safetensors"), "--guidance", "cfg",
+              "--prompt", "a dog in the snow", "--steps", "1", "--output-dir", str(tmp_path / "plain")])  # no token: fine
+    with pytest.raises(SystemExit):
+        dco.main(["merge", "--lora", "a", "b", "--format", "kohyaa"])
+    assert "invalid choice: 'kohyaa'" in capsys.readouterr().err
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
