@@ -449,9 +449,10 @@ def check_sampling(model, steps: int, sampler: str, tau: float, gamma: float, he
     cannot halve and double back, which also breaks the mask overlays' grid) or take silently: steps over
     the training timesteps (leading spacing then repeats t = 1, so the DCI window is empty), an unknown
     sampler (found only after the output folder exists), tau or gamma NaN (no window / NaN images)."""
-    T = model.schedule.cfg.num_train_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"--steps must be between 1 and {T} (got {steps}).")
+    try:
+        model.schedule.timesteps(steps)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     if sampler not in sdm.SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(sdm.SAMPLERS)}.")
     if math.isnan(tau) or math.isnan(gamma):

@@ -1,24 +1,22 @@
 """Stable Diffusion (LDM, Rombach et al. 2022, arXiv:2112.10752) in one file: SD 1.x, SD 2.x and SDXL.
 
-Read it top to bottom: configs, tokenizer, CLIP towers, UNet, hooks, VAE, schedules and samplers, the
-`StableDiffusion` wrapper, training utilities shared by the method files, and the CLI.
+Read it top to bottom: configs, tokenizer, CLIP towers, UNet, hooks, VAE, schedules and samplers, the `StableDiffusion`
+wrapper, training utilities shared by the method files, and the CLI.
 
-Checkpoint-naming rule: every module is named after the key it has in the original checkpoint, so a
-CompVis/Stability single file loads with `strict=True` after its prefixes are stripped (`weights_convert.py`).
-The UNet and VAE use the LDM names (`input_blocks.1.1.transformer_blocks.0.attn2.to_k`,
-`encoder.down.0.block.1.conv1`, `mid.attn_1.q`); the CLIP towers use the Hugging Face names
-(`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`, sic). Names that look odd are the
-checkpoint's, e.g. `in_layers.2` is a ResBlock's first 3x3 conv because `in_layers` = (GroupNorm, SiLU, conv),
-and `to_out.0` is a Linear inside a Sequential that once also held a Dropout.
+Checkpoint-naming rule: every module is named after the key it has in the original checkpoint, so a CompVis/Stability
+single file loads with `strict=True` after its prefixes are stripped (`weights_convert.py`). The UNet and VAE use the
+LDM names (`input_blocks.1.1.transformer_blocks.0.attn2.to_k`, `encoder.down.0.block.1.conv1`, `mid.attn_1.q`); the CLIP
+towers use the Hugging Face names (`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`, sic).
+Names that look odd are the checkpoint's, e.g. `in_layers.2` is a ResBlock's first 3x3 conv because `in_layers` =
+(GroupNorm, SiLU, conv), and `to_out.0` is a Linear inside a Sequential that once also held a Dropout.
 
-Notation (used in every file of the project): x / z latents, x_t the noisy latent at step t, a_t = ᾱ_t
-(cumulative product of 1 - β), eps the noise, x0 the clean latent, ctx the text context the UNet cross-attends
-to, emb the timestep embedding, y SDXL's vector condition.
+Notation (used in every file of the project): x / z latents, x_t the noisy latent at step t, a_t = ᾱ_t (cumulative
+product of 1 - β), eps the noise, x0 the clean latent, ctx the text context the UNet cross-attends to, emb the timestep
+embedding, y SDXL's vector condition.
 
-Extension points for the method files (DESIGN.md): `Attention.processor`, the three slots of
-`BasicTransformerBlock` (`after_attn1`, `after_attn2`, `after_block`), `attention_probs`, the `hooked` context
-manager and `attention_layers`. Methods keep their own parameters in their own modules, so `unet.state_dict()`
-always equals the checkpoint.
+Extension points for the method files (DESIGN.md): `Attention.processor`, the three slots of `BasicTransformerBlock`
+(`after_attn1`, `after_attn2`, `after_block`), `attention_probs`, the `hooked` context manager and `attention_layers`.
+Methods keep their own parameters in their own modules, so `unet.state_dict()` always equals the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +31,8 @@ import os
 import random
 import shutil
 import sys
+import types
+import typing
 import warnings
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
@@ -167,10 +167,9 @@ def config_from_dict(d: dict) -> SDConfig:
 def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig:
     """The SDConfig of weights in this project's layout (`parts`: unet, vae, text_encoder[, text_encoder_2]).
 
-    The family is read off the text towers (SDXL has two; SD2's is 1024 wide), the architecture
-    off the shapes; a preset with the same architecture gives the name, and a `variant` the
-    weights contradict is refused. SD 2.x 768-v and 2.x-base share every shape, so for SD2 the
-    prediction type must come from `variant` ("sd21": v, "sd21-base": eps)."""
+    The family is read off the text towers (SDXL has two; SD2's is 1024 wide), the architecture off the shapes; a preset
+    with the same architecture gives the name, and a `variant` the weights contradict is refused. SD 2.x 768-v and 2.x-base
+    share every shape, so for SD2 the prediction type must come from `variant` ("sd21": v, "sd21-base": eps)."""
     from weights_convert import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
 
     if "input_blocks.0.0.weight" not in parts.get("unet", {}):
@@ -180,16 +179,14 @@ def infer_config(parts: dict[str, dict], variant: str | None = None) -> SDConfig
         text = text_config_from_weights(parts["text_encoder"], "quick_gelu", 49407, penultimate=True)
         text2 = text_config_from_weights(parts["text_encoder_2"], "gelu", 0, penultimate=True)
     else:
-        te = parts["text_encoder"]["text_model.embeddings.token_embedding.weight"]
-        family = "sd2" if te.shape[1] == 1024 else "sd1"
+        family = "sd2" if parts["text_encoder"]["text_model.embeddings.token_embedding.weight"].shape[1] == 1024 else "sd1"
         heads = {"num_head_channels": 64} if family == "sd2" else {"num_heads": 8}
         text = text_config_from_weights(parts["text_encoder"], *(("gelu", 0) if family == "sd2" else ("quick_gelu", 49407)))
         text2 = None
     cfg = SDConfig("custom-" + family, unet_config_from_weights(parts["unet"], **heads),
                    vae_config_from_weights(parts["vae"], 0.13025 if family == "sdxl" else 0.18215), text, text2,
                    image_size={"sd1": 512, "sd2": 768, "sdxl": 1024}[family])
-    same = lambda p: (p.unet, p.vae, p.text, p.text2) == (cfg.unet, cfg.vae, cfg.text, cfg.text2)
-    fits = [name for name, p in PRESETS.items() if same(p)]
+    fits = [name for name, p in PRESETS.items() if (p.unet, p.vae, p.text, p.text2) == (cfg.unet, cfg.vae, cfg.text, cfg.text2)]
     if variant is not None:
         if variant not in PRESETS:
             raise ValueError(f"unknown variant '{variant}'; known: {', '.join(PRESETS)}.")
@@ -209,8 +206,7 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable character map: BPE merges work on strings without control
     characters or spaces, so the 68 bytes that are not printable are moved to code points 256+."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in keep)}}
 
 
 class CLIPTokenizer:
@@ -254,15 +250,13 @@ class CLIPTokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         """BPE ids without the start/end tokens and without padding."""
-        text = html.unescape(html.unescape(text)).strip()
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(html.unescape(html.unescape(text)).strip(), add_special_tokens=False).ids
 
     def token_id(self, word: str) -> int:
         """The id of `word` if it is exactly one token; otherwise one clear error."""
         ids = self.tokenize(word)
         if len(ids) != 1:
-            pieces = [self._tok.id_to_token(i) for i in ids]
-            raise ValueError(f"'{word}' is {len(ids)} CLIP tokens {pieces}, not one; "
+            raise ValueError(f"'{word}' is {len(ids)} CLIP tokens {[self._tok.id_to_token(i) for i in ids]}, not one; "
                              "choose a word that is a single token (or add it as a new token).")
         return ids[0]
 
@@ -339,11 +333,10 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(nn.Module):
     """CLIP text encoder (Radford et al. 2021, Sec. 2.4): causal transformer over 77 tokens.
 
-    forward -> (hidden, pooled). hidden is what SD cross-attends to: the last layer after the final
-    LayerNorm (SD1, SD2), or the penultimate layer without it (SDXL, `cfg.penultimate`). pooled is
-    the final-LayerNorm state at the first <|endoftext|>, projected if the model has a projection.
-    `token_embeds` replaces the token-embedding lookup (before position embeddings are added): the
-    entry point for textual inversion, ViCo's S*, and Subject-Diffusion's image tokens."""
+    forward -> (hidden, pooled). hidden is what SD cross-attends to: the last layer after the final LayerNorm (SD1, SD2),
+    or the penultimate layer without it (SDXL, `cfg.penultimate`). pooled is the final-LayerNorm state at the first
+    <|endoftext|>, projected if the model has a projection. `token_embeds` replaces the token-embedding lookup (before
+    position embeddings are added): the entry point for textual inversion, ViCo's S*, and Subject-Diffusion's image tokens."""
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -467,8 +460,7 @@ class Attention(nn.Module):
         super().__init__()
         inner, ctx_dim = heads * dim_head, ctx_dim or dim
         self.heads, self.scale = heads, dim_head**-0.5
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k, self.to_v = nn.Linear(ctx_dim, inner, bias=False), nn.Linear(ctx_dim, inner, bias=False)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(d, inner, bias=False) for d in (dim, ctx_dim, ctx_dim))
         self.to_out = nn.Sequential(nn.Linear(inner, dim))  # Sequential only to keep the "to_out.0" key
         self.processor, self.name = None, ""  # processor: Callable | None
 
@@ -510,8 +502,7 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, ctx_dim: int | None = None):
         super().__init__()
-        self.attn1 = Attention(dim, None, heads, dim_head)
-        self.ff = FeedForward(dim)
+        self.attn1, self.ff = Attention(dim, None, heads, dim_head), FeedForward(dim)
         self.attn2 = Attention(dim, ctx_dim, heads, dim_head)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.after_attn1 = self.after_attn2 = self.after_block = None
@@ -533,8 +524,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, ch: int, heads: int, dim_head: int, depth: int, ctx_dim: int, linear: bool, groups: int):
         super().__init__()
         inner, self.linear = heads * dim_head, linear
-        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.norm, self.proj_in = nn.GroupNorm(groups, ch, eps=1e-6), nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(inner, heads, dim_head, ctx_dim) for _ in range(depth))
         self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
 
@@ -584,9 +574,8 @@ class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg, mc, g, emb_dim = cfg, cfg.model_channels, cfg.norm_groups, 4 * cfg.model_channels
-        self.gradient_checkpointing = False
         mlp = lambda n: nn.Sequential(nn.Linear(n, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.time_embed = mlp(mc)
+        self.time_embed, self.gradient_checkpointing = mlp(mc), False
         # SDXL: key label_emb.0.0 (a Sequential inside a Sequential in sgm)
         self.label_emb = nn.Sequential(mlp(cfg.adm_in_channels)) if cfg.adm_in_channels else None
 
@@ -639,8 +628,7 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(y.to(emb.dtype))
         h, skips, context = x.to(emb.dtype), [], context.to(emb.dtype)
         for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
-            skips.append(h)
+            skips.append(h := self._run(block, h, emb, context))
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
@@ -666,12 +654,10 @@ def attention_with_probs(attn: Attention, q, k, v):
 @contextlib.contextmanager
 def hooked(model: nn.Module, *, processor=None, attn: str = "attn2", after_attn1=None, after_attn2=None,
            after_block=None, where: Callable[[str], bool] = lambda name: True):
-    """Install hooks on every BasicTransformerBlock of `model` whose name passes `where`, and
-    restore the previous values on exit, also when the body raises. With gradient checkpointing,
-    blocks (and their hooks) run again during backward: keep the scope open until after backward.
-
-    processor goes on the block's `attn` ("attn1", "attn2" or "both"); `where` gets the
-    attention's name for processors (`...transformer_blocks.0.attn2`) and the block's for slots."""
+    """Install hooks on every BasicTransformerBlock of `model` whose name passes `where`, and restore the previous values
+    on exit, also when the body raises. With gradient checkpointing, blocks (and their hooks) run again during backward:
+    keep the scope open until after backward. processor goes on the block's `attn` ("attn1", "attn2" or "both"); `where`
+    gets the attention's name for processors (`...transformer_blocks.0.attn2`) and the block's for slots."""
     saved = []
     try:
         for m in (m for m in model.modules() if isinstance(m, BasicTransformerBlock)):
@@ -718,8 +704,7 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -771,8 +756,7 @@ class VAELevel(nn.Module):
         for b in self.block:
             x = b(x)
         for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
+            x = getattr(self, name)(x) if hasattr(self, name) else x
         return x
 
 
@@ -784,8 +768,7 @@ class Encoder(nn.Module):
         ins = [cfg.ch, *widths[:-1]]
         self.down = nn.ModuleList(
             VAELevel([(ins[i], w)] + [(w, w)] * (n - 1), g, down=i < len(widths) - 1) for i, w in enumerate(widths))
-        self.mid = VAEMid(widths[-1], g)
-        self.norm_out = nn.GroupNorm(g, widths[-1], eps=1e-6)
+        self.mid, self.norm_out = VAEMid(widths[-1], g), nn.GroupNorm(g, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x):
@@ -804,8 +787,7 @@ class Decoder(nn.Module):
         # up[i] works at the resolution of down[i]; the decoder runs them from the last to the first.
         outs = [*widths[1:], widths[-1]]
         self.up = nn.ModuleList(VAELevel([(outs[i], w)] + [(w, w)] * n, g, up=i > 0) for i, w in enumerate(widths))
-        self.norm_out = nn.GroupNorm(g, widths[0], eps=1e-6)
-        self.conv_out = nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
+        self.norm_out, self.conv_out = nn.GroupNorm(g, widths[0], eps=1e-6), nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
@@ -878,25 +860,23 @@ class NoiseSchedule:
 
     def target(self, x0, noise, t):
         """What the network is trained to predict: eps, or v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022, Sec. 4)."""
-        if self.cfg.prediction == "eps":
-            return noise
         a = self._a(t, x0).to(x0.dtype)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+        return noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
 
     def eps_x0(self, out, x_t, t):
         """Model output -> (eps, x0), for either parametrisation."""
-        a = self._a(t, x_t)
-        out, x_t = out.float(), x_t.float()
+        a, out, x_t = self._a(t, x_t), out.float(), x_t.float()
         if self.cfg.prediction == "eps":
             return out, (x_t - (1 - a).sqrt() * out) / a.sqrt()
         return a.sqrt() * out + (1 - a).sqrt() * x_t, a.sqrt() * x_t - (1 - a).sqrt() * out
 
     def timesteps(self, steps: int) -> list[int]:
         """'leading' spacing + offset, as SD's scheduler configs set it: 981, 961, ..., 1 at 50 steps; or 'trailing'."""
-        T = self.cfg.num_train_timesteps
-        if not 1 <= steps <= T:  # 0 divides by zero; over T, leading spacing repeats t = 1
-            raise ValueError(f"steps must be between 1 and {T} (got {steps}).")
-        if self.cfg.timestep_spacing == "trailing":
+        T, trailing = self.cfg.num_train_timesteps, self.cfg.timestep_spacing == "trailing"
+        hi = T if trailing else T - self.cfg.steps_offset  # 0 divides by zero; at T, leading + offset reaches t = T
+        if not 1 <= steps <= hi:  # (past the table); over T, leading spacing repeats t = 1
+            raise ValueError(f"steps must be between 1 and {hi} (got {steps}).")
+        if trailing:
             return [round(T - i * T / steps) - 1 for i in range(steps)]
         return [i * (T // steps) + self.cfg.steps_offset for i in reversed(range(steps))]
 
@@ -955,11 +935,9 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
         eps, x0 = schedule.eps_x0(model_fn(x, t, i), x, t)
         a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else final)
         if sampler == "ddim":
-            noise = draw(x) if eta > 0 else None
-            x_new = ddim_step(x, eps, x0, a_t, a_prev, eta, noise)
+            x_new = ddim_step(x, eps, x0, a_t, a_prev, eta, draw(x) if eta > 0 else None)
         elif sampler == "ddpm":
-            noise = draw(x) if i + 1 < len(ts) else None
-            x_new = ddpm_step(x, eps, x0, a_t, a_prev, noise)
+            x_new = ddpm_step(x, eps, x0, a_t, a_prev, draw(x) if i + 1 < len(ts) else None)
         elif sampler == "euler":
             x_new = euler_step(x, eps, x0, a_t, a_prev)
         else:
@@ -989,10 +967,9 @@ class StableDiffusion(nn.Module):
 
     def __init__(self, cfg: SDConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tokenizer, self.schedule = cfg, CLIPTokenizer(), NoiseSchedule(cfg.schedule)
         self.unet, self.vae, self.text_encoder = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
         self.text_encoder_2 = CLIPTextModel(cfg.text2) if cfg.text2 else None
-        self.tokenizer, self.schedule = CLIPTokenizer(), NoiseSchedule(cfg.schedule)
 
     @property
     def device(self):
@@ -1067,8 +1044,7 @@ class StableDiffusion(nn.Module):
     def encode_images(self, images, generator=None, sample: bool = True):
         """[-1, 1] images -> scaled latents, a posterior sample as LDM trains on (or its mean)."""
         dist = self.vae.encode(images.to(self.vae.quant_conv.weight.dtype))
-        z = dist.sample(generator) if sample else dist.mean
-        return (z * self.vae.scale_factor).float()
+        return ((dist.sample(generator) if sample else dist.mean) * self.vae.scale_factor).float()
 
     @torch.no_grad()
     def decode_latents(self, z):
@@ -1108,9 +1084,10 @@ class StableDiffusion(nn.Module):
 
 # ---- 9. Utilities shared by the method files: images, safetensors, precision.
 
-def load_image(path) -> Image.Image:
-    """Any readable image as 8-bit RGB: grayscale, palette, 16-bit and RGBA (on white) are converted."""
-    img = Image.open(path)
+def load_image(path, exif: bool = True) -> Image.Image:
+    """Any readable image as 8-bit RGB: grayscale, palette, 16-bit and RGBA (on white) are converted; a photo's EXIF
+    orientation is applied (as a viewer shows it; exif=False: the stored pixels, which a label map may index)."""
+    img = ImageOps.exif_transpose(Image.open(path)) if exif else Image.open(path)
     if img.mode.startswith("I"):  # 16/32-bit integers: scale to 8 bits instead of clipping
         a = np.asarray(img, dtype=np.float64)
         img = Image.fromarray((a / (65535 if img.mode.startswith("I;16") else max(1, a.max())) * 255).astype(np.uint8))
@@ -1139,15 +1116,13 @@ def load_image_folder(folder) -> list[tuple[str, "Image.Image"]]:
 
 def image_to_tensor(img, size: int | tuple[int, int] | None = None):
     """PIL RGB -> (3, h, w) in [-1, 1]; `size` resizes with bicubic filtering (squashing, as LDM does)."""
-    if size is not None:
-        img = img.resize((size, size) if isinstance(size, int) else (size[1], size[0]), Image.BICUBIC)
+    img = img if size is None else img.resize((size, size) if isinstance(size, int) else (size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
 def tensor_to_images(x) -> list:
     """(b, 3, h, w) in [-1, 1] -> PIL images."""
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def image_grid(images: list, cols: int | None = None):
@@ -1183,8 +1158,7 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
 def save_embeddings(path, embeds: dict, fmt: str = "diffusers", metadata: dict | None = None) -> None:
     """Learned token embeddings in the formats other tools read: "diffusers" {token: (n, d)} (SDXL:
     {"clip_l": ..., "clip_g": ...}, as DCO writes), or "a1111" {"emb_params": (n, d)} (same SDXL keys)."""
-    if fmt == "a1111" and len(embeds) == 1:
-        embeds = {"emb_params": next(iter(embeds.values()))}
+    embeds = {"emb_params": next(iter(embeds.values()))} if fmt == "a1111" and len(embeds) == 1 else embeds
     save_safetensors({k: v.float() for k, v in embeds.items()}, path, {"format": fmt, **(metadata or {})})
 
 
@@ -1211,6 +1185,35 @@ def prepare_output_dir(path, overwrite: bool, create: bool = True) -> Path:
 
 
 # ---- 9b. Training: the flags, checkpoints and loop every method shares (diffusers-script conventions).
+
+
+RUN_FILES = ("log.jsonl", "args.json", "validation")  # what a run writes as it goes, besides its checkpoint-N folders
+
+
+def start_run(out, args, resume_from, act: bool = True, keep: tuple = ()) -> None:
+    """The output folder of a run that resumes nothing (act=False: only the check, before anything loads). An earlier
+    run's files there need --overwrite, which removes them (a later --resume latest would take its checkpoints), or
+    are all it holds under --resume latest (that run stopped before its first checkpoint: it starts over). `keep`:
+    files of a run that stay valid (a cache that checks itself)."""
+    entries = [p for p in Path(out).iterdir() if p.name not in keep] if resume_from is None and Path(out).is_dir() else []
+    old = [p for p in entries if p.name in RUN_FILES or p.name.startswith("checkpoint-")]
+    if entries and not args.overwrite and (not args.resume or len(old) < len(entries)):
+        raise FileExistsError(f"--resume {args.resume}: '{out}' holds no checkpoint but other files; pass --overwrite to "
+                              "start over there, or choose another --output-dir." if args.resume else
+                              f"output directory '{out}' exists and is not empty; pass --overwrite or choose another.")
+    for p in old if act else ():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    print(f"{out}: starting over; removed {len(old)} file(s) and folder(s) of the earlier run.", file=sys.stderr) if act and old else None
+
+
+def trim_log(out, step: int) -> None:
+    """On resume: the log lines past the checkpoint's step (written before the run stopped) go; each step is logged once."""
+    def upto(line):
+        with contextlib.suppress(ValueError, AttributeError):  # a line cut by the stop is dropped too
+            return json.loads(line).get("step", 0) <= step
+    if (log := Path(out) / "log.jsonl").is_file():
+        keep = [line for line in log.read_text().splitlines(keepends=True) if upto(line)]
+        atomic_write(log, lambda tmp: Path(tmp).write_text("".join(keep)))
 
 
 @dataclass
@@ -1260,9 +1263,6 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
     """Dataclass fields -> dashed argparse flags with the same defaults (bools get --x / --no-x), also spelt with
     underscores and, for three, as diffusers spells them. --config FILE.json sets defaults by field name (a run's
     args.json works; keys that name no flag are reported and skipped); the command line overrides it."""
-    import types
-    import typing
-
     parser, names, choices = parser or argparse.ArgumentParser(), {f.name for f in fields(cls)}, {**FLAG_CHOICES, **getattr(cls, "choices", {})}
     parser.add_argument("--config", default="", help="a JSON file of flags by field name (e.g. a run's args.json)")
     aliases = {"pretrained_model": ["pretrained_model_name_or_path"], "resume": ["resume_from_checkpoint"],
@@ -1298,8 +1298,7 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     state, osd = {f"param.{k}": v for k, v in tensors.items()} | {"rng.torch": torch.get_rng_state()}, optimizer.state_dict()
     state.update({f"optim.{i}.{name}": torch.as_tensor(v) for i, st in osd["state"].items() for name, v in st.items()})
     state.update({"rng.generator": generator.get_state()} if generator is not None else {})
-    if torch.cuda.is_available():
-        state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    state.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())} if torch.cuda.is_available() else {})
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
     meta = {"step": step, "param_groups": osd["param_groups"], "numpy": [kind, pos, has_gauss, gauss],
@@ -1338,8 +1337,7 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
         osd["state"].setdefault(int(i), {})[name] = v
     optimizer.load_state_dict(osd)
     for obj, key in ((scheduler, "scheduler"), (scaler, "scaler")):
-        if obj is not None and meta[key]:
-            obj.load_state_dict(meta[key])
+        obj.load_state_dict(meta[key]) if obj is not None and meta[key] else None
     torch.set_rng_state(state["rng.torch"])
     generator.set_state(state["rng.generator"]) if generator is not None else None
     if torch.cuda.is_available() and "rng.cuda.0" in state:
@@ -1372,17 +1370,18 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     randomness from `generator`; save_fn(folder) writes the method's outputs; after_step() runs after each optimizer
     step (e.g. renormalising token rows); validate_fn() -> PIL images. `tensors`: the trainables to checkpoint."""
     out, resume_from = Path(args.output_dir), find_checkpoint(Path(args.output_dir), args.resume)
-    prepare_output_dir(out, args.overwrite) if not args.resume else out.mkdir(parents=True, exist_ok=True)
+    start_run(out, args, resume_from)
+    out.mkdir(parents=True, exist_ok=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
     step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler, args) if resume_from else 0
+    trim_log(out, step) if resume_from else None
     (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
     print("config: " + json.dumps(asdict(args)) + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     bar, last_good = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps), resume_from
     for step in bar:
-        logs = {}
         for _ in range(args.gradient_accumulation_steps):
             with amp:
                 loss, logs = loss_fn(generator)
@@ -1458,10 +1457,8 @@ def load_model(path: str = "", precision: str = "fp32", vae_precision: str = "",
         raise ValueError(f"unknown precision '{precision}/{vae_precision}'; use fp32, fp16 or bf16.")
     model = StableDiffusion.from_pretrained(path or None, pick_device(device), DTYPES[precision],
                                             DTYPES[vae_precision] if vae_precision else None, variant or None)
-    if channels_last:
-        model.unet.to(memory_format=torch.channels_last)
-    if compile:
-        model.unet.compile()
+    model.unet.to(memory_format=torch.channels_last) if channels_last else None
+    model.unet.compile() if compile else None
     return model
 
 
@@ -1472,8 +1469,7 @@ class _SampleCLI(SampleArgs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["sample"]:
-        sys.exit("usage: python sd_model.py sample --prompt TEXT --output-dir DIR [options]; see --help")
+    sys.exit("usage: python sd_model.py sample --prompt TEXT --output-dir DIR [options]; see --help") if argv[:1] != ["sample"] else None
     args = parse_args(_SampleCLI, argv[1:], argparse.ArgumentParser(prog="sd_model.py sample", description="text -> images"))
     device = pick_device(args.device)
     try:

@@ -379,8 +379,9 @@ class Skip(Exception):
 
 
 def _png(data: bytes, rgb: bool = True):
-    """8-bit RGB as sd_model.load_image makes it (16-bit scaled, not clipped; alpha on white), or the raw label map."""
-    return np.asarray(sdm.load_image(io.BytesIO(data)) if rgb else Image.open(io.BytesIO(data)))
+    """8-bit RGB as sd_model.load_image makes it (16-bit scaled, not clipped; alpha on white; no EXIF turn, which
+    the label map, made from the stored pixels, would not follow), or the raw label map."""
+    return np.asarray(sdm.load_image(io.BytesIO(data), exif=False) if rgb else Image.open(io.BytesIO(data)))
 
 
 def _box(o) -> np.ndarray | None:
@@ -946,8 +947,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         if not re.search(rf"\b{re.escape(cfg.validation_entity.strip())}\b", cfg.validation_prompt, re.I):
             raise ValueError(f"the entity word '{cfg.validation_entity}' is not in the validation prompt '{cfg.validation_prompt}'.")
     resume_from = sdm.find_checkpoint(out, cfg.resume)
-    if main and not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output directory '{out}' exists and is not empty; pass --overwrite or choose another.")
+    sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",)) if main else None
     torch.manual_seed(cfg.seed)
     frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
     sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, "", cfg.compile, cfg.channels_last)
@@ -958,8 +958,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     if (cfg.resolution or sd.cfg.image_size) % sd.size_multiple:
         raise ValueError(f"--resolution must be a multiple of {sd.size_multiple} for this model (got {cfg.resolution}).")
     if main:  # only once the models loaded, so that a bad --pretrained-model leaves nothing behind
-        if not cfg.resume:
-            sdm.prepare_output_dir(out, cfg.overwrite)
+        sdm.start_run(out, cfg, resume_from, keep=("records_index.npz",))  # the shard index stays: it checks its tars
         out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         dist.barrier()
@@ -998,6 +997,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
         at = [r for r in lines if r.get("step") == start]
         skipped = torch.tensor([float(at[-1].get("skipped", {}).get(k, 0)) if at else 0.0 for k in SKIPS])
+        sdm.trim_log(out, start) if main else None
     cond, hooks = (model.module if world > 1 else model).cond, contextlib.ExitStack()
     hooks.enter_context(install(method, sd.unet, cond))  # open over forward and backward (see `install`)
     for step in bar:

@@ -601,7 +601,7 @@ def test_sampling_settings_fail_in_one_sentence_before_the_output_folder(model_d
     bad = tmp_path / "bad"
     sample = ["sample", "--concept", str(concept), "--prompt", "a V cat", "--steps", "4", "--output-dir", str(bad)]
     errors = {"steps 0": (["--steps", "0"], "--steps must be at least 1 \\(got 0\\)"),  # the shared floor, at parse time
-              "steps 1001": (["--steps", "1001"], "--steps must be between 1 and 1000"),
+              "steps 1000": (["--steps", "1000"], "--steps must be between 1 and 999"),
               "gamma nan": (["--gamma", "nan"], "must be numbers"),
               "sampler": (["--sampler", "heun"], "invalid choice: 'heun'"),
               "size": (["--height", "30"], "multiples of 4 for this model"),

@@ -26,9 +26,11 @@ def test_schedule_constants_and_forward_process():
     assert_close(s.alphas_cumprod, ref.alphas_cumprod.double(), rtol=0, atol=1e-6, what="alphas_cumprod")
     assert abs(s.alphas_cumprod[0].item() - 0.99915) < 1e-9 and abs(s.alphas_cumprod[-1].item() - 0.0046600) < 1e-6
     assert s.timesteps(50)[:2] == [981, 961] and s.timesteps(50)[-1] == 1
-    for bad in (0, 1001):  # zero divided by zero; over T, leading spacing repeated t = 1
-        with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
+    for bad in (0, 1000, 1001):  # zero divided by zero; 1000 + offset reached t = 1000 (an IndexError); over T repeated t = 1
+        with pytest.raises(ValueError, match="steps must be between 1 and 999"):
             s.timesteps(bad)
+    assert s.timesteps(999) == list(range(999, 0, -1))
+    assert sdm.NoiseSchedule(sdm.ScheduleConfig(timestep_spacing="trailing")).timesteps(1000) == list(range(999, -1, -1))
     x0, noise, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999])
     assert_close(s.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), what="q_sample (DDPM Eq. 4)")
     v = sdm.NoiseSchedule(sdm.ScheduleConfig(prediction="v"))

@@ -63,6 +63,18 @@ def test_image_loading_converts_modes_and_skips_non_images(tmp_path):
     assert np.array_equal(np.asarray(sdm.tensor_to_images(sdm.image_to_tensor(images["a.png"])[None])[0]), rgb)
 
 
+def test_a_photos_exif_orientation_is_applied_unless_asked_not_to(tmp_path):
+    """A phone photo stores its pixels sideways and says so in EXIF tag 274 (Orientation); 6 = turn 90 degrees clockwise."""
+    stored = np.random.default_rng(0).integers(0, 256, (4, 8, 3), dtype=np.uint8)  # 8 wide, 4 high as stored
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    upright, raw = sdm.load_image(tmp_path / "phone.jpg"), sdm.load_image(tmp_path / "phone.jpg", exif=False)
+    assert upright.size == (4, 8) and raw.size == (8, 4)
+    assert np.array_equal(np.asarray(upright), np.rot90(np.asarray(raw), k=-1))  # the viewer's picture
+    assert dict(sdm.load_image_folder(tmp_path))["phone.jpg"].size == (4, 8)
+
+
 def test_empty_or_missing_image_folder(tmp_path):
     with pytest.raises(ValueError, match="no readable images"):
         sdm.load_image_folder(tmp_path)

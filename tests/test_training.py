@@ -60,7 +60,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
     logs = lambda d: [json.loads(l) for l in (tmp_path / d / "log.jsonl").read_text().splitlines()]
     a, b = logs("a"), logs("b")
-    assert [r["step"] for r in a] == list(range(1, 7)) and a[-3:] == b[-3:]
+    assert [r["step"] for r in a] == list(range(1, 7)) and a == b  # steps 4-5 logged before the stop are not repeated
     assert (tmp_path / "b" / "checkpoint-6" / "row.safetensors").exists() and (tmp_path / "b" / "row.safetensors").exists()
     assert abs(full["row"].norm().item() - 1) < 1e-6  # after_step ran
 
@@ -166,3 +166,24 @@ def test_diffusers_spellings_and_a_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sdm.parse_args(ToyArgs, ["--config", str(tmp_path / "bad.json")])
     assert "is not a readable JSON object of flags" in capsys.readouterr().err
+
+
+def test_a_fresh_start_over_an_earlier_run_is_refused_or_clears_only_that_runs_files(tmp_path, capsys):
+    out, two = tmp_path / "run", dict(max_train_steps=2, checkpointing_steps=1)
+    steps = lambda d: [json.loads(line)["step"] for line in (d / "log.jsonl").read_text().splitlines()]
+    run(ToyArgs(output_dir=str(out), max_train_steps=4, checkpointing_steps=1))
+    (out / "notes.txt").write_text("mine")
+    run(ToyArgs(output_dir=str(out), overwrite=True, **two))  # kept, checkpoint-4 would be what --resume latest takes
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"] and steps(out) == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine" and "starting over; removed 6" in capsys.readouterr().err
+    stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: --resume latest starts it over
+    with pytest.raises(KeyboardInterrupt):
+        run(ToyArgs(output_dir=str(stopped), max_train_steps=4, checkpointing_steps=3), interrupt_at=3)
+    assert steps(stopped) == [1, 2] and not list(stopped.glob("checkpoint-*"))
+    run(ToyArgs(output_dir=str(stopped), resume="latest", max_train_steps=4, checkpointing_steps=3))
+    assert steps(stopped) == [1, 2, 3, 4] and "starting over" in capsys.readouterr().err
+    done = tmp_path / "done"  # a finished run that kept no checkpoint: its outputs are not a run to start over
+    run(ToyArgs(output_dir=str(done), max_train_steps=2, checkpointing_steps=0))
+    with pytest.raises(FileExistsError, match=r"--resume latest: '.*done' holds no checkpoint but other files; pass --overwrite"):
+        run(ToyArgs(output_dir=str(done), resume="latest", max_train_steps=2, checkpointing_steps=0))
+    assert steps(done) == [1, 2] and (done / "row.safetensors").exists()
