@@ -1087,15 +1087,18 @@ class StableDiffusion(nn.Module):
 def load_image(path, exif: bool = True) -> Image.Image:
     """Any readable image as 8-bit RGB: grayscale, palette, 16-bit and RGBA (on white) are converted; a photo's EXIF
     orientation is applied (as a viewer shows it; exif=False: the stored pixels, which a label map may index)."""
-    img = ImageOps.exif_transpose(Image.open(path)) if exif else Image.open(path)
-    if img.mode.startswith("I"):  # 16/32-bit integers: scale to 8 bits instead of clipping
-        a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((a / (65535 if img.mode.startswith("I;16") else max(1, a.max())) * 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.new("RGB", rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.split()[-1])
-    return img.convert("RGB")
+    try:
+        img = ImageOps.exif_transpose(Image.open(path)) if exif else Image.open(path)
+        if img.mode.startswith("I"):  # 16/32-bit integers: scale to 8 bits instead of clipping
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((a / (65535 if img.mode.startswith("I;16") else max(1, a.max())) * 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.new("RGB", rgba.size, (255, 255, 255))
+            img.paste(rgba, mask=rgba.split()[-1])
+        return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image it can decode" (a folder too)
+        raise (e if isinstance(e, FileNotFoundError) else ValueError(f"'{path}' is not a readable image ({e}).")) from None
 
 
 def load_image_folder(folder) -> list[tuple[str, "Image.Image"]]:
@@ -1136,8 +1139,7 @@ def image_grid(images: list, cols: int | None = None):
 
 def atomic_write(path, write: Callable[[str], None]) -> None:
     """Write through `write(tmp_path)`, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
@@ -1382,6 +1384,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     params = [p for g in optimizer.param_groups for p in g["params"]]
     bar, last_good = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps), resume_from
     for step in bar:
+        mean = {}  # the logs of a step: means over its micro-batches, as the loss it optimised is
         for _ in range(args.gradient_accumulation_steps):
             with amp:
                 loss, logs = loss_fn(generator)
@@ -1389,6 +1392,8 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
                 raise FloatingPointError(f"the loss became {loss.item()} at step {step}; the last good checkpoint is "
                                          f"{last_good or 'none'}. Try --mixed-precision bf16 or no, or a lower learning rate.")
             scaler.scale(loss / args.gradient_accumulation_steps).backward()
+            for k, v in {"loss": loss.item(), **logs}.items():
+                mean[k] = mean.get(k, 0.0) + v / args.gradient_accumulation_steps if isinstance(v, (int, float)) else v
         if args.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -1399,17 +1404,15 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
             scheduler.step()  # leaves the LR schedule where it was (accelerate's rule; no PyTorch warning)
         optimizer.zero_grad(set_to_none=True)
         after_step() if after_step is not None else None
-        logs = {"step": step + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], **logs}
+        logs = {"step": step + 1, "loss": mean.pop("loss"), "lr": scheduler.get_last_lr()[0], **mean}
         logs.update({"grad_scale": scaler.get_scale(), "step_skipped": scaler.get_scale() < scale} if scaler.is_enabled() else {})
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(logs) + "\n")
         done = step + 1 == args.max_train_steps
         if args.checkpointing_steps and ((step + 1) % args.checkpointing_steps == 0 or done):
-            ckpt = out / f"checkpoint-{step + 1}"
-            save_fn(ckpt)
-            save_checkpoint(ckpt, step + 1, tensors, optimizer, scheduler, generator, scaler, args)
-            last_good = ckpt
+            save_fn(ckpt := out / f"checkpoint-{step + 1}")
+            save_checkpoint(last_good := ckpt, step + 1, tensors, optimizer, scheduler, generator, scaler, args)
             old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for p in old[: -args.checkpoints_total_limit] if args.checkpoints_total_limit else []:
                 shutil.rmtree(p)

@@ -87,7 +87,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 
 import sd_model as sdm
 
@@ -498,6 +498,10 @@ class Records(torch.utils.data.Dataset):
                  verbose: bool = True, index: str | Path | None = None, write_index: bool = True):
         self.cfg, self.size, self.latent, self.zc, self.clip_size, self.verbose = cfg, size, latent, z_channels, clip_size, verbose
         self.pad_id = pad_id
+        bg = Path(cfg.backgrounds) if cfg.backgrounds else None  # checked first: a refusal writes no shard index
+        self.bg_files = sorted(q for q in bg.iterdir() if q.is_file() and not q.name.startswith(".")) if bg and bg.is_dir() else []
+        if bg and not self.bg_files:
+            raise ValueError(f"--backgrounds '{bg}' is not a folder of background images.")
         # A compact index, since every rank holds all of it (the paper's 76 M records): per shard its source
         # and first record; per tar record the (offset, size) of its image, json and label-map members (-1: none),
         # 48 bytes; keys only for loose folders. self.shards are ranges, the unit the sampler shuffles.
@@ -536,7 +540,6 @@ class Records(torch.utils.data.Dataset):
             raise ValueError(f"no training records in {', '.join(map(str, paths))}; write {{key}}.png/.json"
                              "(/.mask.png) or {{key}}.jpg/.json/.png files, or .tar shards of them (python toy_world.py make-records).")
         self.tokenizer = sdm.CLIPTokenizer()
-        self.bg_files = sorted(q for q in Path(cfg.backgrounds).iterdir() if not q.name.startswith(".")) if cfg.backgrounds else []
 
     def _say(self, msg, key):
         if self.verbose and key not in self._warned:
@@ -693,8 +696,12 @@ class Records(torch.utils.data.Dataset):
         """A random background at CLIP size: a --backgrounds image, else the least-occupied of 8 random
         square crops of another record, its object pixels filled with the crop's mean background colour."""
         S = self.clip_size
-        if self.bg_files:
-            img = sdm.load_image(self.bg_files[int(rng.integers(len(self.bg_files)))])
+        path = self.bg_files[int(rng.integers(len(self.bg_files)))] if self.bg_files else None
+        try:
+            img = sdm.load_image(path) if path else None
+        except ValueError as e:  # an unreadable file among the backgrounds: a record's crop instead, said once
+            img = self._say(f"{e} A crop of another record stands in for it (--backgrounds).", "background")
+        if img is not None:
             s = min(img.size)
             x, y = int(rng.integers(img.size[0] - s + 1)), int(rng.integers(img.size[1] - s + 1))
             return np.asarray(img.crop((x, y, x + s, y + s)).resize((S, S), Image.BILINEAR))
@@ -944,6 +951,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
                              "(the word of the prompt the subject is, e.g. 'dog').")
         if not Path(cfg.validation_subject).is_file():
             raise FileNotFoundError(f"--validation-subject '{cfg.validation_subject}' does not exist.")
+        sdm.load_image(cfg.validation_subject)  # unreadable: one sentence now, not at the first validation
         if not re.search(rf"\b{re.escape(cfg.validation_entity.strip())}\b", cfg.validation_prompt, re.I):
             raise ValueError(f"the entity word '{cfg.validation_entity}' is not in the validation prompt '{cfg.validation_prompt}'.")
     resume_from = sdm.find_checkpoint(out, cfg.resume)
@@ -959,7 +967,6 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         raise ValueError(f"--resolution must be a multiple of {sd.size_multiple} for this model (got {cfg.resolution}).")
     if main:  # only once the models loaded, so that a bad --pretrained-model leaves nothing behind
         sdm.start_run(out, cfg, resume_from, keep=("records_index.npz",))  # the shard index stays: it checks its tars
-        out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         dist.barrier()
     if world > 1:
@@ -972,10 +979,6 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.mixed_precision == "fp16")
     tensors = dict(method.state_dict(keep_vars=True))
     start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, cfg) if resume_from else 0
-    if main:  # after the checkpoint's checks: a refused resume leaves the run's args.json as it was
-        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
-        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
-        print(f"resumed from {resume_from} at step {start}", file=sys.stderr) if resume_from else None
     R = cfg.resolution or sd.cfg.image_size
     if world > 1 and not main:  # rank 0 indexes the shards first and writes the index the others read
         dist.barrier()
@@ -983,6 +986,11 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
                    sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main)
     if world > 1 and main:
         dist.barrier()
+    if main:  # after the checkpoint's and the data's checks: a refused run leaves the folder's args.json as it was
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
+        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
+        print(f"resumed from {resume_from} at step {start}", file=sys.stderr) if resume_from else None
     sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
     loader = iter(torch.utils.data.DataLoader(data, cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                               pin_memory=cuda, persistent_workers=cfg.num_workers > 0))
@@ -1063,6 +1071,16 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
 
 
 # ---- 6. Inference: subject cut-out, boxes, three-way guidance, attention maps.
+
+
+def load_mask(path) -> np.ndarray:
+    """A subject mask (h, w) bool: the alpha of an image that has one (a cut-out: its RGB is no mask, and on white
+    it would read all foreground), else gray > 127."""
+    img = sdm.load_image(path)  # one sentence for an unreadable file, and the same EXIF turn as the subject photo
+    with Image.open(path) as raw:
+        if raw.mode in ("RGBA", "LA", "PA") or (raw.mode == "P" and "transparency" in raw.info):
+            return np.asarray(ImageOps.exif_transpose(raw).convert("RGBA"))[..., 3] > 127
+    return np.asarray(img.convert("L")) > 127
 
 
 @dataclass
@@ -1253,7 +1271,7 @@ def sample_main(a: SampleConfig) -> None:
             if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
                 raise ValueError(f"box {x1:g} {y1:g} {x2:g} {y2:g} of '{word}' lies outside the {W}x{H} image (x1 < x2 <= {W}, y1 < y2 <= {H}).")
             box = (x1 / W, y1 / H, x2 / W, y2 / H)
-        mask = np.asarray(sdm.load_image(a.mask[i]).convert("L")) > 127 if a.mask else None
+        mask = load_mask(a.mask[i]) if a.mask else None
         subjects.append(Subject(sdm.load_image(path), word, box, mask))
     g = torch.Generator(sdm.pick_device(a.device)).manual_seed(a.seed)
     images, maps = generate(method, sd, vision, a.prompt, subjects, a.batch_size, a.steps, a.guidance_scale,

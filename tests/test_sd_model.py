@@ -73,6 +73,11 @@ def test_a_photos_exif_orientation_is_applied_unless_asked_not_to(tmp_path):
     assert upright.size == (4, 8) and raw.size == (8, 4)
     assert np.array_equal(np.asarray(upright), np.rot90(np.asarray(raw), k=-1))  # the viewer's picture
     assert dict(sdm.load_image_folder(tmp_path))["phone.jpg"].size == (4, 8)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="'.*notes.jpg' is not a readable image"):  # PIL's own error, with a traceback
+        sdm.load_image(tmp_path / "notes.jpg")
+    with pytest.raises(FileNotFoundError):
+        sdm.load_image(tmp_path / "missing.jpg")
 
 
 def test_empty_or_missing_image_folder(tmp_path):

@@ -568,7 +568,10 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
                        (["--validation-prompt", "a star", "--validation-subject", str(tmp_path / "x.png"), "--validation-entity", "star"],
                         "does not exist"),
                        (["--validation-prompt", "a star", "--validation-subject", str(ROOT / "README.md"),
+                         "--validation-entity", "star"], "README.md' is not a readable image"),  # was a traceback at step 1
+                       (["--validation-prompt", "a star", "--validation-subject", str(ROOT / "assets" / "readme" / "world.png"),
                          "--validation-entity", "dog"], "not in the validation prompt"),
+                       (["--backgrounds", str(tmp_path / "nowhere")], "is not a folder of background images"),
                        (["--resolution", "33"], "--resolution must be a multiple of")):
         with pytest.raises((ValueError, FileNotFoundError), match=msg):
             sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "bad"), *extra]))
@@ -593,6 +596,9 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     finally:
         sdx.subject_image = real
     assert seen and np.array_equal(seen[0], np.asarray(Image.open(mask)) > 127)
+    disc = np.asarray(Image.open(mask)) > 127  # a cut-out (white RGB, the subject in alpha) reads its alpha, not all-white
+    Image.fromarray(np.dstack([np.full((32, 32, 3), 255, np.uint8), disc.astype(np.uint8) * 255])).save(tmp_path / "cut.png")
+    assert np.array_equal(sdx.load_mask(tmp_path / "cut.png"), disc)
     vae = []  # --vae-precision reaches the model (it was fixed by --precision alone)
     real_load = sdm.load_model
     sdx.sdm.load_model = lambda *a, **k: vae.append(a[2]) or real_load(*a, **k)
@@ -608,6 +614,7 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
            (["--subject", str(ref), str(ref), "--mask", str(tmp_path / "mask.png")], ["star", "toy"], "a star and a toy",
             "one --mask per --subject"),
            (["--subject", str(ref), "--height", "33"], ["star"], "a star", "height and width must be multiples of"),
+           (["--subject", str(ROOT / "README.md")], ["star"], "a star", "README.md' is not a readable image"),
            (["--subject", str(ref), "--negative-prompt", "blurry"], ["star"], "a star", "has no negative prompt"),  # was ignored
            (["--subject", str(ref), "--variant", "sd21"], ["star"], "a star", "model, not 'sd21'"))  # was ignored too
     for args, entities, prompt, msg in bad:
@@ -827,6 +834,11 @@ def test_entity_images_paste_the_masked_subject_on_a_background(tiny, tmp_path):
     (tmp_path / "bgs").mkdir()
     Image.new("RGB", (50, 40), (7, 80, 9)).save(tmp_path / "bgs" / "a.png")
     assert (records(tmp_path, "one", backgrounds=str(tmp_path / "bgs")).background(np.random.default_rng(0)) == (7, 80, 9)).all()
+    (tmp_path / "bgs" / "a.png").write_text("not an image")  # an unreadable background: another record's crop, said once
+    (tmp_path / "bgs" / "sub").mkdir()  # folders are no backgrounds
+    data = records(tmp_path, "one", backgrounds=str(tmp_path / "bgs"))
+    assert data.bg_files == [tmp_path / "bgs" / "a.png"]
+    assert (data.background(np.random.default_rng(0)) == (30, 120, 200)).all()
 
 
 def test_a_corrupt_image_inside_a_readable_shard_is_skipped_and_counted(tiny, tmp_path):

@@ -187,3 +187,15 @@ def test_a_fresh_start_over_an_earlier_run_is_refused_or_clears_only_that_runs_f
     with pytest.raises(FileExistsError, match=r"--resume latest: '.*done' holds no checkpoint but other files; pass --overwrite"):
         run(ToyArgs(output_dir=str(done), resume="latest", max_train_steps=2, checkpointing_steps=0))
     assert steps(done) == [1, 2] and (done / "row.safetensors").exists()
+
+
+def test_a_steps_logs_are_the_means_over_its_micro_batches(tmp_path):
+    """The step optimises the mean of its accumulated losses; the log said the last micro-batch's."""
+    p, losses = torch.nn.Parameter(torch.zeros(1)), iter([1.0, 3.0, 5.0, 11.0])
+    def loss_fn(g):
+        c = next(losses)
+        return p.sum() + c, {"part": c / 2, "note": "kept"}
+    args = ToyArgs(output_dir=str(tmp_path), max_train_steps=2, gradient_accumulation_steps=2, checkpointing_steps=0)
+    sdm.train_loop(args, torch.optim.SGD([p], lr=0.0), {"p": p}, loss_fn, lambda folder: None, torch.Generator())
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["part"], r["note"]) for r in logs] == [(2.0, 1.0, "kept"), (8.0, 4.0, "kept")]
