@@ -305,6 +305,9 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
         if not {"A", "B"} <= d.keys():
             raise ValueError(f"LoRA '{path}' is incomplete: layer {p} lacks its down (A) or up (B) matrix.")
         A, B = d["A"].float(), d["B"].float()
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:  # kohya's conv LoRAs (4-d) target no attention Linear
+            raise ValueError(f"LoRA '{path}' is malformed: layer {p} has down {tuple(A.shape)} and up {tuple(B.shape)}, "
+                             "not (rank, in) and (out, rank).")
         if A.shape[1] != lin[p].in_features or B.shape[0] != lin[p].out_features:
             raise ValueError(f"LoRA '{path}' does not fit this base model: layer {p} is {B.shape[0]}x{A.shape[1]} "
                              f"there and {lin[p].out_features}x{lin[p].in_features} here; use the model it was trained on.")
@@ -438,10 +441,17 @@ def read_embeddings(path) -> tuple[list[str], list[torch.Tensor], list]:
     needs --base-prompt, as the pretrained model cannot read the new tokens)."""
     from safetensors import safe_open
 
-    embeds, meta = sdm.load_embeddings(path), {}
-    if str(path).endswith(".safetensors"):
-        with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
+    try:
+        embeds, meta = sdm.load_embeddings(path), {}
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), "pt") as f:
+                meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no embeddings file at '{path}'.") from None
+    except Exception as e:  # safetensors, pickle and json each fail their own way on a file that is not one
+        raise ValueError(f"'{path}' is not a readable embeddings file ({type(e).__name__}: {e}).") from None
+    if not embeds or any(v.ndim != 2 for v in embeds.values()):
+        raise ValueError(f"'{path}' holds no token embeddings (a (vectors, width) tensor per token).")
     if {"clip_l", "clip_g"} & set(embeds):  # the SDXL layout; one key alone fits only a model with that one encoder
         rows = [embeds[k] for k in ("clip_l", "clip_g") if k in embeds]
         tokens = meta.get("tokens") or [f"<s{i}>" for i in range(len(rows[0]))]
@@ -816,6 +826,7 @@ class MergeArgs:
     output: str = "merged_lora.safetensors"
     format: str = "peft"  # peft | kohya
     pretrained_model: str = ""  # the base model the LoRAs belong to ("" = the toy model)
+    overwrite: bool = False
     choices = {"method": ("sum", "ties_svd"), "format": ("peft", "kohya")}
     minima = {"rank": 0}
 
@@ -899,6 +910,10 @@ def main(argv=None):
             a = sdm.parse_args(MergeArgs, rest, argparse.ArgumentParser(prog="dco.py merge", description=merge.__doc__.split("\n")[0]))
             if len(a.lora) < 2:
                 raise ValueError("give two or more LoRAs to merge with --lora A B ...")
+            if Path(a.output).is_dir() or not a.output.endswith(".safetensors"):
+                raise ValueError(f"--output '{a.output}' must be a .safetensors file path, e.g. merged_lora.safetensors.")
+            if Path(a.output).exists() and not a.overwrite:
+                raise FileExistsError(f"--output '{a.output}' exists; pass --overwrite or choose another.")
             model = SimpleNamespace(unet=unet_skeleton(a.pretrained_model))
             loras, found = load_adapters(model, a.lora, [])
             weights = a.weights or [1.0] * len(loras)

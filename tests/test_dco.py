@@ -561,6 +561,10 @@ def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys):
     assert not (tmp_path / "refused").exists()
     dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "alone" / "l.safetensors"), "--guidance", "cfg",
               "--prompt", "a dog in the snow", "--steps", "1", "--output-dir", str(tmp_path / "plain")])  # no token: fine
+    for out, said in ((tmp_path / "merged.safetensors", "exists; pass --overwrite"), (tmp_path, "must be a .safetensors file path")):
+        with pytest.raises(SystemExit, match=said):
+            dco.main(["merge", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "subj"), str(tmp_path / "subj"),
+                      "--output", str(out)])
     with pytest.raises(SystemExit):
         dco.main(["merge", "--lora", "a", "b", "--format", "kohyaa"])
     assert "invalid choice: 'kohyaa'" in capsys.readouterr().err
@@ -897,6 +901,19 @@ def test_a_lora_file_that_is_not_safetensors_is_one_sentence(tmp_path):
     with pytest.raises(SystemExit, match="error: .*not a readable safetensors"):
         dco.main(["merge", "--lora", str(bad), str(bad), "--output", str(tmp_path / "m.safetensors")])
     assert not (tmp_path / "m.safetensors").exists()
+    from safetensors.torch import save_file
+
+    unet, key = tiny().unet, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    d = unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.in_features
+    for name, down, up in (("conv", torch.zeros(2, d, 1, 1), torch.zeros(d, 2, 1, 1)), ("ranks", torch.zeros(2, d), torch.zeros(d, 3))):
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match="is malformed: layer .* not \\(rank, in\\) and \\(out, rank\\)"):  # were matmul errors
+            dco.load_lora(tmp_path / f"{name}.safetensors", unet)
+    (tmp_path / "e.safetensors").write_bytes(b"garbage" * 10)  # safetensors' own header error was a traceback
+    save_file({"<a>": torch.zeros(2, 3, 4)}, tmp_path / "e3.safetensors")
+    for f, said in (("e", "is not a readable embeddings file"), ("e3", "holds no token embeddings"), ("none", "no embeddings file")):
+        with pytest.raises((ValueError, FileNotFoundError), match=said):
+            dco.read_embeddings(tmp_path / f"{f}.safetensors")
 
 
 def test_a_learned_token_in_the_negative_prompt(setup, tmp_path):
