@@ -365,15 +365,16 @@ def load_official(folder, step: str = "") -> tuple[dict, dict]:
     with torch.load(weights_only=True): only tensors and containers, never code; the one class in
     the embedding file, nn.ParameterDict, is allow-listed by name as a passive stand-in."""
     folder = Path(folder)
-
-    def pick(stem):
-        found = sorted(folder.glob(f"{stem}*.pt"), key=lambda p: int(m.group(1)) if (m := re.search(r"-(\d+)\.pt$", p.name)) else -1)
-        chosen = [p for p in found if p.name == f"{stem}-{step}.pt"] if step else found[-1:]
-        if not chosen:
-            raise FileNotFoundError(f"no {stem}{'-' + step if step else '*'}.pt in '{folder}'.")
-        return chosen[0]
-
-    files = pick("cross_attention"), pick("embeddings_gs")
+    if step and not step.isdigit():
+        raise ValueError(f"--step must be a checkpoint number such as 399 (got '{step}').")
+    numbered = lambda stem: {int(m[1]) if (m := re.search(r"-(\d+)\.pt$", p.name)) else -1: p for p in folder.glob(f"{stem}*.pt")}
+    blocks, embeds = numbered("cross_attention"), numbered("embeddings_gs")
+    pairs = sorted(blocks.keys() & embeds.keys())  # the blocks and S* of one step, never of two
+    want = int(step) if step else (pairs[-1] if pairs else None)
+    if want not in pairs:
+        raise FileNotFoundError(f"no cross_attention{'-' + step if step else '*'}.pt with its embeddings_gs file in '{folder}' "
+                                f"(steps with both: {', '.join(str(k) if k >= 0 else 'unnumbered' for k in pairs) or 'none'}).")
+    files = blocks[want], embeds[want]
     try:
         blocks = torch.load(files[0], map_location="cpu", weights_only=True)
         with torch.serialization.safe_globals([(_ParameterDict, "torch.nn.modules.container.ParameterDict")]):
@@ -390,6 +391,9 @@ def save_official(vico: ViCo, folder, step: int, star_id: int) -> None:
     and embeddings_gs-{step}.pt = {"string_to_token": {"*": id}, "string_to_param": ParameterDict}."""
     if len(vico.placeholders) != 1:
         raise ValueError("the official format holds one placeholder ('*'); this concept has several.")
+    if not vico.visual_condition:  # the official scripts load image blocks unconditionally
+        raise ValueError("this concept was trained without the visual condition (plain textual inversion): it has no image "
+                         "blocks for the official format; export --format vico for its learned_embeds files.")
     folder = Path(folder)
     emb = {"string_to_token": {"*": torch.tensor(star_id)},
            "string_to_param": nn.ParameterDict({"*": nn.Parameter(vico.embeddings.detach().float().cpu().clone())})}
@@ -405,6 +409,11 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
     check_model(model)
     folder = Path(folder)
     meta = {}
+    if step and (folder / "vico.safetensors").exists():  # our run folder: its checkpoint-N holds that step's concept
+        if not (folder / f"checkpoint-{step}" / "vico.safetensors").exists():
+            found = sorted(int(q.parent.name[11:]) for q in folder.glob("checkpoint-*/vico.safetensors") if q.parent.name[11:].isdigit())
+            raise FileNotFoundError(f"no checkpoint-{step} in '{folder}' (checkpoints: {', '.join(map(str, found)) or 'none'}).")
+        folder = folder / f"checkpoint-{step}"
     if (folder / "vico.safetensors").exists():
         try:
             with safe_open(str(folder / "vico.safetensors"), "pt") as f:
@@ -682,7 +691,7 @@ class ViCoSampleArgs(sdm.SampleArgs):
     reference: list[str] = field(default_factory=list)  # one or more reference images (App. C)
     reference_tokens: list[str] = field(default_factory=list)  # the placeholder each reference shows (two concepts)
     placeholder: str = "S*"  # what to call the official release's '*' in prompts
-    step: str = ""  # official release: which checkpoint (399 = the paper's 400 steps); "" = the highest
+    step: str = ""  # which checkpoint: official files' number (399 = the paper's 400 steps; "" = the highest), or our checkpoint-N
     save_masks: bool = False  # masks/stepNNN_<layer>.png: each reference with its object mask, per layer and step
     output_dir: str = "outputs/vico-samples"
 
@@ -737,7 +746,7 @@ def export_cli(argv) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--pretrained-model", default="", help="the base model the concept belongs to (default: the toy model)")
     p.add_argument("--placeholder", default="S*", help="name of the official '*' token in our format")
-    p.add_argument("--step", default="", help="official files: which checkpoint number to read or write")
+    p.add_argument("--step", default="", help="official files: which checkpoint number to read, or to write with --format official; our run folder: its checkpoint-N")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     if a.format == "official" and a.step and not a.step.isdecimal():  # it names the files: cross_attention-399.pt

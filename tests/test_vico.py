@@ -447,12 +447,28 @@ def test_official_release_files_load_strictly_sample_and_round_trip(model, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(w.state_dict().values(), v.state_dict().values()))
     with pytest.raises(ValueError, match="does not fit"):
         vico.load_concept(model, folder, step="99")
+    (folder / "embeddings_gs-499.pt").write_bytes((folder / "embeddings_gs-399.pt").read_bytes())  # no blocks of step 499
+    assert torch.equal(vico.load_official(folder)[1]["*"], v.embeddings)  # the highest step with both files: 399
+    with pytest.raises(FileNotFoundError, match="no cross_attention-499.pt with its embeddings_gs .* with both: 99, 399"):
+        vico.load_official(folder, "499")
+    pair = tmp_path / "unnumbered"  # the two files renamed without numbers
+    pair.mkdir()
+    (pair / "cross_attention.pt").write_bytes((folder / "cross_attention-399.pt").read_bytes())
+    (pair / "embeddings_gs.pt").write_bytes((folder / "embeddings_gs-399.pt").read_bytes())
+    assert torch.equal(vico.load_official(pair)[1]["*"], v.embeddings)
     vico.save_official(w, tmp_path / "out", 399, model.tokenizer.token_id("*"))
     blocks, rows = vico.load_official(tmp_path / "out")
     assert blocks.keys() == vico.official_state_dict(v).keys() and torch.equal(rows["*"], v.embeddings)
     vico.save_concept(w, tmp_path / "ours", {"base_model": "tiny"})
     u = vico.load_concept(model, tmp_path / "ours")
     assert all(torch.equal(a, b) for a, b in zip(u.state_dict().values(), v.state_dict().values()))
+    vico.save_concept(make_vico(model), tmp_path / "ours" / "checkpoint-5", {"base_model": "tiny"})  # --step of our run folder
+    assert not torch.equal(vico.load_concept(model, tmp_path / "ours", step="5").embeddings, u.embeddings)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-7 in .* \\(checkpoints: 5\\)"):
+        vico.load_concept(model, tmp_path / "ours", step="7")
+    ti = make_vico(model, visual_condition=False)
+    with pytest.raises(ValueError, match="trained without the visual condition"):
+        vico.save_official(ti, tmp_path / "ti", 1, model.tokenizer.token_id("*"))
     seen = []
     images = vico.generate(model, u, ["a photo of S* on the grass"], [torch.rand(3, 40, 24) * 2 - 1], steps=2, guidance_scale=3.0,
                            sampler="dpmpp_2m", generator=torch.Generator().manual_seed(0), on_step=lambda i, m: seen.append((i, dict(m))), progress=False)
