@@ -410,14 +410,19 @@ def roles(exts) -> dict:
 def scan_tar(tar) -> np.ndarray | None:
     """(records, 6) int64: offset and size of each record's image, json and label map (-1: none), the records
     sorted by key; None for an unreadable tar. Reading the member headers is the cost: one seek a member."""
+    members, size, key = {}, Path(tar).stat().st_size if Path(tar).is_file() else 0, None
     try:
         with tarfile.open(tar) as tf:
-            members = {}
-            for m in tf.getmembers():
+            for m in tf:  # streamed: a shard cut short (a copy that stopped) keeps the records before the cut
                 key, _, ext = Path(m.name).name.partition(".")
                 members.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+                if m.offset_data + m.size > size:
+                    raise tarfile.ReadError("cut short")
     except (tarfile.TarError, OSError):
-        return None
+        members.pop(key, None)  # the record the cut went through may lack a member
+        if not members:
+            return None
+        warnings.warn(f"shard '{tar}' is cut short; the records before the cut are used.", stacklevel=2)
     found = {k: {r: v[e] for r, e in roles(v).items()} for k, v in members.items()}
     keys = sorted(k for k, v in found.items() if "json" in v and "image" in v)
     return np.array([[x for r in MEMBERS for x in found[k].get(r, (-1, -1))] for k in keys], np.int64).reshape(-1, 6)

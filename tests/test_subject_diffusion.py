@@ -903,6 +903,13 @@ def test_the_shard_index_is_written_once_and_read_instead_of_the_tars(tiny, tmp_
     tars[1].write_bytes(tars[1].read_bytes()[:-2048])  # changed (here: truncated): scanned again, the rest still cached
     third = make()
     assert scans == [tars[1].name] and len(third) <= len(first)
+    data = tars[1].read_bytes()
+    tars[1].write_bytes(data[: len(data) // 2])  # cut mid-shard: it was skipped whole ("not a readable tar file")
+    with pytest.warns(UserWarning, match="is cut short; the records before the cut are used"):
+        half = make()
+    kept = len(half) - len(first.shards[0])
+    assert 0 < kept < len(first.shards[1]) and not half.bad_shards
+    assert all(not half[(i, 0, i)]["skips"].any() for i in range(len(first.shards[0]), len(half)))
     scans.clear()
     make()
     assert scans == []  # the rescan went into the index too
