@@ -557,6 +557,9 @@ def read_captions(path, config_name: str = "") -> dict:
 def load_data(a: DCOArgs):
     """(images, prompts, base_prompts, tokens, initializers), checked against each other."""
     if a.captions:
+        if given := [f for f, v in (("--instance-prompt", a.instance_prompt), ("--base-prompt", a.base_prompt)) if v]:
+            raise ValueError(f"{' and '.join(given)} would be ignored with --captions (the file gives each image its "
+                             "prompt and base prompt); put them in the file, or drop --captions.")
         d = read_captions(a.captions, a.config_name)
         names, prompts = d.get("images") or [], d.get("prompts") or []
         if len(names) != len(prompts) or not names or None in names or None in prompts:
@@ -590,7 +593,7 @@ def load_data(a: DCOArgs):
     if tokens:
         if a.dco_beta > 0 and (not bases or len(bases) != len(prompts) or None in bases):
             raise ValueError("learned tokens need a base prompt per image (the caption with the class word, used by "
-                             "the reference model): add base_prompts to the captions file or pass --base-prompt.")
+                             "the reference model): " + ("add base_prompts to the captions file." if a.captions else "pass --base-prompt."))
         for p in prompts:
             if not any(t in p for t in tokens):
                 raise ValueError(f"the prompt '{p}' contains none of the learned tokens {tokens}; put the token in every caption.")

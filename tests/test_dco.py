@@ -589,6 +589,8 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
                                                                        inserting_tokens=["<cat>"], initializer_tokens=["cat"]))
     assert (len(images), prompts[2], bases[2], tokens, inits) == (3, "a <cat> 2", "a cat 2", ["<cat>"], ["cat"])
     err("several configs", config_name="")
+    err("--base-prompt would be ignored with --captions", base_prompt="a dog")  # it was, silently
+    err("--instance-prompt and --base-prompt would be ignored", instance_prompt="a <dog>", base_prompt="a dog")
     bad.write_text(json.dumps({"images": ["00.png", "01.png"], "prompts": ["a <dog>"]}))
     err("one prompt per image", captions=str(bad))
     bad.write_text(json.dumps({"images": ["00.png", "zz.png"], "prompts": ["a <dog>"] * 2}))
