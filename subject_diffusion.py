@@ -78,7 +78,7 @@ import sys
 import tarfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -765,6 +765,22 @@ class Records(torch.utils.data.Dataset):
         return pil
 
 
+def elastic(ckpt, cfg: TrainConfig, world: int) -> TrainConfig:
+    """A resume on another number of processes continues the same run when the global micro-batch (processes x
+    --train-batch-size) is the same: the record order is global, so each process then starts at its share of
+    it. The settings check then compares the checkpoint's per-process batch (from its run's args.json)."""
+    run = Path(ckpt).parent / "args.json"
+    prev = json.loads(run.read_text()) if run.is_file() else {}
+    w0, b0 = prev.get("world_size", world), prev.get("train_batch_size", cfg.train_batch_size)
+    if w0 == world:
+        return cfg
+    if b0 * w0 != cfg.train_batch_size * world:
+        raise ValueError(f"'{ckpt}' was trained on {w0} process(es) x --train-batch-size {b0} and this run is {world} x "
+                         f"{cfg.train_batch_size}: another global batch, another run. Keep {b0 * w0} a micro-batch"
+                         + (f" (--train-batch-size {b0 * w0 // world})." if b0 * w0 % world == 0 else "."))
+    return replace(cfg, train_batch_size=b0)
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """DistributedSampler semantics with shards as the unit of shuffling: each epoch permutes the shards
     and the records inside each shard (seeded by seed and epoch), concatenates them, cuts the order to
@@ -983,7 +999,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, sdm.lr_lambda(cfg))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.mixed_precision == "fp16")
     tensors = dict(method.state_dict(keep_vars=True))
-    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, cfg) if resume_from else 0
+    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, elastic(resume_from, cfg, world)) if resume_from else 0
     R = cfg.resolution or sd.cfg.image_size
     if world > 1 and not main:  # rank 0 indexes the shards first and writes the index the others read
         dist.barrier()

@@ -541,6 +541,19 @@ def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_bat
     for x, y in zip(log("one"), log("two")):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["attn"] - y["attn"]) < 1e-6
     assert len(log("two")) == 2 and any(a[k].abs().sum() > 0 for k in a if k.startswith("kv."))
+    # an elastic resume: steps 1-2 on 2 processes x 2, then 3-4 on 1 x 4 (the global batch kept) continue the run:
+    # each process starts at its share of the global order (it started at its own count: records were replayed)
+    more = [*common[:4], "--max-train-steps", "4", *FAST]
+    train_cli([*more, "--output-dir", str(tmp_path / "el"), "--max-train-steps", "2", "--checkpointing-steps", "2"], procs=2)
+    r = subprocess.run([sys.executable, str(ROOT / "subject_diffusion.py"), "train", *more, "--output-dir", str(tmp_path / "el"),
+                        "--resume", "latest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode and "trained on 2 process(es) x --train-batch-size 2 and this run is 1 x 2" in r.stderr
+    assert "(--train-batch-size 4)" in r.stderr
+    train_cli([*more, "--output-dir", str(tmp_path / "el"), "--train-batch-size", "4", "--resume", "latest"])
+    train_cli([*more, "--output-dir", str(tmp_path / "one4"), "--train-batch-size", "4", "--checkpointing-steps", "0"])
+    a, b = weights(tmp_path / "one4"), weights(tmp_path / "el")
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diffs > 1e-6).sum() <= 1e-4 * len(diffs) and diffs.max() < 2e-5
 
 
 def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
