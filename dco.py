@@ -537,21 +537,37 @@ def dco_step(model: sdm.StableDiffusion, lora: LoRA, z0, cond: sdm.Cond, ref_con
 
 
 def read_captions(path, config_name: str = "") -> dict:
-    text = Path(path).read_text()
-    if str(path).endswith(".jsonl"):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        d = {"images": [r.get("image", r.get("file")) for r in rows], "prompts": [r.get("prompt") for r in rows]}
-        if any("base_prompt" in r for r in rows):
-            d["base_prompts"] = [r.get("base_prompt") for r in rows]
-        return d
-    d = json.loads(text)
-    if "images" in d:
-        return d
-    if config_name or len(d) == 1:
+    """{"images", "prompts"[, "base_prompts", tokens]} from the official config.json (one config, or --config-name of
+    several), or a JSONL of rows {"image"|"file"|"file_name", "prompt"|"caption"|"text"[, "base_prompt"]} (the last
+    two: Hugging Face imagefolder's metadata.jsonl)."""
+    pick = lambda r, keys: next((r[k] for k in keys if k in r), None)
+    try:
+        text = Path(path).read_text()
+        if str(path).endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if not all(isinstance(r, dict) for r in rows):
+                raise ValueError("a line is not a JSON object")
+            d = {"images": [pick(r, ("image", "file", "file_name")) for r in rows],
+                 "prompts": [pick(r, ("prompt", "caption", "text")) for r in rows]}
+            if any("base_prompt" in r for r in rows):
+                d["base_prompts"] = [r.get("base_prompt") for r in rows]
+        else:
+            d = json.loads(text)
+            if not isinstance(d, dict) or not all(isinstance(v, dict) for v in ([d] if "images" in d else d.values())):
+                raise ValueError("it is not an object of configs, or of images and prompts")
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"captions file '{path}' is not readable as the official config.json or a JSONL of "
+                         f"{{\"image\", \"prompt\"}} rows ({e}).") from None
+    if "images" not in d:
+        if not config_name and len(d) != 1:
+            raise ValueError(f"captions file '{path}' holds several configs ({', '.join(d)}); pick one with --config-name.")
         if (config_name or next(iter(d))) not in d:
             raise ValueError(f"captions file '{path}' has no config '{config_name}'; it has {', '.join(d)}.")
-        return d[config_name or next(iter(d))]
-    raise ValueError(f"captions file '{path}' holds several configs ({', '.join(d)}); pick one with --config-name.")
+        d = d[config_name or next(iter(d))]
+    for key in ("images", "prompts", "base_prompts"):  # strings, or a clear sentence instead of a TypeError later
+        if key in d and not (isinstance(d[key], list) and all(isinstance(x, str) for x in d[key])):
+            raise ValueError(f"captions file '{path}': {key} must be a list of strings, one per image.")
+    return d
 
 
 def load_data(a: DCOArgs):

@@ -588,6 +588,13 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
     images, prompts, bases, tokens, inits = dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(tmp_path / "c.jsonl"),
                                                                        inserting_tokens=["<cat>"], initializer_tokens=["cat"]))
     assert (len(images), prompts[2], bases[2], tokens, inits) == (3, "a <cat> 2", "a cat 2", ["<cat>"], ["cat"])
+    hf = tmp_path / "metadata.jsonl"  # Hugging Face imagefolder's captions
+    hf.write_text("\n".join(json.dumps({"file_name": f"{i:02d}.png", "text": f"a dog {i}"}) for i in range(3)))
+    assert dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(hf)))[1] == ["a dog 0", "a dog 1", "a dog 2"]
+    for content, said in (("{not json", "is not readable as the official config.json"), ("[1, 2]", "not an object of configs"),
+                          (json.dumps({"images": ["00.png"], "prompts": [3]}), "prompts must be a list of strings")):
+        bad.write_text(content)
+        err(said, captions=str(bad))
     err("several configs", config_name="")
     err("--base-prompt would be ignored with --captions", base_prompt="a dog")  # it was, silently
     err("--instance-prompt and --base-prompt would be ignored", instance_prompt="a <dog>", base_prompt="a dog")
