@@ -254,7 +254,7 @@ class ICO(nn.Module):
         """kv_deltas.safetensors (dW under the UNet's key names), learned_embeds.safetensors (diffusers'
         multi-vector textual inversion: {first token: (Lv, width)}, the layout its textual_inversion.py
         writes with --num_vectors and `load_textual_inversion` reads; it names the rows "<new1>", "<new1>_1",
-        ... and expands "<new1>" in a prompt to all of them), concept.a1111.safetensors (A1111's emb_params,
+        ... and expands "<new1>" in a prompt to all of them), a1111/concept.safetensors (A1111's emb_params,
         the Lv rows as one embedding) and, to look at, contexts.safetensors (P, S; unused at inference)."""
         folder = Path(folder)
         meta = {**metadata, "class_word": self.class_word, "tokens": self.tokens, "n_prefix": self.n_prefix,
@@ -263,7 +263,7 @@ class ICO(nn.Module):
                              folder / "kv_deltas.safetensors", {**meta, "kv": "delta: W = W_base + this"})
         sdm.save_embeddings(folder / "learned_embeds.safetensors", {self.tokens[0]: self.rows}, "diffusers", meta)
         # A1111 reads one embedding of Lv vectors, typed as its file name (rename it to the word you want)
-        sdm.save_embeddings(folder / "concept.a1111.safetensors", {"V": self.rows}, "a1111", meta)
+        sdm.save_embeddings(folder / "a1111" / "concept.safetensors", {"V": self.rows}, "a1111", meta)
         if self.prefix is not None or self.suffix is not None:
             ctx = {k: p for k, p in (("prefix", self.prefix), ("suffix", self.suffix)) if p is not None}
             sdm.save_safetensors(ctx, folder / "contexts.safetensors", {**meta, "images": list(image_names)})

@@ -419,6 +419,19 @@ class LearnedTokens(nn.Module):
     def save(self, path, metadata: dict | None = None) -> None:
         write_embeddings(path, self.tokens, [r.detach() for r in self.rows], self.initializers, metadata)
 
+    def save_per_token(self, folder, metadata: dict | None = None) -> None:
+        """Each token alone, for tools that read one token a file. A1111 names an embedding after its file, so
+        a1111/<name>.safetensors (SD 1.x `emb_params`; SDXL `clip_l` + `clip_g`, as A1111 and ComfyUI read it);
+        with several tokens also <name>.learned_embeds.safetensors for diffusers' load_textual_inversion."""
+        for i, t in enumerate(self.tokens):
+            name, rows = re.sub(r"[^\w-]", "_", t).strip("_") or f"token{i}", [r[i : i + 1].detach() for r in self.rows]
+            if len(rows) > 1:
+                write_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", [t], rows, self.initializers[i : i + 1], metadata)
+            else:
+                sdm.save_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", {t: rows[0]}, "a1111", {**(metadata or {}), "token": t})
+            if len(self.tokens) > 1:
+                write_embeddings(Path(folder) / f"{name}.learned_embeds.safetensors", [t], rows, self.initializers[i : i + 1], metadata)
+
     @classmethod
     def load(cls, path, model) -> "LearnedTokens":
         tokens, rows, inits = read_embeddings(path)
@@ -809,6 +822,7 @@ def train(a: DCOArgs) -> Path:
         save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", {**meta, "step": step, "ss_steps": step})
         if ti is not None:
             ti.save(folder / "learned_embeds.safetensors", {"base_model": meta["base_model"]})
+            ti.save_per_token(folder, {"base_model": meta["base_model"]})
 
     def validate():
         n = a.num_validation_images

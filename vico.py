@@ -337,7 +337,8 @@ def load_image_blocks(vico: ViCo, sd: dict, what: str) -> None:
 
 def save_concept(vico: ViCo, folder, metadata: dict) -> None:
     """vico.safetensors (blocks under the official keys + `token_embeddings`), and S* in the diffusers
-    (learned_embeds.safetensors, {token: (1, d)}) and A1111 (<token>.a1111.safetensors, emb_params)
+    (learned_embeds.safetensors, {token: (1, d)}) and A1111 (a1111/<token>.safetensors, emb_params; A1111
+    names an embedding after its file, so the folder keeps the name typeable)
     formats. diffusers' loader takes one token per file, so two concepts write <token>.learned_embeds
     .safetensors each (load them with load_textual_inversion([file1, file2]))."""
     folder = Path(folder)
@@ -348,7 +349,7 @@ def save_concept(vico: ViCo, folder, metadata: dict) -> None:
         name = re.sub(r"[^\w-]", "_", p.replace("*", "star"))
         diffusers_name = "learned_embeds" if len(vico.placeholders) == 1 else f"{name}.learned_embeds"
         sdm.save_embeddings(folder / f"{diffusers_name}.safetensors", {p: rows[i : i + 1]}, "diffusers", meta)
-        sdm.save_embeddings(folder / f"{name}.a1111.safetensors", {p: rows[i : i + 1]}, "a1111", {**meta, "token": p})
+        sdm.save_embeddings(folder / "a1111" / f"{name}.safetensors", {p: rows[i : i + 1]}, "a1111", {**meta, "token": p})
 
 
 class _ParameterDict(dict):

@@ -392,7 +392,7 @@ def test_checkpoint_round_trip_and_refusing_another_base_model(tmp_path, base):
     assert ctx_meta["learning_rates"] == {"kv_and_tokens": pytest.approx(3e-3), "contexts": pytest.approx(3e-2)}
     embeds = sdm.load_embeddings(out / "learned_embeds.safetensors")  # diffusers' multi-vector layout
     assert list(embeds) == ico.tokens[:1] and torch.equal(embeds[ico.tokens[0]], ico.rows)
-    assert torch.equal(sdm.load_embeddings(out / "concept.a1111.safetensors")["emb_params"], ico.rows)  # A1111: one embedding, Lv vectors
+    assert torch.equal(sdm.load_embeddings(out / "a1111" / "concept.safetensors")["emb_params"], ico.rows)  # A1111: one embedding, Lv vectors
     deltas = load_file(str(out / "kv_deltas.safetensors"))
     assert set(deltas) == {f"{n}.weight" for n in ico.kv_names.values()} and "contexts.safetensors" not in {p.name for p in out.iterdir()}
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in fresh.state_dict().items())  # still the base weights
@@ -473,7 +473,7 @@ def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp
         di.main([*train, "--max-train-steps", "2", "--checkpointing-steps", "1", "--train-batch-size", "1",
                  "--gradient-accumulation-steps", "1", "--mixed-precision", "bf16", "--validation-prompt", "a V cat",
                  "--validation-steps", "2", "--num-validation-images", "1"])
-    for f in ("kv_deltas.safetensors", "learned_embeds.safetensors", "concept.a1111.safetensors", "contexts.safetensors",
+    for f in ("kv_deltas.safetensors", "learned_embeds.safetensors", "a1111/concept.safetensors", "contexts.safetensors",
               "checkpoint-1/kv_deltas.safetensors", "checkpoint-2/training_state.safetensors", "validation/step-000002.png",
               "log.jsonl", "args.json"):
         assert (run / f).exists(), f

@@ -979,3 +979,19 @@ def test_multi_vector_embeddings_are_refused_not_misread(tmp_path):
     one = tmp_path / "one.safetensors"  # single-vector files still load, each token its own row
     save_file({"<a>": torch.zeros(1, w), "<b>": torch.ones(1, w)}, str(one))
     assert torch.equal(dco.LearnedTokens.load(one, tiny()).extra[0][1], torch.ones(w))
+
+
+def test_each_learned_token_is_also_written_alone_for_a1111_and_diffusers(tmp_path):
+    """diffusers' load_textual_inversion and A1111 read one token a file (A1111 names it after the file)."""
+    for cfg, sub in ((None, "sd1"), (TINY_XL, "sdxl")):
+        model = tiny(cfg) if cfg else tiny()
+        ti = dco.LearnedTokens.from_initializers(model, ["<dog>", "<ball>"], ["dog", "ball"])
+        ti.save_per_token(tmp_path / sub)
+        for i, name in enumerate(("dog", "ball")):
+            alone = dco.read_embeddings(tmp_path / sub / f"{name}.learned_embeds.safetensors")
+            assert alone[0] == [f"<{name}>"] and all(torch.equal(a[0], r[i]) for a, r in zip(alone[1], ti.rows))
+            a1111 = sdm.load_embeddings(tmp_path / sub / "a1111" / f"{name}.safetensors")
+            if cfg is None:
+                assert list(a1111) == ["emb_params"] and torch.equal(a1111["emb_params"][0], ti.rows[0][i])
+            else:  # SDXL: A1111 and ComfyUI read clip_l / clip_g
+                assert torch.equal(a1111["clip_l"][0], ti.rows[0][i]) and torch.equal(a1111["clip_g"][0], ti.rows[1][i])

@@ -332,7 +332,7 @@ def test_only_the_tokens_and_the_blocks_change_and_the_optimizer_groups(model, t
     assert groups[0]["params"] == [v.embeddings] and len(groups[1]["params"]) == len(list(v.image_blocks.parameters()))
     saved = sdm.load_embeddings(tmp_path / "a" / "learned_embeds.safetensors")
     assert torch.equal(saved["S*"], v.embeddings.detach()[:1])
-    assert torch.equal(sdm.load_embeddings(tmp_path / "a" / "Sstar.a1111.safetensors")["emb_params"], saved["S*"])
+    assert torch.equal(sdm.load_embeddings(tmp_path / "a" / "a1111" / "Sstar.safetensors")["emb_params"], saved["S*"])
 
 
 def test_blocks_change_after_a_step(model, tmp_path, capsys):
@@ -500,7 +500,7 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
         vico.main(["train", *base, "--init-word", "dog", "--max-train-steps", "2", "--checkpointing-steps", "1",
                    "--validation-prompt", "a S*", "--validation-steps", "2", "--num-validation-images", "1"])
     run = tmp_path / "run"
-    for f in ("vico.safetensors", "learned_embeds.safetensors", "Sstar.a1111.safetensors", "checkpoint-1/vico.safetensors",
+    for f in ("vico.safetensors", "learned_embeds.safetensors", "a1111/Sstar.safetensors", "checkpoint-1/vico.safetensors",
               "checkpoint-2/training_state.safetensors", "validation/step-000002.png", "log.jsonl", "args.json"):
         assert (run / f).exists(), f
     out = tmp_path / "samples"
