@@ -290,14 +290,20 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     if te:
         raise ValueError(f"'{path}' also trains the text encoder ('{te[0]}', ...); this loader reads UNet LoRAs only "
                          "(DCO's LoRA is UNet-only): save the UNet part alone, or drop the text-encoder keys.")
-    for k, v in sd.items():
+    keys = {}
+    for k in sd:
         m = re.match(r"(?:unet\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$|(.+)\.alpha$", k)
         if m is None:
             raise ValueError(f"'{path}' is not a UNet LoRA file: unexpected key '{k}'.")
-        mod, kind = (m[1], m[2]) if m[1] else (m[3], "alpha")
-        if mod not in known:
-            raise ValueError(f"LoRA '{path}' does not fit this base model: it has no layer '{mod}'; "
-                             "use the model it was trained on.")
+        keys[k] = (m[1], m[2]) if m[1] else (m[3], "alpha")
+    if other := sorted({mod for mod, _ in keys.values() if mod not in known}):
+        if not any(re.search(r"[._](to_q|to_k|to_v|to_out[._]0)$", mod) for mod in other):  # fits, but adapts more layers
+            raise ValueError(f"LoRA '{path}' also adapts layers this loader does not ('{other[0]}', {len(other)} in all): "
+                             f"it reads LoRAs on the attention projections {', '.join(TARGETS)} only, as DCO trains them.")
+        raise ValueError(f"LoRA '{path}' does not fit this base model: it has no layer '{other[0]}'; "
+                         "use the model it was trained on.")
+    for k, v in sd.items():
+        mod, kind = keys[k]
         parts.setdefault(known[mod], {})["alpha" if kind == "alpha" else "A" if kind in ("lora_A", "lora.down", "lora_down") else "B"] = v
     lin = target_linears(unet)
     layers = {}

@@ -617,6 +617,12 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
     dco.save_lora(lora_file, model.unet, [dco.LoRA.create(model.unet, 2)])
     with pytest.raises(ValueError, match="does not fit this base model"):
         dco.load_lora(lora_file, tiny(TINY_XL).unet)
+    from safetensors.torch import load_file, save_file
+
+    wider = {**load_file(str(lora_file)), "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4)}
+    save_file(wider, tmp_path / "wider.safetensors")  # kohya-style: more layers than the attention projections
+    with pytest.raises(ValueError, match="also adapts layers this loader does not .*proj_in.* to_q, to_k, to_v, to_out.0 only"):
+        dco.load_lora(tmp_path / "wider.safetensors", model.unet)  # it said "does not fit this base model"
     with pytest.raises(SystemExit, match="error: LoRA .* does not fit this base model"):
         dco.main(["merge", "--pretrained-model", str(sdxl), "--lora", str(lora_file), str(lora_file), "--output", str(tmp_path / "m.safetensors")])
     with pytest.raises(SystemExit, match="error: embeddings .* do not fit"):
