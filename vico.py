@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image
 
 import sd_model as sdm
 
@@ -456,6 +457,16 @@ def token_columns(ids, token_id: int, what: str):
     return hit.int().argmax(-1)
 
 
+def fit_reference(img, h: int, w: int) -> torch.Tensor:
+    """A reference image at the output size with its aspect kept: scaled to cover (h, w), then centre-cropped.
+    The UNet runs on [z_t; z_r] as one batch (card 15), so z_r takes z_t's size; squashing distorted the object."""
+    W, H = img.size
+    s = max(w / W, h / H)
+    img = img.resize((max(w, round(W * s)), max(h, round(H * s))), Image.BICUBIC)
+    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    return sdm.image_to_tensor(img.crop((left, top, left + w, top + h)))
+
+
 def model_fn(model, vico: ViCo, cond, uncond, refs, cols, guidance_scale: float, on_step=None):
     """model_fn for sdm.sample_loop. CFG as in DDIMSampler.p_sample_ddim (card 9): x, the references
     and t are doubled, the contexts are [uc; c], and both halves use the visual condition; the
@@ -718,7 +729,7 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
     if h % model.size_multiple or w % model.size_multiple:
         raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")
-    refs = [sdm.image_to_tensor(im, (h, w)) for im in ref_images]
+    refs = [fit_reference(im, h, w) for im in ref_images]
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the first image makes it: a bad prompt leaves none
     guided, b = a.guidance_scale != 1.0, a.batch_size
 

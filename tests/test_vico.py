@@ -718,3 +718,13 @@ def test_the_reference_rows_stop_after_the_last_image_layer_exactly(model, monke
     finally:
         model.unet.gradient_checkpointing = False
         v.embeddings.grad = None
+
+
+def test_a_reference_keeps_its_aspect_at_another_output_shape():
+    """z_r takes z_t's size; a 2:1 reference for a square image is centre-cropped, not squashed."""
+    wide = np.zeros((16, 32, 3), np.uint8)
+    wide[:, 8:24] = 255  # a white square in the middle of a black band
+    t = vico.fit_reference(Image.fromarray(wide), 16, 16)
+    assert t.shape == (3, 16, 16) and (t > 0.9).all()  # only the square: squashed, half of it would be black
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert torch.equal(vico.fit_reference(square, 8, 8), sdm.image_to_tensor(square, 8))  # as before for square ones
