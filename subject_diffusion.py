@@ -1329,7 +1329,8 @@ def main(argv=None):
             export_official(method, sd.unet, sdm.prepare_output_dir(e.out, False), meta)
             print(f"wrote {e.out}")
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss
-        sys.exit(f"error: {e}")
+        lines = str(e).strip().splitlines()  # a DataLoader worker's error carries its whole traceback: its last line says it
+        sys.exit(f"error: {lines[-1].split(': ', 1)[-1] if 'Original Traceback' in str(e) else e}")
 
 
 if __name__ == "__main__":

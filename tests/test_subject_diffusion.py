@@ -926,3 +926,18 @@ def test_the_shard_index_is_written_once_and_read_instead_of_the_tars(tiny, tmp_
     scans.clear()
     make()
     assert scans == []  # the rescan went into the index too
+
+
+def test_an_error_inside_a_dataloader_worker_is_its_own_sentence(monkeypatch):
+    """With --num-workers, PyTorch re-raises a worker's error with the worker's whole traceback in its message."""
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ValueError("none of the training records has a usable subject; check the boxes and labels.")
+
+    monkeypatch.setattr(sdx, "train", lambda cfg: next(iter(torch.utils.data.DataLoader(Bad(), num_workers=1))))
+    with pytest.raises(SystemExit) as e:
+        sdx.main(["train", "--data", "x"])
+    assert str(e.value) == "error: none of the training records has a usable subject; check the boxes and labels."
