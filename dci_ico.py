@@ -273,7 +273,7 @@ class ICO(nn.Module):
         """A trained concept, onto `model`; refuses one trained on another base model."""
         from safetensors import safe_open
 
-        meta = read_metadata(folder)
+        meta = read_metadata(folder)  # one sentence for a file that is not a readable concept
         ico = cls(model, meta["tokens"], meta["class_word"], contexts=False).to(model.device)
         with safe_open(str(Path(folder) / "kv_deltas.safetensors"), "pt") as f:
             shapes_ok = set(f.keys()) == {f"{n}.weight" for n in ico.kv_names.values()} and all(
@@ -285,9 +285,11 @@ class ICO(nn.Module):
             with torch.no_grad():
                 for k, n in ico.kv_names.items():
                     ico.kv[k].copy_(f.get_tensor(f"{n}.weight"))
-        rows = sdm.load_embeddings(Path(folder) / "learned_embeds.safetensors")
-        # {first token: (Lv, d)}; folders written before that layout hold one key per token
-        rows = torch.cat([rows[t] for t in ico.tokens]) if set(rows) == set(ico.tokens) and len(rows) > 1 else rows[ico.tokens[0]]
+        try:  # {first token: (Lv, d)}; folders written before that layout hold one key per token
+            rows = sdm.load_embeddings(Path(folder) / "learned_embeds.safetensors")
+            rows = torch.cat([rows[t] for t in ico.tokens]) if set(rows) == set(ico.tokens) and len(rows) > 1 else rows[ico.tokens[0]]
+        except Exception as e:  # truncated, or rows under other names
+            raise ValueError(f"'{folder}' learned_embeds.safetensors is not this concept's ({type(e).__name__}: {e}).") from None
         if rows.shape != ico.rows.shape:
             raise ValueError(f"'{folder}' learned_embeds.safetensors holds {tuple(rows.shape)} rows; the concept needs {tuple(ico.rows.shape)}.")
         with torch.no_grad():
@@ -308,11 +310,19 @@ def read_metadata(folder) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"'{folder}' holds no ICO concept (kv_deltas.safetensors is missing); "
                                 "pass the output folder of `dci_ico.py train` or one of its checkpoint-N folders.")
-    with safe_open(str(path), "pt") as f:
-        raw = f.metadata()
-    return {k: json.loads(v) if k in ("tokens", "base_probe", "n_prefix", "n_suffix", "steps", "seed", "resolution",
-                                      "max_train_steps", "batch", "learning_rates") else v
-            for k, v in raw.items()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = f.metadata()
+        meta = {k: json.loads(v) if k in ("tokens", "base_probe", "n_prefix", "n_suffix", "steps", "seed", "resolution",
+                                          "max_train_steps", "batch", "learning_rates") else v for k, v in raw.items()}
+        if not meta["tokens"] or not meta["class_word"]:
+            raise KeyError("tokens")
+        if not (Path(folder) / "learned_embeds.safetensors").is_file():
+            raise FileNotFoundError("learned_embeds.safetensors is missing")
+        return meta
+    except Exception as e:  # truncated (SafetensorError), not ours (no metadata: AttributeError; a key missing: KeyError)
+        raise ValueError(f"'{path}' is not a readable ICO concept ({type(e).__name__}: {e}); write it again with "
+                         "`dci_ico.py train`.") from None
 
 
 # ---- 3. DCI: the dual-branch integration module (Eqs. 3-5) and the auxiliary prompt.

@@ -497,6 +497,13 @@ def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp
 
     bad, empty = tmp_path / "bad", tmp_path / "empty"
     empty.mkdir()
+    cut, half = tmp_path / "cut", tmp_path / "half"  # a copy that stopped: a truncated kv_deltas, a missing embeddings file
+    for d in (cut, half):
+        d.mkdir()
+        for f in ("kv_deltas.safetensors", "learned_embeds.safetensors"):
+            (d / f).write_bytes((run / f).read_bytes())
+    (cut / "kv_deltas.safetensors").write_bytes((run / "kv_deltas.safetensors").read_bytes()[:-100])
+    (half / "learned_embeds.safetensors").unlink()
     errors = {
         "no concept in the prompt": ([*sample, "--prompt", "a cat on the grass"], "does not contain the concept '<new1> <new2> <new3> cat'"),
         "plain, no tokens": ([*sample, "--prompt", "a cat", "--no-dci"], "does not contain the concept '<new1> <new2> <new3>'"),
@@ -504,6 +511,8 @@ def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp
         "too long": ([*sample, "--prompt", "a V cat " + "very " * 80], "over CLIP's 77"),
         "another base model": ([*sample, "--prompt", "a V cat", "--pretrained-model", str(other)], "trained on another base model"),
         "not a concept": (["sample", "--concept", str(imgs), "--prompt", "a V cat"], "holds no ICO concept"),
+        "truncated concept": (["sample", "--concept", str(cut), "--prompt", "a V cat"], "is not a readable ICO concept"),
+        "no embeddings": (["sample", "--concept", str(half), "--prompt", "a V cat"], "learned_embeds.safetensors is missing"),
         "more images than contexts": ([*train, "--max-images", "1"], "context table holds 1"),
         "empty folder": ([*train[:3], "--images", str(empty), "--class-word", "cat", "--output-dir", str(bad)], "no readable images"),
         "missing folder": ([*train[:3], "--images", str(tmp_path / "nope"), "--class-word", "cat", "--output-dir", str(bad)],
