@@ -584,7 +584,7 @@ def read_captions(path, config_name: str = "") -> dict:
             raise ValueError(f"captions file '{path}' has no config '{config_name}'; it has {', '.join(d)}.")
         d = d[config_name or next(iter(d))]
     for key in ("images", "prompts", "base_prompts"):  # strings, or a clear sentence instead of a TypeError later
-        if key in d and not (isinstance(d[key], list) and all(isinstance(x, str) for x in d[key])):
+        if key in d and not (isinstance(d[key], list) and all(isinstance(x, str) or key[0] == "b" and x is None for x in d[key])):
             raise ValueError(f"captions file '{path}': {key} must be a list of strings, one per image.")
     return d
 
@@ -967,8 +967,8 @@ def main(argv=None):
             out = Path(a.output)
             save_lora(out, model.unet, [merged], a.format, {"merged": a.lora, "weights": weights, "merge_method": a.method,
                                                             "tokens": tokens, "initializer_tokens": inits})
-            if tokens:  # beside the LoRA under its stem, where sample finds it
-                write_embeddings(out.with_name(out.stem + ".learned_embeds.safetensors"), tokens, rows, inits, {"merged": a.lora})
+            beside = out.with_name(out.stem + ".learned_embeds.safetensors")  # beside the LoRA, where sample finds it
+            write_embeddings(beside, tokens, rows, inits, {"merged": a.lora}) if tokens else beside.unlink(missing_ok=True)
             print(f"wrote {out}" + (f" and its learned tokens {tokens} in {out.stem}.learned_embeds.safetensors" if tokens else ""))
         else:
             sys.exit("usage: python dco.py {train,sample,merge} [options]; see --help of each")

@@ -403,21 +403,24 @@ def roles(exts) -> dict:
     official labeller's (card §7.4: a `jpg` photo beside a `png` label map); a photo makes the png a label map."""
     exts = set(exts)
     photo = next((e for e in PHOTO_EXTS if e in exts), None)
-    image, labels = (photo, "png") if photo else ("png", "mask.png")
+    image, labels = (photo, "png" if "png" in exts else "mask.png") if photo else ("png", "mask.png")
     return {r: e for r, e in zip(MEMBERS, (image, "json", labels)) if e in exts}
 
 
 def scan_tar(tar) -> np.ndarray | None:
     """(records, 6) int64: offset and size of each record's image, json and label map (-1: none), the records
     sorted by key; None for an unreadable tar. Reading the member headers is the cost: one seek a member."""
-    members, size, key = {}, Path(tar).stat().st_size if Path(tar).is_file() else 0, None
+    members, size, key, end = {}, Path(tar).stat().st_size if Path(tar).is_file() else 0, None, 0
     try:
         with tarfile.open(tar) as tf:
             for m in tf:  # streamed: a shard cut short (a copy that stopped) keeps the records before the cut
                 key, _, ext = Path(m.name).name.partition(".")
                 members.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+                end = m.offset_data + -(-m.size // 512) * 512
                 if m.offset_data + m.size > size:
                     raise tarfile.ReadError("cut short")
+        if members and size - end < 1024:  # no end-of-archive blocks: cut at a member boundary, which tarfile reads as the end
+            raise tarfile.ReadError("cut short")
     except (tarfile.TarError, OSError):
         members.pop(key, None)  # the record the cut went through may lack a member
         if not members:
@@ -768,10 +771,16 @@ class Records(torch.utils.data.Dataset):
 def elastic(ckpt, cfg: TrainConfig, world: int) -> TrainConfig:
     """A resume on another number of processes continues the same run when the global micro-batch (processes x
     --train-batch-size) is the same: the record order is global, so each process then starts at its share of
-    it. The settings check then compares the checkpoint's per-process batch (from its run's args.json)."""
-    run = Path(ckpt).parent / "args.json"
-    prev = json.loads(run.read_text()) if run.is_file() else {}
-    w0, b0 = prev.get("world_size", world), prev.get("train_batch_size", cfg.train_batch_size)
+    it. The settings check then compares the checkpoint's own per-process batch; both numbers are read from the
+    checkpoint (its folder's args.json is the last start's, which may not have reached a checkpoint)."""
+    from safetensors import safe_open
+
+    w0, b0 = world, cfg.train_batch_size  # checkpoints written before the world size was stored: as here
+    with contextlib.suppress(Exception):
+        with safe_open(str(Path(ckpt) / "subject_diffusion.safetensors"), "pt") as f:
+            w0 = int(f.metadata()["world_size"])
+        with safe_open(str(Path(ckpt) / "training_state.safetensors"), "pt") as f:
+            b0 = int(json.loads(f.metadata()["args"])["train_batch_size"])
     if w0 == world:
         return cfg
     if b0 * w0 != cfg.train_batch_size * world:
@@ -1023,10 +1032,12 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     bar = tqdm(range(start, cfg.max_train_steps), desc="train", initial=start, total=cfg.max_train_steps, disable=not main)
     skipped, last_good = torch.zeros(len(SKIPS)), resume_from
     if resume_from and (out / "log.jsonl").exists():  # the counts so far: the log line of the step resumed from
+        sdm.trim_log(out, start) if main else None  # first: a line cut by the stop would not parse
+        if world > 1:
+            dist.barrier()
         lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
         at = [r for r in lines if r.get("step") == start]
         skipped = torch.tensor([float(at[-1].get("skipped", {}).get(k, 0)) if at else 0.0 for k in SKIPS])
-        sdm.trim_log(out, start) if main else None
     cond, hooks = (model.module if world > 1 else model).cond, contextlib.ExitStack()
     hooks.enter_context(install(method, sd.unet, cond))  # open over forward and backward (see `install`)
     for step in bar:
@@ -1066,7 +1077,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         if cfg.checkpointing_steps and ((step + 1) % cfg.checkpointing_steps == 0 or done):
             ckpt = last_good = out / f"checkpoint-{step + 1}"
             if main:
-                save_method(method, ckpt, {**meta, "step": str(step + 1)})
+                save_method(method, ckpt, {**meta, "step": str(step + 1), "world_size": str(world)})
                 sdm.save_checkpoint(ckpt, step + 1, tensors, opt, sched, None, scaler, cfg)
                 old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
                 for p in old[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit else []:
@@ -1100,7 +1111,9 @@ def load_mask(path) -> np.ndarray:
     img = sdm.load_image(path)  # one sentence for an unreadable file, and the same EXIF turn as the subject photo
     with Image.open(path) as raw:
         if raw.mode in ("RGBA", "LA", "PA") or (raw.mode == "P" and "transparency" in raw.info):
-            return np.asarray(ImageOps.exif_transpose(raw).convert("RGBA"))[..., 3] > 127
+            alpha = np.asarray(ImageOps.exif_transpose(raw).convert("RGBA"))[..., 3]
+            if alpha.min() < 255:  # an opaque RGBA file (an editor's black-and-white mask) is read by its gray
+                return alpha > 127
     return np.asarray(img.convert("L")) > 127
 
 

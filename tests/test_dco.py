@@ -591,6 +591,9 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
     hf = tmp_path / "metadata.jsonl"  # Hugging Face imagefolder's captions
     hf.write_text("\n".join(json.dumps({"file_name": f"{i:02d}.png", "text": f"a dog {i}"}) for i in range(3)))
     assert dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(hf)))[1] == ["a dog 0", "a dog 1", "a dog 2"]
+    hf.write_text("\n".join(json.dumps({"file_name": f"{i:02d}.png", "text": f"a dog {i}", **({"base_prompt": "a dog"} if i else {})})
+                             for i in range(3)))  # base prompts on some rows only: unused without learned tokens
+    assert dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(hf)))[2] == ["a dog 0", "a dog 1", "a dog 2"]
     for content, said in (("{not json", "is not readable as the official config.json"), ("[1, 2]", "not an object of configs"),
                           (json.dumps({"images": ["00.png"], "prompts": [3]}), "prompts must be a list of strings")):
         bad.write_text(content)

@@ -554,6 +554,9 @@ def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_bat
     a, b = weights(tmp_path / "one4"), weights(tmp_path / "el")
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (diffs > 1e-6).sum() <= 1e-4 * len(diffs) and diffs.max() < 2e-5
+    # the checkpoint says its own layout: el/args.json is now the 1 x 4 start's, and checkpoint-2 still resumes on 1 x 4
+    train_cli([*more, "--output-dir", str(tmp_path / "el2"), "--train-batch-size", "4", "--resume", str(tmp_path / "el" / "checkpoint-2")])
+    assert all(torch.equal(x, y) for x, y in zip(weights(tmp_path / "el2").values(), b.values()))
 
 
 def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
@@ -562,6 +565,8 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
               "--checkpointing-steps", "2", "--gradient-accumulation-steps", "2", *FAST, "--min-box-area", "0.1"]
     sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "full")]))
     sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "half"), "--max-train-steps", "2"]))
+    with open(tmp_path / "half" / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.1')  # a line the stop cut: it would not parse
     sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "half"), "--resume", "latest"]))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "half")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -612,6 +617,8 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     disc = np.asarray(Image.open(mask)) > 127  # a cut-out (white RGB, the subject in alpha) reads its alpha, not all-white
     Image.fromarray(np.dstack([np.full((32, 32, 3), 255, np.uint8), disc.astype(np.uint8) * 255])).save(tmp_path / "cut.png")
     assert np.array_equal(sdx.load_mask(tmp_path / "cut.png"), disc)
+    Image.open(mask).convert("RGBA").save(tmp_path / "opaque.png")  # an editor's black-and-white mask saved as RGBA
+    assert np.array_equal(sdx.load_mask(tmp_path / "opaque.png"), disc)
     vae = []  # --vae-precision reaches the model (it was fixed by --precision alone)
     real_load = sdm.load_model
     sdx.sdm.load_model = lambda *a, **k: vae.append(a[2]) or real_load(*a, **k)
@@ -923,6 +930,13 @@ def test_the_shard_index_is_written_once_and_read_instead_of_the_tars(tiny, tmp_
     kept = len(half) - len(first.shards[0])
     assert 0 < kept < len(first.shards[1]) and not half.bad_shards
     assert all(not half[(i, 0, i)]["skips"].any() for i in range(len(first.shards[0]), len(half)))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:  # cut exactly at a member's header: tarfile reads that as the end
+        at, names = [m.offset for m in tf.getmembers()][5], [m.name for m in tf.getmembers()][:6]
+    (tmp_path / "boundary.tar").write_bytes(data[:at])
+    with pytest.warns(UserWarning, match="is cut short"):
+        rows = sdx.scan_tar(tmp_path / "boundary.tar")
+    assert names[5].endswith(".mask.png") and len(rows) == 1 and (rows >= 0).all()  # the record the cut went through is
+    # dropped, not kept without its label map
     scans.clear()
     make()
     assert scans == []  # the rescan went into the index too

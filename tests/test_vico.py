@@ -466,6 +466,9 @@ def test_official_release_files_load_strictly_sample_and_round_trip(model, tmp_p
     assert not torch.equal(vico.load_concept(model, tmp_path / "ours", step="5").embeddings, u.embeddings)
     with pytest.raises(FileNotFoundError, match="no checkpoint-7 in .* \\(checkpoints: 5\\)"):
         vico.load_concept(model, tmp_path / "ours", step="7")
+    (tmp_path / "stopped").mkdir()  # a run stopped before its end has checkpoints only
+    (tmp_path / "ours" / "checkpoint-5").rename(tmp_path / "stopped" / "checkpoint-5")
+    assert vico.load_concept(model, tmp_path / "stopped", step="5").placeholders == ["S*"]
     ti = make_vico(model, visual_condition=False)
     with pytest.raises(ValueError, match="trained without the visual condition"):
         vico.save_official(ti, tmp_path / "ti", 1, model.tokenizer.token_id("*"))
