@@ -985,7 +985,8 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         if not re.search(rf"\b{re.escape(cfg.validation_entity.strip())}\b", cfg.validation_prompt, re.I):
             raise ValueError(f"the entity word '{cfg.validation_entity}' is not in the validation prompt '{cfg.validation_prompt}'.")
     resume_from = sdm.find_checkpoint(out, cfg.resume)
-    sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",)) if main else None
+    sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",))  # every rank: a refusal on rank 0 alone
+    # would leave the others waiting at its first barrier
     torch.manual_seed(cfg.seed)
     frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
     sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, "", cfg.compile, cfg.channels_last)
@@ -1012,10 +1013,15 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     R = cfg.resolution or sd.cfg.image_size
     if world > 1 and not main:  # rank 0 indexes the shards first and writes the index the others read
         dist.barrier()
-    data = Records(cfg.data, cfg, R, R // sd.vae.downsample_factor, sd.cfg.vae.z_channels, vision.cfg.image_size,
-                   sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main)
+    try:
+        data, failed = Records(cfg.data, cfg, R, R // sd.vae.downsample_factor, sd.cfg.vae.z_channels, vision.cfg.image_size,
+                               sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main), None
+    except (ValueError, FileNotFoundError) as e:  # bad data: rank 0 still lets the others through to their own sentence
+        failed = e
     if world > 1 and main:
         dist.barrier()
+    if failed is not None:
+        raise failed
     if main:  # after the checkpoint's and the data's checks: a refused run leaves the folder's args.json as it was
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))

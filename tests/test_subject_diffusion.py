@@ -541,6 +541,11 @@ def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_bat
     for x, y in zip(log("one"), log("two")):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["attn"] - y["attn"]) < 1e-6
     assert len(log("two")) == 2 and any(a[k].abs().sum() > 0 for k in a if k.startswith("kv."))
+    (tmp_path / "nothing").mkdir()  # bad data under DDP: each process says so and exits (rank 0 used to raise alone)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "subject_diffusion.py"),
+           "train", *common[:2], "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "none"), *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode and "error: no training records in" in r.stderr
     # an elastic resume: steps 1-2 on 2 processes x 2, then 3-4 on 1 x 4 (the global batch kept) continue the run:
     # each process starts at its share of the global order (it started at its own count: records were replayed)
     more = [*common[:4], "--max-train-steps", "4", *FAST]
