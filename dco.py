@@ -311,6 +311,8 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
         if not {"A", "B"} <= d.keys():
             raise ValueError(f"LoRA '{path}' is incomplete: layer {p} lacks its down (A) or up (B) matrix.")
         A, B = d["A"].float(), d["B"].float()
+        if "alpha" in d and d["alpha"].numel() != 1:
+            raise ValueError(f"LoRA '{path}' is malformed: layer {p}'s alpha holds {d['alpha'].numel()} values, not one.")
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0]:  # kohya's conv LoRAs (4-d) target no attention Linear
             raise ValueError(f"LoRA '{path}' is malformed: layer {p} has down {tuple(A.shape)} and up {tuple(B.shape)}, "
                              "not (rank, in) and (out, rank).")

@@ -927,6 +927,10 @@ def test_a_lora_file_that_is_not_safetensors_is_one_sentence(tmp_path):
         save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, tmp_path / f"{name}.safetensors")
         with pytest.raises(ValueError, match="is malformed: layer .* not \\(rank, in\\) and \\(out, rank\\)"):  # were matmul errors
             dco.load_lora(tmp_path / f"{name}.safetensors", unet)
+    good = {f"{key}.lora_down.weight": torch.zeros(2, d), f"{key}.lora_up.weight": torch.zeros(d, 2), f"{key}.alpha": torch.ones(2)}
+    save_file(good, tmp_path / "alpha.safetensors")
+    with pytest.raises(ValueError, match="alpha holds 2 values, not one"):  # was PyTorch's "only one element tensors ..."
+        dco.load_lora(tmp_path / "alpha.safetensors", unet)
     (tmp_path / "e.safetensors").write_bytes(b"garbage" * 10)  # safetensors' own header error was a traceback
     save_file({"<a>": torch.zeros(2, 3, 4)}, tmp_path / "e3.safetensors")
     for f, said in (("e", "is not a readable embeddings file"), ("e3", "holds no token embeddings"), ("none", "no embeddings file")):
