@@ -586,7 +586,8 @@ def read_captions(path, config_name: str = "") -> dict:
             raise ValueError(f"captions file '{path}' has no config '{config_name}'; it has {', '.join(d)}.")
         d = d[config_name or next(iter(d))]
     for key in ("images", "prompts", "base_prompts"):  # strings, or a clear sentence instead of a TypeError later
-        if key in d and not (isinstance(d[key], list) and all(isinstance(x, str) or key[0] == "b" and x is None for x in d[key])):
+        optional = key == "base_prompts"  # a row may lack one: only learned tokens need them (load_data says so)
+        if key in d and not (isinstance(d[key], list) and all(isinstance(x, str) or optional and x is None for x in d[key])):
             raise ValueError(f"captions file '{path}': {key} must be a list of strings, one per image.")
     return d
 

@@ -1198,7 +1198,7 @@ def start_run(out, args, resume_from, act: bool = True, keep: tuple = ()) -> Non
     are all it holds under --resume latest (that run stopped before its first checkpoint: it starts over). `keep`:
     files of a run that stay valid (a cache that checks itself)."""
     entries = [p for p in Path(out).iterdir() if p.name not in keep] if resume_from is None and Path(out).is_dir() else []
-    old = [p for p in entries if p.name in RUN_FILES or p.name.startswith("checkpoint-") and p.name[11:].isdigit()]
+    old = [p for p in entries if p.name in RUN_FILES or p.name.startswith("checkpoint-") and p.name[len("checkpoint-"):].isdigit()]
     if entries and not args.overwrite and (not args.resume or len(old) < len(entries)):
         raise FileExistsError(f"--resume {args.resume}: '{out}' holds no checkpoint but other files; pass --overwrite to "
                               "start over there, or choose another --output-dir." if args.resume else

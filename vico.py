@@ -414,7 +414,8 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
     if step and ((folder / "vico.safetensors").exists() or any(folder.glob("checkpoint-*/vico.safetensors"))):
         # our run folder (finished or not): its checkpoint-N holds that step's concept
         if not (folder / f"checkpoint-{step}" / "vico.safetensors").exists():
-            found = sorted(int(q.parent.name[11:]) for q in folder.glob("checkpoint-*/vico.safetensors") if q.parent.name[11:].isdigit())
+            numbers = (q.parent.name.removeprefix("checkpoint-") for q in folder.glob("checkpoint-*/vico.safetensors"))
+            found = sorted(int(n) for n in numbers if n.isdigit())
             raise FileNotFoundError(f"no checkpoint-{step} in '{folder}' (checkpoints: {', '.join(map(str, found)) or 'none'}).")
         folder = folder / f"checkpoint-{step}"
     if (folder / "vico.safetensors").exists():

@@ -173,11 +173,12 @@ def test_a_fresh_start_over_an_earlier_run_is_refused_or_clears_only_that_runs_f
     steps = lambda d: [json.loads(line)["step"] for line in (d / "log.jsonl").read_text().splitlines()]
     run(ToyArgs(output_dir=str(out), max_train_steps=4, checkpointing_steps=1))
     (out / "notes.txt").write_text("mine")
-    (out / "checkpoint-500-best").mkdir()  # a user's folder, not one of the run's checkpoints
+    (out / "checkpoint-500-best").mkdir()  # a user's folders, not the run's checkpoints
+    (out / "500").mkdir()
     run(ToyArgs(output_dir=str(out), overwrite=True, **two))  # kept, checkpoint-4 would be what --resume latest takes
-    assert sorted(p.name for p in out.glob("checkpoint-[0-9]*") if p.name[11:].isdigit()) == ["checkpoint-1", "checkpoint-2"] and steps(out) == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()) == ["checkpoint-1", "checkpoint-2"] and steps(out) == [1, 2]
     assert (out / "notes.txt").read_text() == "mine" and "starting over; removed 6" in capsys.readouterr().err
-    assert (out / "checkpoint-500-best").is_dir()
+    assert (out / "checkpoint-500-best").is_dir() and (out / "500").is_dir()
     stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: --resume latest starts it over
     with pytest.raises(KeyboardInterrupt):
         run(ToyArgs(output_dir=str(stopped), max_train_steps=4, checkpointing_steps=3), interrupt_at=3)
