@@ -361,16 +361,27 @@ class _ParameterDict(dict):
         self.update(state.get("_parameters") or {})
 
 
-def load_official(folder, step: str = "") -> tuple[dict, dict]:
-    """(image-block state dict, {string: rows}) from a release folder (cross_attention-399.pt and
-    embeddings_gs-399.pt; `step` picks another, "" the unnumbered or the highest). Pickles are read
-    with torch.load(weights_only=True): only tensors and containers, never code; the one class in
-    the embedding file, nn.ParameterDict, is allow-listed by name as a passive stand-in."""
+def official_folder(folder) -> Path:
+    """Where a release's files are: the folder itself, or its checkpoints/ (the log folder the official
+    scripts take as --ft_path: they read <ft_path>/checkpoints/cross_attention-N.pt)."""
     folder = Path(folder)
+    sub = folder / "checkpoints"
+    return sub if not any(folder.glob("cross_attention*.pt")) and any(sub.glob("cross_attention*.pt")) else folder
+
+
+def load_official(folder, step: str = "") -> tuple[dict, dict, int]:
+    """(image-block state dict, {string: rows}, step) from a release folder or its log folder (cross_attention-399.pt
+    and embeddings_gs-399.pt; `step` picks another, "" the highest; the unnumbered cross_attention.pt + embeddings.pt,
+    step -1, when nothing is numbered). Pickles are read with torch.load(weights_only=True): only tensors and
+    containers, never code; the one class in the embedding file, nn.ParameterDict, is allow-listed by name as a
+    passive stand-in."""
+    folder = official_folder(folder)
     if step and not step.isdigit():
         raise ValueError(f"--step must be a checkpoint number such as 399 (got '{step}').")
-    numbered = lambda stem: {int(m[1]) if (m := re.search(r"-(\d+)\.pt$", p.name)) else -1: p for p in folder.glob(f"{stem}*.pt")}
-    blocks, embeds = numbered("cross_attention"), numbered("embeddings_gs")
+    numbered = lambda *globs: {int(m[1]) if (m := re.search(r"-(\d+)\.pt$", p.name)) else -1: p
+                               for g in globs for p in sorted(folder.glob(g))}
+    # on_save_checkpoint writes embeddings_gs-N.pt and, for the latest, an unnumbered embeddings.pt
+    blocks, embeds = numbered("cross_attention*.pt"), numbered("embeddings.pt", "embeddings_gs*.pt")
     pairs = sorted(blocks.keys() & embeds.keys())  # the blocks and S* of one step, never of two
     want = int(step) if step else (pairs[-1] if pairs else None)
     if want not in pairs:
@@ -382,26 +393,34 @@ def load_official(folder, step: str = "") -> tuple[dict, dict]:
         with torch.serialization.safe_globals([(_ParameterDict, "torch.nn.modules.container.ParameterDict")]):
             emb = torch.load(files[1], map_location="cpu", weights_only=True)
         rows = {k: (v[None] if v.ndim == 1 else v).float() for k, v in dict(emb["string_to_param"]).items()}
-        return {k: v.float() for k, v in blocks.items()}, rows
+        return {k: v.float() for k, v in blocks.items()}, rows, want
     except Exception as e:  # a truncated or foreign pickle fails in many ways (UnpicklingError, RuntimeError, KeyError ...)
         raise ValueError(f"'{files[0].name}' + '{files[1].name}' in '{folder}' are not readable official ViCo files "
                          f"({type(e).__name__}); they should be the tensor dict and the EmbeddingManager pickle.") from e
 
 
-def save_official(vico: ViCo, folder, step: int, star_id: int) -> None:
-    """The release format, for the official scripts: cross_attention-{step}.pt (80 tensors on SD1.x)
-    and embeddings_gs-{step}.pt = {"string_to_token": {"*": id}, "string_to_param": ParameterDict}."""
+def save_official(vico: ViCo, folder, step: int, star_id: int) -> Path:
+    """The release format, for the official scripts: <folder>/checkpoints/cross_attention-{step}.pt (80 tensors on
+    SD1.x) and embeddings_gs-{step}.pt = {"string_to_token": {"*": id}, "string_to_param": ParameterDict}, the layout
+    of a training log folder, so that `vico_txt2img.py --ft_path <folder> --load_step {step}` finds them."""
     if len(vico.placeholders) != 1:
         raise ValueError("the official format holds one placeholder ('*'); this concept has several.")
     if not vico.visual_condition:  # the official scripts load image blocks unconditionally
         raise ValueError("this concept was trained without the visual condition (plain textual inversion): it has no image "
                          "blocks for the official format; export --format vico for its learned_embeds files.")
-    folder = Path(folder)
+    folder = Path(folder) / "checkpoints"
     emb = {"string_to_token": {"*": torch.tensor(star_id)},
            "string_to_param": nn.ParameterDict({"*": nn.Parameter(vico.embeddings.detach().float().cpu().clone())})}
     blocks = {k: v.detach().cpu().clone() for k, v in official_state_dict(vico).items()}
     sdm.atomic_write(folder / f"cross_attention-{step}.pt", lambda tmp: torch.save(blocks, tmp))
     sdm.atomic_write(folder / f"embeddings_gs-{step}.pt", lambda tmp: torch.save(emb, tmp))
+    return folder
+
+
+def _checkpoints(folder) -> list[int]:
+    """The N of our run folder's checkpoint-N/ that hold a concept, in order."""
+    numbers = (q.parent.name.removeprefix("checkpoint-") for q in Path(folder).glob("checkpoint-*/vico.safetensors"))
+    return sorted(int(n) for n in numbers if n.isdigit())
 
 
 def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", step: str = "") -> ViCo:
@@ -409,13 +428,11 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
     from safetensors import safe_open
 
     check_model(model)
-    folder = Path(folder)
-    meta = {}
+    folder, meta, official = Path(folder), {}, False
     if step and ((folder / "vico.safetensors").exists() or any(folder.glob("checkpoint-*/vico.safetensors"))):
         # our run folder (finished or not): its checkpoint-N holds that step's concept
         if not (folder / f"checkpoint-{step}" / "vico.safetensors").exists():
-            numbers = (q.parent.name.removeprefix("checkpoint-") for q in folder.glob("checkpoint-*/vico.safetensors"))
-            found = sorted(int(n) for n in numbers if n.isdigit())
+            found = _checkpoints(folder)
             raise FileNotFoundError(f"no checkpoint-{step} in '{folder}' (checkpoints: {', '.join(map(str, found)) or 'none'}).")
         folder = folder / f"checkpoint-{step}"
     if (folder / "vico.safetensors").exists():
@@ -428,21 +445,33 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
         except Exception as e:  # truncated (SafetensorError), or not ours: no header (TypeError), a key missing (KeyError)
             raise ValueError(f"'{folder / 'vico.safetensors'}' is not a readable ViCo concept ({type(e).__name__}); "
                              "write it again with `vico.py train` or `vico.py export --format vico`.") from e
-    elif any(folder.glob("cross_attention*.pt")):
-        sd, emb = load_official(folder, step)
+    elif any(official_folder(folder).glob("cross_attention*.pt")):
+        sd, emb, number = load_official(folder, step)
         if len(emb) != 1:
             raise ValueError(f"'{folder}' holds {len(emb)} official placeholders {list(emb)}; the official code trains one ('*').")
-        rows, phs, mode, vis = next(iter(emb.values())), [placeholder], "renorm", True
+        rows, phs, mode, vis, official = next(iter(emb.values())), [placeholder], "renorm", True, True
+        meta = {"step": json.dumps(number + 1)} if number >= 0 else {}  # file -399 holds the 400th step's weights
+    elif found := _checkpoints(folder):
+        # a run stopped before its end: only its checkpoints hold a concept
+        raise FileNotFoundError(f"'{folder}' holds no finished concept, only checkpoints {', '.join(map(str, found))}; "
+                                f"pick one with --step (e.g. --step {found[-1]}).")
     else:
         raise FileNotFoundError(f"'{folder}' holds no ViCo concept (vico.safetensors, or cross_attention-*.pt "
-                                "+ embeddings_gs-*.pt from the official code).")
+                                "+ embeddings_gs-*.pt from the official code, there or in its checkpoints/).")
     width = model.text_encoder.token_embedding.embedding_dim
     if rows.shape[-1] != width:
         raise ValueError(f"the concept's token vectors are {rows.shape[-1]} wide; this text encoder is {width} wide.")
     if rows.ndim != 2 or len(rows) != len(phs):  # e.g. a TI file with several vectors per token
         raise ValueError(f"the concept has {rows.numel() // width} token vectors for its {len(phs)} placeholder(s) {phs}; "
                          "ViCo learns one vector per placeholder.")
-    vico = ViCo(model.unet, phs, add_placeholders(model, phs), rows, vis, mode)
+    try:
+        ids = add_placeholders(model, phs)
+    except ValueError as e:  # the official prompts' '*' is a CLIP word: the concept cannot take over its embedding row here
+        if official:  # named by --placeholder
+            raise ValueError(f"--placeholder '{placeholder}' is already a CLIP token, so it cannot name the concept; call the "
+                             "official '*' by a new string such as S* (the default) and write 'a photo of S* on the beach'.") from e
+        raise
+    vico = ViCo(model.unet, phs, ids, rows, vis, mode)
     load_image_blocks(vico, sd, f"'{folder}'")
     vico.metadata = meta  # the file's metadata (JSON strings), so that `export` can keep the training facts
     return vico.to(model.device, model.unet.out[2].weight.dtype)
@@ -603,8 +632,8 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     concepts = [sdm.load_image_folder(d) for d in args.images]
     device = sdm.pick_device(args.device)
     torch.manual_seed(args.seed)
-    model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device,
-                                            compile=args.compile, channels_last=args.channels_last)
+    model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device, args.variant,
+                                    args.compile, args.channels_last)
     check_model(model)
     for d, c in zip(args.images, concepts):
         if len(c) == 1 and args.visual_condition:
@@ -754,26 +783,35 @@ TRAINING_METADATA = ("init_words", "seed", "step", "learning_rates", "resolution
 
 def export_cli(argv) -> None:
     p = argparse.ArgumentParser(prog="vico.py export", description="convert a concept between our format and the official release's")
-    p.add_argument("--concept", required=True, help="ours (vico.safetensors) or official (cross_attention-N.pt + embeddings_gs-N.pt)")
+    p.add_argument("--concept", required=True, help="ours (vico.safetensors) or official (cross_attention-N.pt + embeddings_gs-N.pt, "
+                   "or the log folder whose checkpoints/ holds them)")
     p.add_argument("--format", choices=("vico", "official"), required=True,
-                   help="vico: vico.safetensors + diffusers/A1111 embeddings; official: cross_attention-N.pt + embeddings_gs-N.pt")
+                   help="vico: vico.safetensors + diffusers/A1111 embeddings; official: OUTPUT/checkpoints/cross_attention-N.pt + "
+                        "embeddings_gs-N.pt (the official scripts' --ft_path OUTPUT --load_step N)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--pretrained-model", default="", help="the base model the concept belongs to (default: the toy model)")
+    p.add_argument("--variant", default="", help="SD 2.x single files: sd21 (v) or sd21-base (eps)")
     p.add_argument("--placeholder", default="S*", help="name of the official '*' token in our format")
-    p.add_argument("--step", default="", help="official files: which checkpoint number to read, or to write with --format official; our run folder: its checkpoint-N")
+    p.add_argument("--step", default="", help="which checkpoint to read: official files' number (default the highest), or our "
+                   "run folder's checkpoint-N")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    if a.format == "official" and a.step and not a.step.isdecimal():  # it names the files: cross_attention-399.pt
+    if a.step and not a.step.isdecimal():  # a file number (cross_attention-399.pt) or our checkpoint-N
         raise ValueError(f"--step must be a checkpoint number such as 399 (got '{a.step}').")
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
-    model = sdm.load_model(a.pretrained_model)
-    vico = load_concept(model, a.concept, a.placeholder, "" if a.format == "official" else a.step)
+    model = sdm.load_model(a.pretrained_model, variant=a.variant)
+    vico = load_concept(model, a.concept, a.placeholder, a.step)
     if a.format == "official":
-        # the official files are numbered by the last global step: 400 steps -> 399; without a recorded step, 399
-        step = int(a.step) if a.step else int(json.loads(vico.metadata.get("step", "400"))) - 1
-        save_official(vico, out, step, model.tokenizer.token_id("*"))
+        # named by the last global step, as the official code names them: the weights after 400 steps -> 399; a concept
+        # that records no step (converted from the unnumbered official files) -> 399, the paper's checkpoint
+        step = int(json.loads(vico.metadata.get("step", "400"))) - 1
+        if vico.mask_mode != "renorm":  # the official SpatialTransformer always masks, renormalising over the object
+            warnings.warn(f"this concept was trained with --mask-mode {vico.mask_mode}; the official code samples it with its "
+                          "own mask (renorm), which it was not trained for.")
+        where = save_official(vico, out, step, model.tokenizer.token_id("*"))
+        print(f"official scripts: scripts/vico_txt2img.py --ft_path {out} --load_step {step} (files in {where})")
     else:
-        kept = {k: v for k, v in vico.metadata.items() if k in TRAINING_METADATA}  # ours -> ours; the official files have none
+        kept = {k: v for k, v in vico.metadata.items() if k in TRAINING_METADATA}  # ours -> ours; official: its step
         save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})
     print(f"wrote {a.format} files to {out}")
 

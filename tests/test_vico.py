@@ -451,14 +451,22 @@ def test_official_release_files_load_strictly_sample_and_round_trip(model, tmp_p
     assert torch.equal(vico.load_official(folder)[1]["*"], v.embeddings)  # the highest step with both files: 399
     with pytest.raises(FileNotFoundError, match="no cross_attention-499.pt with its embeddings_gs .* with both: 99, 399"):
         vico.load_official(folder, "499")
-    pair = tmp_path / "unnumbered"  # the two files renamed without numbers
+    pair = tmp_path / "unnumbered"  # the latest step's copies on_save_checkpoint also writes, alone
     pair.mkdir()
     (pair / "cross_attention.pt").write_bytes((folder / "cross_attention-399.pt").read_bytes())
-    (pair / "embeddings_gs.pt").write_bytes((folder / "embeddings_gs-399.pt").read_bytes())
-    assert torch.equal(vico.load_official(pair)[1]["*"], v.embeddings)
-    vico.save_official(w, tmp_path / "out", 399, model.tokenizer.token_id("*"))
-    blocks, rows = vico.load_official(tmp_path / "out")
-    assert blocks.keys() == vico.official_state_dict(v).keys() and torch.equal(rows["*"], v.embeddings)
+    (pair / "embeddings.pt").write_bytes((folder / "embeddings_gs-399.pt").read_bytes())
+    assert torch.equal(vico.load_official(pair)[1]["*"], v.embeddings) and vico.load_official(pair)[2] == -1
+    # the official log folder (what vico_txt2img.py takes as --ft_path): the files are in its checkpoints/
+    logdir = tmp_path / "logs" / "dog"
+    (logdir / "configs").mkdir(parents=True)
+    folder.rename(logdir / "checkpoints")
+    assert vico.load_concept(model, logdir, step="399").metadata == {"step": "400"}  # file -399 = the weights after 400 steps
+    with pytest.raises(ValueError, match=r"--placeholder '\*' is already a CLIP token, .* 'a photo of S\* on the beach'"):
+        vico.load_concept(model, logdir, "*")  # what the official prompts write
+    path = vico.save_official(w, tmp_path / "out", 399, model.tokenizer.token_id("*"))
+    assert path == tmp_path / "out" / "checkpoints"  # the log-folder layout: --ft_path out --load_step 399
+    blocks, rows, step = vico.load_official(tmp_path / "out")
+    assert blocks.keys() == vico.official_state_dict(v).keys() and torch.equal(rows["*"], v.embeddings) and step == 399
     vico.save_concept(w, tmp_path / "ours", {"base_model": "tiny"})
     u = vico.load_concept(model, tmp_path / "ours")
     assert all(torch.equal(a, b) for a, b in zip(u.state_dict().values(), v.state_dict().values()))
@@ -469,6 +477,8 @@ def test_official_release_files_load_strictly_sample_and_round_trip(model, tmp_p
     (tmp_path / "stopped").mkdir()  # a run stopped before its end has checkpoints only
     (tmp_path / "ours" / "checkpoint-5").rename(tmp_path / "stopped" / "checkpoint-5")
     assert vico.load_concept(model, tmp_path / "stopped", step="5").placeholders == ["S*"]
+    with pytest.raises(FileNotFoundError, match="holds no finished concept, only checkpoints 5; pick one with --step"):
+        vico.load_concept(model, tmp_path / "stopped")
     ti = make_vico(model, visual_condition=False)
     with pytest.raises(ValueError, match="trained without the visual condition"):
         vico.save_official(ti, tmp_path / "ti", 1, model.tokenizer.token_id("*"))
@@ -515,12 +525,19 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
     assert Image.open(out / "masks" / "step001_output_blocks.3.1.png").size == (256, 128)  # two references side by side
     exp = ["export", "--pretrained-model", str(model_dir)]
     vico.main([*exp, "--concept", str(run), "--format", "official", "--output-dir", str(tmp_path / "official")])
-    # named by the run's last global step, as the official ModelCheckpoint names them (400 steps -> 399)
-    assert sorted(p.name for p in (tmp_path / "official").iterdir()) == ["cross_attention-1.pt", "embeddings_gs-1.pt"]
+    # named by the run's last global step, as the official ModelCheckpoint names them (400 steps -> 399), in the log
+    # folder's checkpoints/ where vico_txt2img.py --ft_path looks
+    assert sorted(p.name for p in (tmp_path / "official" / "checkpoints").iterdir()) == ["cross_attention-1.pt", "embeddings_gs-1.pt"]
+    # --step reads a checkpoint (it named the files, and the final weights went out as that step's)
+    vico.main([*exp, "--concept", str(run), "--step", "1", "--format", "official", "--output-dir", str(tmp_path / "official1")])
+    blocks, rows, step = vico.load_official(tmp_path / "official1")
+    first = vico.load_concept(sdm.load_model(str(model_dir)), run, step="1")
+    assert step == 0 and torch.equal(rows["*"], first.embeddings) and not torch.equal(rows["*"], vico.load_official(tmp_path / "official")[1]["*"])
     vico.main([*exp, "--concept", str(tmp_path / "official"), "--format", "vico", "--output-dir", str(tmp_path / "back")])
     with safe_open(str(run / "vico.safetensors"), "pt") as a, safe_open(str(tmp_path / "back" / "vico.safetensors"), "pt") as b:
         assert a.keys() == b.keys() and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
         assert json.loads(a.metadata()["init_words"]) == ["dog"] and a.metadata()["method"] == "vico"
+        assert b.metadata()["step"] == a.metadata()["step"] == "2"  # -1 back to step 2: a round trip keeps the number
     errors = {
         "empty folder": (["train", *base[:2], "--images", str(tmp_path), "--init-word", "dog", "--output-dir", str(tmp_path / "x")], "no readable images"),
         "init word": (["train", *base, "--init-word", "qwertyuiopasdf", "--overwrite"], "not one"),
@@ -731,3 +748,23 @@ def test_a_reference_keeps_its_aspect_at_another_output_shape():
     assert t.shape == (3, 16, 16) and (t > 0.9).all()  # only the square: squashed, half of it would be black
     square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     assert torch.equal(vico.fit_reference(square, 8, 8), sdm.image_to_tensor(square, 8))  # as before for square ones
+
+
+def test_variant_reaches_the_model_loader_in_train_and_export(model, tmp_path, monkeypatch):
+    """An SD 2.x single file does not say whether it predicts v or eps, and the loader's refusal says to pass the
+    variant: train and export take --variant as sample does (train refused the flag)."""
+    seen = []
+    monkeypatch.setattr(sdm, "load_model", lambda path="", *a, variant="", **kw: seen.append(a[3] if len(a) > 3 else variant) or model)
+    base = ["--pretrained-model", "v2-1_768-ema-pruned.safetensors", "--variant", "sd21"]
+    vico.main(["train", *base, "--images", str(write_images(tmp_path / "imgs", 1)), "--init-word", "dog", "--max-train-steps", "1",
+               "--output-dir", str(tmp_path / "run")])
+    vico.main(["export", *base, "--concept", str(tmp_path / "run"), "--format", "vico", "--output-dir", str(tmp_path / "out")])
+    assert seen == ["sd21", "sd21"]
+
+
+def test_export_to_official_names_a_mask_mode_the_official_code_does_not_use(model, model_dir, tmp_path):
+    vico.save_concept(make_vico(model, mask_mode="none"), tmp_path / "nomask", {"step": 400})
+    with pytest.warns(UserWarning, match="trained with --mask-mode none; the official code samples it with its own mask"):
+        vico.main(["export", "--pretrained-model", str(model_dir), "--concept", str(tmp_path / "nomask"), "--format", "official",
+                   "--output-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "checkpoints" / "cross_attention-399.pt").exists()
