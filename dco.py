@@ -251,6 +251,10 @@ def save_lora(path, unet, loras: list[LoRA], fmt: str = "peft", metadata: dict |
         ranks, alphas = {layer.rank for layer in lora.layers.values()}, {layer.alpha for layer in lora.layers.values()}
         meta.update(ss_network_module="networks.lora", ss_network_dim=ranks.pop() if len(ranks) == 1 else "Dynamic",
                     ss_network_alpha=alphas.pop() if len(alphas) == 1 else "Dynamic")
+        # A1111 reads the base version off these two (network.py detect_version) and hides a LoRA of another version;
+        # a file with metadata but neither counts as SD 1.x, so an SDXL or SD 2.x LoRA was hidden under its own model
+        xl, v2 = bool(unet.cfg.adm_in_channels), unet.cfg.use_linear_in_transformer and not unet.cfg.adm_in_channels
+        meta.update(ss_base_model_version="sdxl_base_v1-0" if xl else "sd_v2" if v2 else "sd_v1", ss_v2=str(v2))
     sdm.save_safetensors(sd, path, meta)
 
 
@@ -436,18 +440,29 @@ class LearnedTokens(nn.Module):
             if len(rows) > 1:
                 write_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", [t], rows, self.initializers[i : i + 1], metadata)
             else:
-                sdm.save_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", {t: rows[0]}, "a1111", {**(metadata or {}), "token": t})
+                sdm.save_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", {t: rows[0]}, "a1111",
+                                    {**(metadata or {}), "token": t, "initializer_tokens": self.initializers[i : i + 1]})
             if len(self.tokens) > 1:
                 write_embeddings(Path(folder) / f"{name}.learned_embeds.safetensors", [t], rows, self.initializers[i : i + 1], metadata)
 
     @classmethod
-    def load(cls, path, model) -> "LearnedTokens":
+    def load(cls, path, model, names: list[str] | None = None) -> "LearnedTokens":
+        """An embeddings file's tokens; `names`: one per token, what the prompt calls them instead of the file's names
+        (diffusers' load_textual_inversion(token=...); e.g. A1111's dog.pt, named after a word)."""
         tokens, rows, inits = read_embeddings(path)
+        if names:
+            if len(names) != len(tokens) or len(set(names)) < len(names) or any(not n or n != "".join(n.split()) for n in names):
+                raise ValueError(f"--token {' '.join(names)}: give '{path}' one distinct name per token, without spaces "
+                                 f"(it holds {len(tokens)}: {', '.join(tokens)}).")
+            tokens = list(names)
         encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
         if len(rows) != len(encoders) or any(r.shape[1] != e.cfg.width for r, e in zip(rows, encoders)):
             raise ValueError(f"embeddings '{path}' do not fit this base model (widths {[r.shape[1] for r in rows]}, "
                              f"model {[e.cfg.width for e in encoders]}); use the model they were trained on.")
-        return cls(model, tokens, [r.to(model.device) for r in rows], inits)
+        try:
+            return cls(model, tokens, [r.to(model.device) for r in rows], inits)
+        except ValueError as e:  # e.g. an A1111 file named after a word of the vocabulary ("dog.pt")
+            raise ValueError(f"embeddings '{path}': {str(e).rstrip('.')}; at sampling, name it with --token.") from None
 
 
 def write_embeddings(path, tokens: list[str], rows: list[torch.Tensor], initializers: list, metadata: dict | None = None) -> None:
@@ -466,7 +481,8 @@ def read_embeddings(path) -> tuple[list[str], list[torch.Tensor], list]:
         embeds, meta = sdm.load_embeddings(path), {}
         if str(path).endswith(".safetensors"):
             with safe_open(str(path), "pt") as f:
-                meta = {k: json.loads(v) if v[:1] in ("[", "{") else v for k, v in (f.metadata() or {}).items()}
+                # only the lists are JSON: a token "[V]" (A1111 file's "token") or a base-model path is text
+                meta = {k: json.loads(v) if k in ("tokens", "initializer_tokens") else v for k, v in (f.metadata() or {}).items()}
     except FileNotFoundError:
         raise FileNotFoundError(f"no embeddings file at '{path}'.") from None
     except Exception as e:  # safetensors, pickle and json each fail their own way on a file that is not one
@@ -482,6 +498,8 @@ def read_embeddings(path) -> tuple[list[str], list[torch.Tensor], list]:
                              f"({', '.join(f'{k}: {len(v)}' for k, v in embeds.items() if len(v) != 1)} rows); "
                              "this loader reads one vector per token.")
         tokens, rows = list(embeds), [torch.cat(list(embeds.values()))]
+        if tokens in (["emb_params"], ["*"]):  # A1111's layouts (.pt string_to_param {"*": ...}): A1111 types the file's name
+            tokens = [meta.get("token") or Path(path).stem]  # ours: the token it was trained as, in its metadata
     if any(len(r) != len(tokens) for r in rows):
         raise ValueError(f"embeddings '{path}' have {[len(r) for r in rows]} rows for the {len(tokens)} tokens {tokens}; "
                          "each encoder needs one row per token.")
@@ -758,7 +776,7 @@ def train(a: DCOArgs) -> Path:
     images, prompts, bases, tokens, inits = load_data(a)  # bad input fails before the model loads
     check_resume(a, len(images))
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
-    model = sdm.load_model(a.pretrained_model, half, "fp32", device, "", a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
+    model = sdm.load_model(a.pretrained_model, half, "fp32", device, a.variant, a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
     if res % model.size_multiple:
         raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {res}).")
@@ -853,6 +871,7 @@ class DCOSampleArgs(sdm.SampleArgs):
     lora_scale: list[float] = field(default_factory=list)  # one weight per LoRA (default 1 each)
     embeddings: list[str] = field(default_factory=list)  # learned_embeds files; none: those found beside the LoRAs
     base_prompt: str = ""  # "" = --prompt with each learned token replaced by its initializer word
+    token: list[str] = field(default_factory=list)  # the embeddings' tokens under these names in the prompt, one per token
     guidance: str = "consistency"  # consistency (3 UNet evaluations a step) | cfg (the fine-tuned model's CFG)
     w_cons: float = 3.0  # README example; the paper sweeps 2-5 (w_text = --guidance-scale = --w-text, 7.5)
     choices = {"guidance": ("consistency", "cfg")}
@@ -909,10 +928,12 @@ def load_adapters(model, paths, scales):
     return loras, found
 
 
-def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str) -> None:
+def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str, renamed: dict | None = None) -> None:
     """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently."""
     for p, lora in zip(paths, loras):
         if missing := [t for t in lora.tokens if t in text and (tokens is None or t not in tokens.tokens)]:
+            if missing[0] in (renamed or {}):
+                raise ValueError(f"--token loads '{missing[0]}' as '{renamed[missing[0]]}'; write that in the prompt.")
             raise ValueError(f"'{p}' was trained with the learned token(s) {missing}, whose embeddings are not loaded "
                              f"(the prompt would read '{missing[0]}' as text); give its learned_embeds.safetensors "
                              "with --embeddings.")
@@ -938,8 +959,11 @@ def main(argv=None):
             files = list({Path(f).resolve(): f for f in a.embeddings or found}.values())  # given ones over those found
             if len(files) > 1:
                 raise ValueError("give one embeddings file (several token sets cannot share the new-token ids).")
-            tokens = LearnedTokens.load(files[0], model) if files else None
-            check_tokens(a.lora, loras, tokens, " ".join((a.prompt, a.base_prompt, a.negative_prompt)))
+            if a.token and not files:
+                raise ValueError("--token names the tokens of an embeddings file, and none is loaded; give --embeddings.")
+            tokens = LearnedTokens.load(files[0], model, a.token) if files else None
+            renamed = dict(zip(read_embeddings(files[0])[0], a.token)) if a.token else {}
+            check_tokens(a.lora, loras, tokens, " ".join((a.prompt, a.base_prompt, a.negative_prompt)), renamed)
             h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
             g = torch.Generator(model.device).manual_seed(a.seed)
             with install(model.unet, *loras):

@@ -1008,3 +1008,51 @@ def test_each_learned_token_is_also_written_alone_for_a1111_and_diffusers(tmp_pa
                 assert list(a1111) == ["emb_params"] and torch.equal(a1111["emb_params"][0], ti.rows[0][i])
             else:  # SDXL: A1111 and ComfyUI read clip_l / clip_g
                 assert torch.equal(a1111["clip_l"][0], ti.rows[0][i]) and torch.equal(a1111["clip_g"][0], ti.rows[1][i])
+
+
+def test_kohya_files_tell_a1111_their_base_version(tmp_path):
+    """A1111 (extensions-builtin/Lora/network.py detect_version) reads the base version off ss_base_model_version /
+    ss_v2 and hides LoRAs of another version; a file with other metadata but neither counted as SD 1.x, so an SDXL
+    or SD 2.x LoRA was hidden under its own model."""
+    from dataclasses import replace
+
+    def a1111_version(meta):
+        return "SDXL" if meta.get("ss_base_model_version", "").startswith("sdxl_") else "SD2" if meta.get("ss_v2") == "True" else "SD1"
+
+    sd2 = replace(sdm.TINY, unet=replace(sdm.TINY.unet, use_linear_in_transformer=True))
+    for cfg, want in ((sdm.TINY, "SD1"), (sd2, "SD2"), (TINY_XL, "SDXL")):
+        model = tiny(cfg)
+        dco.save_lora(tmp_path / "k.safetensors", model.unet, [dco.LoRA.create(model.unet, 2)], "kohya")
+        with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+            assert a1111_version(f.metadata()) == want
+
+
+def test_a1111_embeddings_are_named_by_their_file_and_token_renames_at_sampling(setup, tmp_path):
+    """A1111 types an embedding by its file's name: an `emb_params` file, or a .pt with string_to_param {'*': ...},
+    loaded as token 'emb_params' (or was refused as '*'). Ours names its token in the metadata, with its initializer
+    (consistency guidance needs it). --token renames a file's tokens in the prompt (diffusers' token=...)."""
+    root, sd1, _ = setup
+    model = sdm.StableDiffusion.from_pretrained(sd1)
+    w = model.text_encoder.cfg.width
+    torch.save({"string_to_param": {"*": torch.randn(1, w)}, "name": "whatever"}, tmp_path / "mystar.pt")
+    assert dco.read_embeddings(tmp_path / "mystar.pt")[0] == ["mystar"]
+    ti = dco.LearnedTokens.from_initializers(model, ["<dog>"], ["dog"])
+    ti.save_per_token(tmp_path / "run")
+    ti.save(tmp_path / "run" / "learned_embeds.safetensors")
+    assert dco.read_embeddings(tmp_path / "run" / "a1111" / "dog.safetensors")[0::2] == (["<dog>"], ["dog"])
+    dco.LearnedTokens.from_initializers(tiny(), ["[V]"], ["dog"]).save_per_token(tmp_path / "v")  # DreamBooth's notation:
+    assert dco.read_embeddings(tmp_path / "v" / "a1111" / "V.safetensors")[0] == ["[V]"]  # its metadata was read as JSON
+    run = lambda out, *extra: dco.main(["sample", "--pretrained-model", str(sd1), "--steps", "1", "--output-dir", str(tmp_path / out),
+                                        "--w-cons", "2", *extra])
+    run("plain", "--embeddings", str(tmp_path / "run" / "learned_embeds.safetensors"), "--prompt", "a <dog> in the snow")
+    run("a1111", "--embeddings", str(tmp_path / "run" / "a1111" / "dog.safetensors"), "--prompt", "a <dog> in the snow")
+    run("renamed", "--embeddings", str(tmp_path / "run" / "learned_embeds.safetensors"), "--token", "<rex>", "--prompt", "a <rex> in the snow")
+    plain = np.asarray(Image.open(tmp_path / "plain" / "0000_00.png"))
+    assert all(np.array_equal(plain, np.asarray(Image.open(tmp_path / d / "0000_00.png"))) for d in ("a1111", "renamed"))
+    torch.save({"string_to_param": {"*": torch.randn(1, w)}}, tmp_path / "dog.pt")  # named after a word of the vocabulary
+    for extra, said in ((["--embeddings", str(tmp_path / "dog.pt")], "'dog' is already a token.*name it with --token"),
+                        (["--embeddings", str(tmp_path / "dog.pt"), "--token", "<a>", "<b>"], "one distinct name per token"),
+                        (["--token", "<a>"], "--token names the tokens of an embeddings file, and none is loaded")):
+        with pytest.raises(SystemExit, match=said):
+            run("refused", "--guidance", "cfg", "--prompt", "a <a> dog", *extra)
+    assert not (tmp_path / "refused").exists()
