@@ -90,8 +90,8 @@ AUX_NOUNS = ("dog", "cat", "bird", "car", "chair", "cup", "vase", "shoe", "bag",
 class ICOArgs(sdm.TrainArgs):
     images: str = ""  # the reference images
     class_word: str = ""  # the frozen concept descriptor <noun>, one or more words ("teddy bear")
-    reg_images: str = ""  # regularization images + captions.jsonl ({"file", "caption"}) or NAME.txt beside each
-    tokens: list[str] = field(default_factory=lambda: ["<new1>", "<new2>", "<new3>"])  # V, Lv = 3 (train.sh)
+    reg_images: str = ""  # regularization images + captions.jsonl ({"file", "caption"}), NAME.txt beside each, or images.txt + caption.txt
+    tokens: list[str] = field(default_factory=lambda: ["<new1>", "<new2>", "<new3>"])  # V, Lv = 3 (train.sh); or "<new1>+<new2>"
     init_tokens: list[str] = field(default_factory=lambda: list(RARE_TOKENS))  # ids or one-token words
     contexts: bool = True  # --no-contexts: the manual-template (Custom Diffusion) baseline
     template: str = "photo of a {}"  # the baseline's caption; {} = "V noun"
@@ -119,7 +119,7 @@ class ICOArgs(sdm.TrainArgs):
 @dataclass
 class DCIArgs(sdm.SampleArgs):
     concept: str = ""  # a folder written by `train` (or one of its checkpoint-N folders)
-    prompt_file: str = ""  # more prompts, one a line; all prompts go into one batch
+    prompt_file: str = ""  # more prompts, one a line; each is a batch of --batch-size from --seed
     aux_noun: str = ""  # "" = the preset noun nearest the class word
     tau: float = 0.3  # the window: t/1000 > 1 - tau (--agg_time)
     gamma: float = 0.0  # integration strength, typically -2..2 (--agg_lambda); 0 still injects, -inf never
@@ -189,6 +189,9 @@ class ICO(nn.Module):
             return [tok.token_id("x")] * k, nn.Parameter(0.02 * torch.randn(n_images, k, te.cfg.width, generator=generator))
 
         self.template = None if contexts else template
+        if self.template is not None and self.phrase not in resolve_prompt(template, self):
+            raise ValueError(f"--template '{template}' does not hold the concept '{self.phrase}'; write {{}} where it goes "
+                             "(e.g. 'photo of a {}'), or V before the class word.")
         pre, self.prefix = context_table(prefix_init, n_prefix)  # P^i: (images, Lp, width)
         suf, self.suffix = context_table(suffix_init, n_suffix)  # S^i: (images, Ls, width)
         self.n_prefix, self.n_suffix = len(pre), len(suf)
@@ -237,7 +240,7 @@ class ICO(nn.Module):
     def concept_context(self, model, index):
         """The training prompt of reference images `index`: Eq. 2 with P^i and S^i, or the template."""
         if self.template is not None:
-            return self.encode_ids(model, model.tokenize([self.template.format(self.phrase)] * len(index)))
+            return self.encode_ids(model, model.tokenize([resolve_prompt(self.template, self)] * len(index)))
         te, ids = model.text_encoder, self.ico_ids.expand(len(index), -1)
         x = te.embed(ids, self.rows)
         a, b = 1 + self.n_prefix, 1 + self.n_prefix + len(self.token_ids) + len(self.noun_ids)
@@ -569,10 +572,33 @@ def square_crop(img):
     return img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
 
 
+def load_retrieved(folder: Path) -> tuple[list, list[str]]:
+    """Custom Diffusion's retrieve.py layout, which the official code and diffusers' --real_prior read:
+    images.txt (one path a line, as written at retrieval: FOLDER/images/N.jpg) and caption.txt, line by line."""
+    paths, caps = ((folder / f).read_text().splitlines() for f in ("images.txt", "caption.txt"))
+    paths = [p.strip() for p in paths if p.strip()]
+    if len(caps) < len(paths):
+        raise ValueError(f"'{folder / 'caption.txt'}' has {len(caps)} lines for the {len(paths)} images of images.txt; "
+                         "write one caption a line, in the order of images.txt.")
+    images = []
+    for p in paths:  # as written (from the folder retrieval ran in), else within this folder (moved since)
+        found = next((c for c in (Path(p), folder / p, folder / "images" / Path(p).name) if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"'{folder / 'images.txt'}' lists '{p}', which is neither there nor in '{folder / 'images'}'.")
+        images.append(sdm.load_image(found))
+    return images, [c.strip() for c in caps[:len(paths)]]
+
+
 def load_captioned_folder(folder) -> tuple[list, list[str]]:
     """Regularization images and their captions: captions.jsonl ({"file", "caption"} a line, as
-    `toy_world.py make-data` writes) or a NAME.txt beside each image."""
+    `toy_world.py make-data` writes), a NAME.txt beside each image, or retrieve.py's images.txt + caption.txt."""
     folder = Path(folder)
+    if folder.is_file() and folder.name == "images.txt":  # the official --reg_datapath names the file itself
+        folder = folder.parent
+    if (folder / "images.txt").is_file():
+        if not (folder / "caption.txt").is_file():
+            raise FileNotFoundError(f"'{folder}' has images.txt but no caption.txt beside it (one caption a line, as retrieve.py writes).")
+        return load_retrieved(folder)
     with warnings.catch_warnings():  # the caption files themselves are not images; say nothing about them
         warnings.filterwarnings("ignore", r"skipping '.*\.(jsonl|txt)'")
         images = sdm.load_image_folder(folder)
@@ -620,15 +646,22 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     device = sdm.pick_device(args.device)
     if model is None:
         model = sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32" if args.mixed_precision == "fp16" else "",
-                               device, "", args.compile, args.channels_last)
+                               device, args.variant, args.compile, args.channels_last)
     model.requires_grad_(False)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
+    for part in ("prefix", "suffix") if args.contexts else ():  # the code's rule: init words set the length (card 2.2)
+        n, words = getattr(args, f"n_{part}"), getattr(args, f"{part}_init")
+        if words and n not in (getattr(ICOArgs, f"n_{part}"), len(model.tokenizer.tokenize(words))):
+            raise ValueError(f"--n-{part} {n} is used only with --{part}-init '' (random contexts); with --{part}-init "
+                             f"'{words}' the {part} has as many vectors as its words have tokens.")
     refs = sdm.load_image_folder(args.images)
     if args.contexts and len(refs) > args.max_images:  # --no-contexts has no table to fill
         raise ValueError(f"{len(refs)} reference images but the context table holds {args.max_images} (--max-images); "
                          "raise --max-images or use fewer images.")
-    ico = ICO(model, args.tokens, args.class_word, len(refs), args.contexts, args.prefix_init, args.suffix_init,
-              args.n_prefix, args.n_suffix, args.template, args.init_tokens, torch.Generator().manual_seed(args.seed)).to(device)
+    # "<new1>+<new2>+<new3>" is how the official code and diffusers' Custom Diffusion spell several tokens
+    plus = lambda words: [w for word in words for w in word.split("+") if w]
+    ico = ICO(model, plus(args.tokens), args.class_word, len(refs), args.contexts, args.prefix_init, args.suffix_init,
+              args.n_prefix, args.n_suffix, args.template, plus(args.init_tokens), torch.Generator().manual_seed(args.seed)).to(device)
     size = args.resolution or model.cfg.image_size
     if size % model.size_multiple:
         raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {size}).")
@@ -707,30 +740,33 @@ def run_sample(a: DCIArgs):
     prompts = [p for p in [a.prompt, *(Path(a.prompt_file).read_text().splitlines() if a.prompt_file else [])] if p.strip()]
     if not prompts:
         raise ValueError("pass --prompt (with V, {} or the concept tokens) or --prompt-file.")
-    prompts = [resolve_prompt(p, ico) for p in prompts for _ in range(a.batch_size)]
+    prompts = [resolve_prompt(p, ico) for p in prompts]
     check_sampling(model, a.steps, a.sampler, a.tau, a.gamma, a.height or model.cfg.image_size, a.width or model.cfg.image_size)
     window = a.dci and any(in_window(t, a.tau, model.schedule.cfg.num_train_timesteps) for t in model.schedule.timesteps(a.steps))
     check_prompts(model, ico, prompts, need_noun=window)  # bad prompts fail before anything is written
     if window and a.aux_noun:  # every prompt: a longer one may push its auxiliary prompt over 77 tokens
         make_branches(model, ico, prompts, a.aux_noun)
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
-    record = {} if a.save_masks else None
-    images, aux = sample(model, ico, prompts, aux_noun=a.aux_noun, dci=a.dci, tau=a.tau, gamma=a.gamma,
-                         share_guidance=a.share_guidance, share_noise=a.share_noise, steps=a.steps, sampler=a.sampler,
-                         eta=a.eta, guidance_scale=a.guidance_scale, negative_prompt=a.negative_prompt,
-                         height=a.height or None, width=a.width or None, generator=torch.Generator(device).manual_seed(a.seed),
-                         record=record)
-    rows = []
-    for i, img in enumerate(sdm.tensor_to_images(images)):
-        name = f"{a.seed:04d}_{i:02d}"
-        sdm.save_image(img, out / f"{name}.png")
-        if record:
-            hw = (images.shape[-2] // model.vae.downsample_factor, images.shape[-1] // model.vae.downsample_factor)
-            sdm.save_image(mask_overlays(img, record, i, hw), out / f"{name}_masks.png")
-        rows.append({"file": f"{name}.png", "prompt": prompts[i], "aux_prompt": aux[i] if aux else None, "seed": a.seed})
+    rows, f = [], model.vae.downsample_factor
+    # One batch of --batch-size a prompt, each from --seed (sample.py's --from-file loop): a prompt's images are the same
+    # alone or in a file, and the UNet batch does not grow with the file (it held every prompt's images at once).
+    for p in prompts:
+        record = {} if a.save_masks else None
+        images, aux = sample(model, ico, [p] * a.batch_size, aux_noun=a.aux_noun, dci=a.dci, tau=a.tau, gamma=a.gamma,
+                             share_guidance=a.share_guidance, share_noise=a.share_noise, steps=a.steps, sampler=a.sampler,
+                             eta=a.eta, guidance_scale=a.guidance_scale, negative_prompt=a.negative_prompt,
+                             height=a.height or None, width=a.width or None,
+                             generator=torch.Generator(device).manual_seed(a.seed), record=record)
+        for j, img in enumerate(sdm.tensor_to_images(images)):
+            name = f"{a.seed:04d}_{len(rows):02d}"
+            sdm.save_image(img, out / f"{name}.png")
+            if record:
+                sdm.save_image(mask_overlays(img, record, j, (images.shape[-2] // f, images.shape[-1] // f)), out / f"{name}_masks.png")
+            rows.append({"file": f"{name}.png", "prompt": p, "aux_prompt": aux[j] if aux else None, "seed": a.seed})
     sdm.atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     sdm.atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(a), indent=1)))
-    print(f"wrote {len(rows)} image(s) to {out}" + (f"; auxiliary prompt: '{aux[0]}'" if aux else ""))
+    aux = rows[0]["aux_prompt"]
+    print(f"wrote {len(rows)} image(s) to {out}" + (f"; auxiliary prompt: '{aux}'" if aux else ""))
 
 
 def main(argv=None):

@@ -629,3 +629,54 @@ def test_template_baseline_has_no_context_table_to_fill_and_any_output_folder_na
     out = di.train(train_args(tmp_path, "checkpoint-7", contexts=False, max_images=2, max_train_steps=1,
                               checkpointing_steps=0), copy.deepcopy(base))
     assert di.read_metadata(out)["steps"] == 1 and not list(out.glob("checkpoint-*"))
+
+
+def test_official_and_diffusers_spellings_tokens_with_plus_and_retrieved_regularization_sets(base, tmp_path):
+    # "--modifier_token <new1>+<new2>+<new3>" (official code, diffusers' Custom Diffusion) was one token named so: Lv = 1
+    out = di.train(train_args(tmp_path, "plus", tokens=["<new1>+<new2>"], init_tokens=["47629+42170"], reg_images="",
+                              max_train_steps=1, checkpointing_steps=0, learning_rate=0.0), copy.deepcopy(base))
+    assert di.read_metadata(out)["tokens"] == ["<new1>", "<new2>"]
+    ico = di.ICO.load(out, copy.deepcopy(base))
+    assert ico.token_ids == [49408, 49409] and torch.equal(ico.rows, base.text_encoder.token_embedding.weight[[47629, 42170]])
+    # a template with V was trained literally ("a photo of a V cat": the letter v, the V rows never got a gradient)
+    m = copy.deepcopy(base)
+    tmpl = di.ICO(m, ["<new1>"], "cat", contexts=False, template="a photo of a V cat")
+    assert di.resolve_prompt(tmpl.template, tmpl) == "a photo of a <new1> cat"
+    with torch.no_grad():  # the training caption is the resolved template, with V's row in it
+        assert torch.equal(tmpl.concept_context(m, torch.tensor([0])), tmpl.encode_ids(m, m.tokenize(["a photo of a <new1> cat"])))
+    with pytest.raises(ValueError, match="--template 'photo of a V' does not hold the concept '<new1> cat'"):
+        di.ICO(copy.deepcopy(base), ["<new1>"], "cat", contexts=False, template="photo of a V")
+    # --n-prefix / --n-suffix beside init words (the default "A" / ".") were ignored without a word
+    with pytest.raises(ValueError, match="--n-prefix 2 is used only with --prefix-init ''"):
+        di.train(train_args(tmp_path, "n", n_prefix=2), copy.deepcopy(base))
+    assert not (tmp_path / "n").exists()
+    # Custom Diffusion's retrieve.py layout (the official --reg_datapath/--reg_caption, diffusers' --real_prior):
+    # images.txt lists FOLDER/images/N.jpg as written at retrieval, caption.txt the captions line by line
+    reg = tmp_path / "samples_cat"
+    folder_of_images(reg / "images", 2)
+    (reg / "images.txt").write_text("".join(f"elsewhere/samples_cat/images/{i:02d}.png\n" for i in range(2)))
+    (reg / "caption.txt").write_text("a cat on the grass\na cat at night\n")
+    (reg / "urls.txt").write_text("http://a\nhttp://b\n")
+    for arg in (reg, reg / "images.txt"):
+        images, caps = di.load_captioned_folder(arg)
+        assert caps == ["a cat on the grass", "a cat at night"] and [im.size for im in images] == [(36, 40)] * 2
+    (reg / "caption.txt").write_text("a cat on the grass\n")
+    with pytest.raises(ValueError, match="caption.txt' has 1 lines for the 2 images"):
+        di.load_captioned_folder(reg)
+
+
+def test_each_prompt_of_a_file_is_its_own_seeded_batch(model_dirs, base, tmp_path):
+    # All prompts x --batch-size went into one batch: with DDIM eta 1 (the default) a prompt's images changed when
+    # other prompts were added to the file, and the UNet batch grew with the file (3 rows per image).
+    sd, _ = model_dirs
+    concept = tmp_path / "concept"
+    trained_ico(copy.deepcopy(base)).save(concept, {"method": "ico", "base_model": str(sd), "base_probe": di.base_probe(base).tolist()})
+    (tmp_path / "more.txt").write_text("a {} at night\n")
+    sample = ["sample", "--concept", str(concept), "--steps", "2", "--tau", "1", "--aux-noun", "dog", "--batch-size", "2"]
+    pixels = lambda d, i: np.asarray(Image.open(tmp_path / d / f"0000_{i:02d}.png"))
+    di.main([*sample, "--prompt", "a V cat on the grass", "--prompt-file", str(tmp_path / "more.txt"), "--output-dir", str(tmp_path / "both")])
+    di.main([*sample, "--prompt", "a V cat at night", "--output-dir", str(tmp_path / "alone")])
+    rows = [json.loads(l) for l in (tmp_path / "both" / "samples.jsonl").read_text().splitlines()]
+    assert [r["aux_prompt"] for r in rows] == ["a dog on the grass"] * 2 + ["a dog at night"] * 2
+    assert all(np.array_equal(pixels("both", 2 + i), pixels("alone", i)) for i in range(2))
+    assert not np.array_equal(pixels("alone", 0), pixels("alone", 1))  # the batch's images differ
