@@ -48,8 +48,10 @@ Code vs paper (card §9), and what this file does:
     sample that way (they were trained without the fix); ours record which in their metadata.
     The second half of §9.7, kept as in the code: a dropped location is the all-zero channel, which
     the inverted convention also reads as "a box over the whole image". Training shows that value
-    in 10 % of the steps (with and without text), so `--no-location` at sampling is in distribution
-    and means "anywhere", as it does in the code.
+    in 10 % of the steps (with and without text), so the channel of `--no-location` at sampling is in
+    distribution and means "anywhere", as it does in the code. Its object tokens are not quite: it keeps
+    the subject's patch tokens (null positions), which training with `drop_objects` drops along with the
+    location (without it, training kept them with their boxes).
   8 box coordinates for one subject: kept at inference (`--use-bbox`, test_subject.py); pass
     `--no-use-bbox` for test.py's null position features.
   9 hybrid hand-off to the original SD2: not implemented (test.py never triggers it).
@@ -842,18 +844,28 @@ def widened_state_dict(method: SubjectDiffusion, unet: sdm.UNetModel) -> dict:
 
 @torch.no_grad()
 def load_widened(method: SubjectDiffusion, unet: sdm.UNetModel, state: dict) -> None:
-    """The inverse of `widened_state_dict`: deltas = widened weights - the base model's."""
-    base = unet.state_dict()
+    """The inverse of `widened_state_dict`: deltas = widened weights - the base model's. The file holds the whole UNet, of
+    which only these parts were trained: its frozen weights must be this base model's (up to the rounding of either's
+    precision), or the deltas would sit on another model's weights (they were not compared)."""
+    base, dev = unet.state_dict(), unet.out[2].weight.device
+    got = lambda k: state[k].to(dev).float()  # the file is read on the CPU and the base may be on a GPU (a device error)
     w = state["input_blocks.0.0.weight"]
     if w.shape[1] != unet.cfg.in_channels + 1:
         raise ValueError(f"this UNet's conv_in has {w.shape[1]} input channels, not the {unet.cfg.in_channels + 1} of Subject-Diffusion.")
-    method.conv_in.weight.copy_(w.float() - F.pad(base["input_blocks.0.0.weight"].float(), (0, 0, 0, 0, 0, 1)))
-    method.conv_in.bias.copy_(state["input_blocks.0.0.bias"].float() - base["input_blocks.0.0.bias"].float())
+    method.conv_in.weight.copy_(got("input_blocks.0.0.weight") - F.pad(base["input_blocks.0.0.weight"].float(), (0, 0, 0, 0, 0, 1)))
+    method.conv_in.bias.copy_(got("input_blocks.0.0.bias") - base["input_blocks.0.0.bias"].float())
     for n in method.kv_names:
-        method.kv[_key(n)].copy_(state[n + ".weight"].float() - base[n + ".weight"].float())
+        method.kv[_key(n)].copy_(got(n + ".weight") - base[n + ".weight"].float())
     for name in method.block_names:
         p = f"{name}.fuser."
         method.fuser[_key(name)].load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
+    trained = {"input_blocks.0.0.weight", "input_blocks.0.0.bias", *(n + ".weight" for n in method.kv_names)}
+    for k, v in base.items():  # after the trained parts: another architecture is a shape error there
+        if k in state and k not in trained and v.is_floating_point():
+            eps = max(torch.finfo(state[k].dtype).eps if state[k].is_floating_point() else 0, torch.finfo(v.dtype).eps)
+            if state[k].shape != v.shape or (got(k) - v.float()).abs().max() > 2 * eps * v.float().abs().max() + 1e-8:
+                raise ValueError(f"the UNet's frozen weights ({k}) are not this base model's: the weights were trained on "
+                                 "another one; pass that one as --pretrained-model.")
 
 
 OFFICIAL_PARTS = ("unet", "clip_text", "mlp", "proj")  # train.py saves unet_/clip_text_/mlp_/proj_{epoch}_{step}
@@ -982,14 +994,16 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
         if not Path(cfg.validation_subject).is_file():
             raise FileNotFoundError(f"--validation-subject '{cfg.validation_subject}' does not exist.")
         sdm.load_image(cfg.validation_subject)  # unreadable: one sentence now, not at the first validation
-        if not re.search(rf"\b{re.escape(cfg.validation_entity.strip())}\b", cfg.validation_prompt, re.I):
-            raise ValueError(f"the entity word '{cfg.validation_entity}' is not in the validation prompt '{cfg.validation_prompt}'.")
+        try:  # the prompt too: 'sks' in it, or too long with its clause
+            fused_prompt(cfg.validation_prompt, [cfg.validation_entity.strip()], sdm.CLIPTokenizer())
+        except ValueError as e:
+            raise ValueError(f"--validation-prompt: {e}") from None
     resume_from = sdm.find_checkpoint(out, cfg.resume)
     sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",))  # every rank: a refusal on rank 0 alone
     # would leave the others waiting at its first barrier
     torch.manual_seed(cfg.seed)
     frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
-    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, "", cfg.compile, cfg.channels_last)
+    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, cfg.variant, cfg.compile, cfg.channels_last)
     vision = sdm.StableDiffusion.load_image_encoder(cfg.image_encoder or cfg.pretrained_model or None, device, sdm.DTYPES[frozen])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
     sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
@@ -1127,13 +1141,23 @@ def load_mask(path) -> np.ndarray:
 class Subject:
     image: Image.Image
     entity: str  # the word of the prompt this subject is
-    box: tuple | None = None  # (x1, y1, x2, y2) as fractions of the output image; None = DEFAULT_BOXES
+    box: tuple | None = None  # (x1, y1, x2, y2) as fractions of the output image; None = default_boxes
     mask: np.ndarray | None = None  # bool (h, w) over `image`; None = `cutout`
 
 
 # One subject: a centred box of half the side (test.py draws one at random, ~0.41 of the side);
 # two: test.py's fixed layout (50, 100, 200, 400) and (300, 100, 500, 400) on 512.
 DEFAULT_BOXES = {1: [(0.25, 0.25, 0.75, 0.75)], 2: [(50 / 512, 100 / 512, 200 / 512, 400 / 512), (300 / 512, 100 / 512, 500 / 512, 400 / 512)]}
+
+
+def default_boxes(k: int, H: int, W: int) -> list[tuple]:
+    """DEFAULT_BOXES (a square's layout) on an H x W canvas: on its centred square, so a box keeps its shape in pixels,
+    as test_subject.py's random boxes do on any canvas (scaled per axis, one subject's box was 2:1 on 1024 x 512)."""
+    if H == W:
+        return DEFAULT_BOXES[k]
+    s = min(H, W)
+    ox, oy = (W - s) / 2, (H - s) / 2
+    return [((ox + x1 * s) / W, (oy + y1 * s) / H, (ox + x2 * s) / W, (oy + y2 * s) / H) for x1, y1, x2, y2 in DEFAULT_BOXES[k]]
 
 
 def _grow(seed, allowed):
@@ -1193,6 +1217,27 @@ def subject_image(subject: Subject, size: int):
     return sdm.image_to_tensor(Image.fromarray(canvas), size)
 
 
+def fused_prompt(prompt: str, entities: list[str], tokenize):
+    """The ids of "<prompt>, the <entity> is sks" per subject (card §5), or one sentence for a prompt that cannot
+    carry its subjects: one holding 'sks' already, one without an entity word, one the clauses push past 77 tokens.
+    train checks its --validation-prompt with it before the first step (it failed at the first validation)."""
+    if re.search(r"\bsks\b", prompt, re.I):
+        raise ValueError(f"the prompt '{prompt}' already contains 'sks', the token Subject-Diffusion replaces with the "
+                         "subject's image embedding; rephrase it.")
+    for e in entities:
+        if not e.strip():
+            raise ValueError("each subject needs its entity word, the word of the prompt it is (e.g. --entity dog).")
+        if not re.search(rf"\b{re.escape(e)}\b", prompt, re.I):
+            raise ValueError(f"the entity word '{e}' is not in the prompt '{prompt}'; each subject is tied to "
+                             f"a word of the prompt (e.g. 'a {e} on the beach').")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = tokenize([prompt + "".join(f", the {e} is sks" for e in entities)])
+    if int((ids == SKS_ID).sum()) != len(entities):
+        raise ValueError("the prompt is too long: with the ', the <entity> is sks' clauses it passes CLIP's 77 tokens; shorten it.")
+    return ids
+
+
 @torch.no_grad()
 def generate(method: SubjectDiffusion, sd: sdm.StableDiffusion, vision: sdm.CLIPVisionModel, prompt: str,
              subjects: list[Subject], n: int = 1, steps: int = 50, text_scale: float = 7.5, image_scale: float = 1.5,
@@ -1206,32 +1251,19 @@ def generate(method: SubjectDiffusion, sd: sdm.StableDiffusion, vision: sdm.CLIP
     k = len(subjects)
     if not 1 <= k <= MAX_SUBJECTS:
         raise ValueError(f"Subject-Diffusion conditions on 1 to {MAX_SUBJECTS} subjects (two image slots); got {k}.")
-    if re.search(r"\bsks\b", prompt, re.I):
-        raise ValueError("the prompt already contains 'sks', the token Subject-Diffusion replaces with the subject's "
-                         "image embedding; rephrase it.")
-    for s in subjects:
-        if not s.entity.strip():
-            raise ValueError("each subject needs its entity word, the word of the prompt it is (e.g. --entity dog).")
-        if not re.search(rf"\b{re.escape(s.entity)}\b", prompt, re.I):
-            raise ValueError(f"the entity word '{s.entity}' is not in the prompt '{prompt}'; each subject is tied to "
-                             f"a word of the prompt (e.g. 'a {s.entity} on the beach').")
+    ids = fused_prompt(prompt, [s.entity for s in subjects], sd.tokenize)
     H, W = height or sd.cfg.image_size, width or sd.cfg.image_size
     if H % sd.size_multiple or W % sd.size_multiple:
         raise ValueError(f"height and width must be multiples of {sd.size_multiple} for this model (got {W}x{H}).")
     f, dev, dtype = sd.vae.downsample_factor, sd.device, sd.unet.out[2].weight.dtype
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ids = sd.tokenize([prompt + "".join(f", the {s.entity} is sks" for s in subjects)])
-    if int((ids == SKS_ID).sum()) != k:
-        raise ValueError("the prompt is too long: with the ', the <entity> is sks' clauses it passes CLIP's 77 tokens; shorten it.")
     S = vision.cfg.image_size
     entity = torch.zeros(MAX_SUBJECTS, 3, S, S)
     boxes, valid = torch.zeros(1, MAX_SUBJECTS, 4), torch.arange(MAX_SUBJECTS) < k
     for i, s in enumerate(subjects):
         entity[i] = subject_image(s, S)
-        boxes[0, i] = torch.tensor(s.box or DEFAULT_BOXES[k][i])
+        boxes[0, i] = torch.tensor(s.box or default_boxes(k, H, W)[i])
     tokens, pooled = vision(vision.preprocess(entity.to(dev)).to(dtype))
-    valid, boxes = valid[None].to(dev), boxes.to(dev, dtype)
+    valid, boxes = valid[None].to(dev), boxes.to(dev)  # fp32 as in training: bf16 moved box edges by a latent row
     pos = valid & location if use_bbox else valid & (k > 1) & location  # test.py's use_bbox=False rule (card §8.2)
     objs = method.grounding(tokens[None], valid, boxes, pos)
     objs_u = method.grounding(torch.zeros_like(tokens[None]), valid & False, boxes) if drop_objects else torch.zeros_like(objs)
@@ -1274,7 +1306,7 @@ def overlay(image: Image.Image, amap) -> Image.Image:
 class SampleConfig(sdm.SampleArgs):
     subject: list[str] = field(default_factory=list)  # reference image per subject (1 or 2)
     entity: list[str] = field(default_factory=list)  # the prompt's word for each subject
-    box: list[float] = field(default_factory=list)  # x1 y1 x2 y2 in output pixels per subject; none = DEFAULT_BOXES
+    box: list[float] = field(default_factory=list)  # x1 y1 x2 y2 in output pixels per subject; none = default_boxes
     mask: list[str] = field(default_factory=list)  # a mask image per subject (white = subject); none = automatic cut-out
     weights: str = ""  # output folder of `train` (or checkpoint-N, or an official-layout folder)
     image_encoder: str = ""  # "" = as trained
@@ -1294,25 +1326,34 @@ def sample_main(a: SampleConfig) -> None:
         raise ValueError(f"Subject-Diffusion conditions on at most {MAX_SUBJECTS} subjects (two image slots); got {len(a.subject)}.")
     if a.box and len(a.box) != 4 * len(a.subject):
         raise ValueError(f"--box takes 4 numbers (x1 y1 x2 y2, pixels) per subject: {4 * len(a.subject)}, got {len(a.box)}.")
+    if a.box and not a.location:  # both would be drawn from, and the box then reached nothing
+        raise ValueError("--box places the subjects and --no-location leaves their place to the prompt; drop one of them.")
     if a.mask and len(a.mask) != len(a.subject):
         raise ValueError("give one --mask per --subject, or none for the automatic cut-out.")
     if a.negative_prompt:  # it used to be accepted and ignored
         raise ValueError("Subject-Diffusion's three-way guidance has no negative prompt (its image and unconditional branches are the "
                          "empty text, card §8.2); drop --negative-prompt.")
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # save_image makes it: a bad input leaves none
+    words = [w.strip() for w in a.entity]  # --entity ' dog' is 'dog'
+    fused_prompt(a.prompt, words, sdm.CLIPTokenizer())  # the inputs first: the models take a while to load
+    for flag, paths in (("--subject", a.subject), ("--mask", a.mask)):
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} '{path}' does not exist.")
+    refs = [sdm.load_image(path) for path in a.subject]
+    masks = [load_mask(path) for path in a.mask] or [None] * len(refs)
     sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
                                             a.compile, a.channels_last, a.vae_precision, a.variant)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
     subjects = []
-    for i, (path, word) in enumerate(zip(a.subject, (w.strip() for w in a.entity))):  # --entity ' dog' is 'dog'
+    for i, (image, word, mask) in enumerate(zip(refs, words, masks)):
         box = None
         if a.box:
             x1, y1, x2, y2 = a.box[4 * i: 4 * i + 4]
             if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
                 raise ValueError(f"box {x1:g} {y1:g} {x2:g} {y2:g} of '{word}' lies outside the {W}x{H} image (x1 < x2 <= {W}, y1 < y2 <= {H}).")
             box = (x1 / W, y1 / H, x2 / W, y2 / H)
-        mask = load_mask(a.mask[i]) if a.mask else None
-        subjects.append(Subject(sdm.load_image(path), word, box, mask))
+        subjects.append(Subject(image, word, box, mask))
     g = torch.Generator(sdm.pick_device(a.device)).manual_seed(a.seed)
     images, maps = generate(method, sd, vision, a.prompt, subjects, a.batch_size, a.steps, a.guidance_scale,
                             a.image_guidance_scale, a.sampler, a.eta, H, W, g, a.use_bbox, a.location,

@@ -1,5 +1,6 @@
 """Subject-Diffusion: the card's identities (methods/subject_diffusion.md §11), the data format, DDP and resume."""
 
+import copy
 import io
 import json
 import os
@@ -146,6 +147,25 @@ def test_official_layout_weights_that_do_not_fit_the_base_model_give_one_sentenc
             sdx.load_trained(folder)
     sdx.export_official(trained, sd.unet, tmp_path / "ok", {"base_model": str(root / "model")})
     assert sdx.load_trained(tmp_path / "ok")[2].conv_in.weight.abs().sum() > 0  # the unchanged export loads
+    assert sdx.load_trained(tmp_path / "ok", precision="bf16")[2].conv_in.weight.abs().sum() > 0  # also on a rounded base
+    # the same shapes, another base model's frozen weights: the deltas were put on this base silently
+    other = copy.deepcopy(sd.unet)
+    with torch.no_grad():
+        other.output_blocks[-1][0].in_layers[0].weight.add_(0.01)
+    sdx.export_official(trained, other, tmp_path / "other", {"base_model": str(root / "model")})
+    with pytest.raises(ValueError, match=r"frozen weights \(output_blocks.*\) are not this base model's"):
+        sdx.load_trained(tmp_path / "other")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_official_layout_weights_load_onto_a_base_on_the_gpu(tiny, tmp_path):
+    """The file is read on the CPU, the base model sits on the GPU: the deltas were a device error, reported as
+    weights that do not fit the base model."""
+    sd, vision, root = tiny
+    trained = method_for(sd, vision, perturb=True)
+    sdx.export_official(trained, sd.unet, tmp_path / "ok", {"base_model": str(root / "model")})
+    back = sdx.load_trained(tmp_path / "ok", device="cuda")[2]
+    assert_close(back.conv_in.weight.cpu(), trained.conv_in.weight, what="conv_in delta")
 
 
 def test_the_official_codes_diffusers_keyed_unet_loads(tiny, tmp_path):
@@ -593,7 +613,12 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
                        (["--validation-prompt", "a star", "--validation-subject", str(ROOT / "README.md"),
                          "--validation-entity", "star"], "README.md' is not a readable image"),  # was a traceback at step 1
                        (["--validation-prompt", "a star", "--validation-subject", str(ROOT / "assets" / "readme" / "world.png"),
-                         "--validation-entity", "dog"], "not in the validation prompt"),
+                         "--validation-entity", "dog"], "--validation-prompt: the entity word 'dog' is not in the prompt"),
+                       # these two failed at the first validation, after the steps before it had run
+                       (["--validation-prompt", "a photo of sks star", "--validation-subject", str(ROOT / "assets" / "readme" / "world.png"),
+                         "--validation-entity", "star"], "--validation-prompt: the prompt 'a photo of sks star' already contains 'sks'"),
+                       (["--validation-prompt", "a star" + " very" * 72, "--validation-subject", str(ROOT / "assets" / "readme" / "world.png"),
+                         "--validation-entity", "star"], "--validation-prompt: the prompt is too long"),
                        (["--backgrounds", str(tmp_path / "nowhere")], "is not a folder of background images"),
                        (["--resolution", "33"], "--resolution must be a multiple of")):
         with pytest.raises((ValueError, FileNotFoundError), match=msg):
@@ -635,11 +660,14 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     bad = ((["--subject", str(ref), str(ref), str(ref)], ["star"] * 3, "a star", "at most 2 subjects"),
            (["--subject", str(ref)], ["star"], "a dog on the snow", "entity word 'star' is not in the prompt"),
            (["--subject", str(ref), "--box", "0", "0", "40", "16"], ["star"], "a star", "lies outside the 32x32 image"),
+           (["--subject", str(ref), "--box", "0", "0", "16", "16", "--no-location"], ["star"], "a star", "drop one of them"),  # was ignored
            (["--subject", str(ref)], [" "], "a star", "needs its entity word"),
            (["--subject", str(ref), str(ref), "--mask", str(tmp_path / "mask.png")], ["star", "toy"], "a star and a toy",
             "one --mask per --subject"),
            (["--subject", str(ref), "--height", "33"], ["star"], "a star", "height and width must be multiples of"),
            (["--subject", str(ROOT / "README.md")], ["star"], "a star", "README.md' is not a readable image"),
+           (["--subject", str(tmp_path / "nope.png")], ["star"], "a star", "--subject '.*nope.png' does not exist"),  # [Errno 2] ...
+           (["--subject", str(ref), "--mask", str(tmp_path / "nope.png")], ["star"], "a star", "--mask '.*nope.png' does not exist"),
            (["--subject", str(ref), "--negative-prompt", "blurry"], ["star"], "a star", "has no negative prompt"),  # was ignored
            (["--subject", str(ref), "--variant", "sd21"], ["star"], "a star", "model, not 'sd21'"))  # was ignored too
     for args, entities, prompt, msg in bad:
@@ -647,7 +675,8 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
             sdx.main([*base, *args, "--entity", *entities, "--prompt", prompt])
     fresh = [*base[:-3], "--output-dir", str(tmp_path / "fresh"), "--subject", str(ref)]  # a bad input leaves no empty output folder
     for args, msg in ((["--entity", "star", "--prompt", "a dog"], "not in the prompt"),
-                      (["--entity", "star", "--prompt", "a star", "--weights", str(tmp_path / "nowhere")], "holds no")):
+                      (["--entity", "star", "--prompt", "a star", "--weights", str(tmp_path / "nowhere")], "holds no"),
+                      (["--entity", "star", "--prompt", "a sks star", "--weights", str(tmp_path / "nowhere")], "already contains 'sks'")):
         with pytest.raises(SystemExit, match=msg):
             sdx.main([*fresh, *args])
         assert not (tmp_path / "fresh").exists()
@@ -721,6 +750,45 @@ def test_three_way_guidance_feeds_text_image_and_null_rows(tiny, monkeypatch):
                 assert (objs[2] == 0).all()
     finally:
         hook.remove()
+
+
+def test_default_boxes_keep_their_shape_on_a_canvas_that_is_not_square(tiny):
+    """Without a box, one subject's is a square in pixels on a 64 x 32 canvas too: the centred square's half-size box
+    (it was scaled per axis, a 2:1 box for any subject); a square canvas keeps the boxes as they were."""
+    sd, vision, _ = tiny
+    method = method_for(sd, vision, perturb=True).eval()
+    seen = []
+    hook = sd.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0][0, 4].clone()))
+    image = Image.fromarray(tw.concept_references(tw.CONCEPTS[0], n=1)[0][1])
+    try:
+        sdx.generate(method, sd, vision, "a star", [sdx.Subject(image, "star")], steps=1, height=32, width=64,
+                     progress=False, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    ys, xs = torch.nonzero(seen[0] == 0, as_tuple=True)  # latent 16 x 32: the box is x 12-19, y 4-11
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (4, 11, 12, 19) and len(ys) == 64
+    assert sdx.default_boxes(2, 512, 512) == sdx.DEFAULT_BOXES[2] and sdx.default_boxes(1, 64, 64) == sdx.DEFAULT_BOXES[1]
+    left, right = sdx.default_boxes(2, 512, 1024)  # test.py's layout, 150 x 300 px boxes, in the middle square
+    assert [round(v * 1024) for v in left[::2]] == [306, 456] and [round(v * 1024) for v in right[::2]] == [556, 756]
+
+
+def test_a_bf16_model_reads_the_box_at_full_precision(tiny):
+    """The location channel of a bf16 (or fp16) model is the fp32 one: the box was rounded to bf16 before it was
+    drawn, and x2 = 259 of 320 became 258.75, which moved the box's edge by a latent column."""
+    sd, vision, _ = tiny
+    sd16, vision16 = copy.deepcopy(sd).to(torch.bfloat16), copy.deepcopy(vision).to(torch.bfloat16)
+    method = method_for(sd, vision, perturb=True).eval().to(torch.bfloat16)
+    box = (10 / 320, 0.0, 259 / 320, 1.0)
+    seen = []
+    hook = sd16.unet.register_forward_pre_hook(lambda mod, args: seen.append(args[0][0, 4].float().clone()))
+    image = Image.fromarray(tw.concept_references(tw.CONCEPTS[0], n=1)[0][1])
+    try:
+        sdx.generate(method, sd16, vision16, "a star", [sdx.Subject(image, "star", box)], steps=1, height=16, width=320,
+                     progress=False, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    want = sdx.location_mask(torch.tensor([[box, (0, 0, 0, 0)]]), torch.tensor([[True, False]]), (16, 320), (8, 160))[0, 0]
+    assert torch.equal(seen[0], want)
 
 
 def test_no_use_bbox_gives_one_subject_the_null_position_feature(tiny, monkeypatch):
