@@ -286,11 +286,6 @@ def read_state_dict(path: Path) -> dict:
     return sd
 
 
-def _report(dropped: Counter, quiet: bool = False) -> None:
-    for why, n in dropped.items() if not quiet else ():
-        print(f"  dropped {n} key(s): {why}", file=sys.stderr)
-
-
 def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple[dict, str]:
     """An original single file -> ({part: our-keys state dict}, family)."""
     family = ("sdxl" if any(k.startswith("conditioner.embedders.1.") for k in sd)
@@ -332,7 +327,8 @@ def split_single_file(sd: dict, ema: bool = False, quiet: bool = False) -> tuple
             if why is None:
                 raise ValueError(f"unexpected key '{k}' in the checkpoint; this converter does not know what it is.")
             dropped[why] += 1
-    _report(dropped, quiet)
+    for why, n in dropped.items() if not quiet else ():
+        print(f"  dropped {n} key(s): {why}", file=sys.stderr)
     return parts, family
 
 
@@ -397,11 +393,10 @@ def hf_clip_layout(sd: dict, root: str) -> dict:
 
 def _pad_id(tok_folder: Path) -> int:
     """SD1's tokenizer pads with <|endoftext|>; SD2's and SDXL's second with "!" (id 0)."""
-    pad = "<|endoftext|>"
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (tok_folder / name).exists():
-            pad = json.loads((tok_folder / name).read_text()).get("pad_token") or pad
-            break
+    files = [tok_folder / n for n in ("special_tokens_map.json", "tokenizer_config.json") if (tok_folder / n).exists()]
+    if not files:  # guessing would encode every prompt of the other family with the wrong padding
+        raise FileNotFoundError(f"diffusers folder '{tok_folder.parent}' has no '{tok_folder.name}/' part (its pad token decides the prompt encoding).")
+    pad = json.loads(files[0].read_text()).get("pad_token") or "<|endoftext|>"
     pad = pad["content"] if isinstance(pad, dict) else pad
     return {"<|endoftext|>": 49407, "!": 0}.get(pad, 49407)
 
@@ -411,13 +406,12 @@ def load_diffusers(folder: Path) -> tuple[sdm.SDConfig, dict]:
         if not (folder / sub / f).exists():
             raise FileNotFoundError(f"diffusers folder '{folder}' has no '{sub}/' part (missing {sub}/{f}).")
     js = lambda p: json.loads(p.read_text())
-    need = lambda sub: folder / sub
-    ucfg = diffusers_unet_config(js(need("unet") / "config.json"))
-    vcfg = diffusers_vae_config(js(need("vae") / "config.json"))
+    ucfg = diffusers_unet_config(js(folder / "unet" / "config.json"))
+    vcfg = diffusers_vae_config(js(folder / "vae" / "config.json"))
     xl = (folder / "text_encoder_2").is_dir()
-    tcfg = _hf_text_config(js(need("text_encoder") / "config.json"), _pad_id(folder / "tokenizer"), xl)
+    tcfg = _hf_text_config(js(folder / "text_encoder" / "config.json"), _pad_id(folder / "tokenizer"), xl)
     t2cfg = _hf_text_config(js(folder / "text_encoder_2" / "config.json"), _pad_id(folder / "tokenizer_2"), True) if xl else None
-    sc = js(need("scheduler") / "scheduler_config.json")
+    sc = js(folder / "scheduler" / "scheduler_config.json")
     if sc.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise ValueError(f"unsupported noise schedule '{sc['beta_schedule']}' (only scaled_linear).")
     sched = sdm.ScheduleConfig(sc.get("num_train_timesteps", 1000), sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
@@ -486,8 +480,14 @@ def load_any(path, variant: str | None = None, ema: bool = False, quiet: bool = 
         except ValueError:  # not SD 2.x after all: what the weights say
             cfg = sdm.infer_config(parts, variant)
         cfg = replace(cfg, schedule=replace(cfg.schedule, **schedule)) if schedule else cfg
+        if path.suffix == ".safetensors" and (own := (safe_open(str(path), "pt").metadata() or {}).get("sd_config")):
+            cfg = sdm.config_from_dict(json.loads(own))  # ours (--to ldm): heads, groups, size the weights cannot say
     if variant is not None and cfg.name != sdm.PRESETS.get(variant, cfg).name:
         raise ValueError(f"'{path}' is a '{cfg.name}' model, not '{variant}'.")
+    if cfg.unet.in_channels != cfg.unet.out_channels:  # SD inpainting: latents + mask + masked image = 9; depth: 5
+        raise ValueError(f"'{path}' is an inpainting or depth model (its UNet takes {cfg.unet.in_channels} input channels), which this project does not run; convert the base model.")
+    if cfg.unet.context_dim != (width := cfg.text.width + (cfg.text2.width if cfg.text2 else 0)):  # SDXL: both towers, side by side
+        raise ValueError(f"'{path}': its UNet reads {cfg.unet.context_dim}-wide text states and its text encoder(s) give {width}; a part is missing or from another model (SDXL: text_encoder_2/).")
     return cfg, parts
 
 
@@ -571,7 +571,7 @@ def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=
         if dst.exists() and not overwrite:
             raise FileExistsError(f"'{dst}' exists; pass --overwrite to replace it.")
         pred = {"modelspec.prediction_type": "v" if cfg.schedule.prediction == "v" else "epsilon"}  # A1111/Forge read this
-        sdm.save_safetensors(to_ldm(cfg, parts), dst, {"format": "pt", **pred})
+        sdm.save_safetensors(to_ldm(cfg, parts), dst, {"format": "pt", **pred, "sd_config": json.dumps(asdict(cfg))})
     else:
         save_converted(dst, cfg, parts, vcfg if vision else None, overwrite)
     print(f"wrote {dst}", file=sys.stderr)

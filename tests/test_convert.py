@@ -1,6 +1,7 @@
 """weights_convert.py: full-size configs, key sets, round trips, and bad input."""
 
 import json
+import shutil
 import warnings
 from dataclasses import replace
 
@@ -304,3 +305,22 @@ def test_a_single_file_without_a_part_is_one_sentence(tiny_ldm, tmp_path, capsys
     sd = {k: v for k, v in wc.read_state_dict(ckpt).items() if not k.startswith("first_stage_model.")}
     torch.save(sd, tmp_path / "no_vae.ckpt")
     assert "has no vae weights (no 'first_stage_model.*' keys)" in run_cli([tmp_path / "no_vae.ckpt", tmp_path / "o"], capsys)
+
+
+def test_models_this_project_cannot_run_are_one_sentence(tiny_ldm, tmp_path, capsys, hf_tokenizer_dir):
+    """An inpainting UNet (9 input channels) used to convert, then crash mid-sampling on a shape mismatch; an SDXL
+    diffusers folder without text_encoder_2/ converted into a UNet that cannot read its text; one without tokenizer/
+    padded an SD 2.x prompt the SD 1.x way, silently."""
+    from test_pipeline import build_pipeline
+
+    _, _, ckpt = tiny_ldm
+    sd = wc.read_state_dict(ckpt)
+    w = sd["model.diffusion_model.input_blocks.0.0.weight"]  # latents + mask + masked-image latents
+    torch.save({**sd, "model.diffusion_model.input_blocks.0.0.weight": torch.cat([w, w, w[:, :1]], 1)}, tmp_path / "inpaint.ckpt")
+    assert "inpainting or depth model (its UNet takes 9 input channels)" in run_cli([tmp_path / "inpaint.ckpt", tmp_path / "o"], capsys)
+    for kind, part, want in (("sdxl", "text_encoder_2", "UNet reads 64-wide text states and its text encoder(s) give 32"),
+                             ("sd2", "tokenizer", "has no 'tokenizer/' part")):
+        build_pipeline(kind, hf_tokenizer_dir).save_pretrained(tmp_path / kind)
+        shutil.rmtree(tmp_path / kind / part)
+        assert want in run_cli([tmp_path / kind, tmp_path / "o"], capsys), kind
+    assert not (tmp_path / "o").exists()
