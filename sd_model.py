@@ -991,9 +991,8 @@ class StableDiffusion(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         for name, sd in parts.items():
-            module = getattr(model, name)
-            weights_convert.check_keys(module.state_dict(), sd, what=f"{name} of {path}")
-            module.load_state_dict(sd, strict=True, assign=True)
+            weights_convert.check_keys(getattr(model, name).state_dict(), sd, what=f"{name} of {path}")
+            getattr(model, name).load_state_dict(sd, strict=True, assign=True)
         model.schedule = NoiseSchedule(cfg.schedule)
         model.to(device=device, dtype=dtype).vae.to(vae_dtype or (torch.float32 if cfg.text2 and dtype == torch.float16 else dtype))
         return model.eval().requires_grad_(False)
@@ -1180,8 +1179,9 @@ DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf
 
 def prepare_output_dir(path, overwrite: bool, create: bool = True) -> Path:
     path = Path(path)  # create=False: only the check, so a later bad input leaves no empty folder behind
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory '{path}' exists and is not empty; pass --overwrite or choose another.")
+    if path.exists() and (not path.is_dir() or any(path.iterdir()) and not overwrite):
+        raise FileExistsError(f"output directory '{path}' " + ("is a file; choose another." if not path.is_dir() else
+                              "exists and is not empty; pass --overwrite or choose another."))
     path.mkdir(parents=True, exist_ok=True) if create else None
     return path
 
@@ -1224,6 +1224,7 @@ class TrainArgs:
     `parse_args` turns every field into a dashed flag (`max_train_steps` -> --max-train-steps)."""
 
     pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
+    variant: str = ""  # SD 2.x single files, which do not say what they predict: sd21 (v, 768 px) or sd21-base (eps)
     output_dir: str = "outputs/run"
     resolution: int = 0  # 0 = the model's native size
     train_batch_size: int = 1
@@ -1449,6 +1450,8 @@ class SampleArgs:
 
 
 def pick_device(device: str = "") -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():  # torch's own answer is an AssertionError traceback
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU; leave --device out to run on the CPU.")
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -1474,12 +1477,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     sys.exit("usage: python sd_model.py sample --prompt TEXT --output-dir DIR [options]; see --help") if argv[:1] != ["sample"] else None
     args = parse_args(_SampleCLI, argv[1:], argparse.ArgumentParser(prog="sd_model.py sample", description="text -> images"))
-    device = pick_device(args.device)
     try:
-        out = prepare_output_dir(args.output_dir, args.overwrite, create=False)  # save_image makes it
+        device, out = pick_device(args.device), prepare_output_dir(args.output_dir, args.overwrite, create=False)  # save_image makes it
         if args.random_tiny or (not args.pretrained_model and not (TOY_MODEL_PATH / "config.json").exists()):
-            print("note: using a tiny Stable Diffusion with random weights, built on the spot "
-                  "(its images are noise; pass --pretrained-model for a real model).", file=sys.stderr)
+            print("note: a tiny Stable Diffusion with random weights, built on the spot (its images are noise).", file=sys.stderr)
             torch.manual_seed(args.seed)
             model = StableDiffusion(TINY).eval().requires_grad_(False).to(device)
         else:

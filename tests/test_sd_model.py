@@ -134,6 +134,12 @@ def test_sample_cli_on_a_random_tiny_model(tmp_path, capsys):
     with pytest.raises(SystemExit, match="multiples of 4 for this model"):
         sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(tmp_path / "o3"), "--height", "33"])
     assert not (tmp_path / "o3").exists()  # the bad size is found before anything is written
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="is a file"):  # was NotADirectoryError's traceback, --overwrite or not
+        sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(tmp_path / "a_file"), "--overwrite"])
+    if not torch.cuda.is_available():  # was an AssertionError traceback from torch
+        with pytest.raises(SystemExit, match="sees no CUDA GPU"):
+            sdm.main(["sample", "--random-tiny", "--prompt", "x", "--output-dir", str(tmp_path / "o4"), "--device", "cuda"])
 
 
 def test_speed_switches_change_the_speed_not_the_result():

@@ -202,3 +202,31 @@ def test_a_steps_logs_are_the_means_over_its_micro_batches(tmp_path):
     sdm.train_loop(args, torch.optim.SGD([p], lr=0.0), {"p": p}, loss_fn, lambda folder: None, torch.Generator())
     logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [(r["loss"], r["part"], r["note"]) for r in logs] == [(2.0, 1.0, "kept"), (8.0, 4.0, "kept")]
+
+
+@pytest.mark.parametrize("method", ["vico", "dco", "dci_ico", "subject_diffusion"])
+def test_every_train_command_passes_variant_to_the_model_loader(method, tmp_path, monkeypatch):
+    """An SD 2.x single file cannot say whether it predicts v or eps, and the loader's refusal says to pass the
+    variant: --variant is a shared training flag (DCO, ICO and Subject-Diffusion refused it, ViCo too before)."""
+    import importlib
+
+    from PIL import Image
+
+    import toy_world as tw
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(path="", *a, variant="", **kw):
+        raise Loaded(a[3] if len(a) > 3 else variant)
+
+    monkeypatch.setattr(sdm, "load_model", load_model)
+    (imgs := tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (100 * i, 0, 0)).save(imgs / f"{i}.png")
+    data = {"vico": ["--images", str(imgs), "--init-word", "dog"], "dco": ["--images", str(imgs), "--instance-prompt", "a <dog> dog"],
+            "dci_ico": ["--images", str(imgs), "--class-word", "dog"], "subject_diffusion": ["--data", str(tmp_path / "recs")]}[method]
+    tw.make_records(str(tmp_path / "recs"), 4) if method == "subject_diffusion" else None
+    with pytest.raises(Loaded, match="^sd21$"):
+        importlib.import_module(method).main(["train", "--pretrained-model", "v2-1_768-ema-pruned.safetensors", "--variant", "sd21",
+                                              *data, "--output-dir", str(tmp_path / "run")])
