@@ -498,6 +498,16 @@ def fit_reference(img, h: int, w: int) -> torch.Tensor:
     return sdm.image_to_tensor(img.crop((left, top, left + w, top + h)))
 
 
+def cover(r: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`fit_reference` for a tensor (3, H, W) in [-1, 1], as `generate` takes them from Python (it squashed them)."""
+    if r.shape[-2:] == (h, w):
+        return r
+    s = max(h / r.shape[-2], w / r.shape[-1])
+    r = F.interpolate(r[None], (max(h, round(r.shape[-2] * s)), max(w, round(r.shape[-1] * s))), mode="bicubic", antialias=True)[0]
+    top, left = (r.shape[-2] - h) // 2, (r.shape[-1] - w) // 2
+    return r[:, top : top + h, left : left + w].clamp(-1, 1)
+
+
 def model_fn(model, vico: ViCo, cond, uncond, refs, cols, guidance_scale: float, on_step=None):
     """model_fn for sdm.sample_loop. CFG as in DDIMSampler.p_sample_ddim (card 9): x, the references
     and t are doubled, the contexts are [uc; c], and both halves use the visual condition; the
@@ -555,8 +565,7 @@ def generate(model, vico: ViCo, prompts, references=None, ref_tokens=None, negat
     if unknown:
         raise ValueError(f"unknown reference token '{unknown[0]}'; this concept's tokens are: {', '.join(vico.placeholders)}.")
     cols = torch.stack([token_columns(ids, vico.token_ids[vico.placeholders.index(tk)], tk) for tk in ref_tokens])
-    fit = lambda r: r[None] if r.shape[-2:] == (h, w) else F.interpolate(r[None], (h, w), mode="bicubic", antialias=True).clamp(-1, 1)
-    refs = torch.stack([model.encode_images(fit(r.float()).to(model.device), generator) for r in references])
+    refs = torch.stack([model.encode_images(cover(r.float(), h, w)[None].to(model.device), generator) for r in references])
     refs = refs.expand(-1, len(prompts), -1, -1, -1)
     with vico.install(model.unet):
         fn = model_fn(model, vico, cond, uncond, refs, cols, guidance_scale, on_step)

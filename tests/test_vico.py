@@ -748,6 +748,10 @@ def test_a_reference_keeps_its_aspect_at_another_output_shape():
     assert t.shape == (3, 16, 16) and (t > 0.9).all()  # only the square: squashed, half of it would be black
     square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     assert torch.equal(vico.fit_reference(square, 8, 8), sdm.image_to_tensor(square, 8))  # as before for square ones
+    c = vico.cover(sdm.image_to_tensor(Image.fromarray(wide)), 16, 16)  # generate()'s tensors from Python: the same rule
+    assert c.shape == (3, 16, 16) and (c > 0.9).all()
+    tall = vico.cover(torch.rand(3, 40, 24) * 2 - 1, 32, 32)
+    assert tall.shape == (3, 32, 32) and tall.abs().max() <= 1
 
 
 def test_variant_reaches_the_model_loader_in_train_and_export(model, tmp_path, monkeypatch):
