@@ -80,7 +80,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +170,7 @@ class Concept:
     color: str
     pattern: str = "plain"
     color2: str = "none"
+    folder: str = field(default="", compare=False)  # the make-concepts folder it was read from, whose references CLIP-I uses
 
     def key(self):
         return (self.shape, self.color, self.pattern, self.color2)
@@ -591,6 +592,18 @@ def concept_json(concept):
             "eval_prompts": eval_prompts(concept)}
 
 
+def reference_images(concept):
+    """A concept's reference images: those of its make-concepts folder, or else rendered (make-concepts' defaults)."""
+    if not concept.folder:
+        return [im for _, im in concept_references(concept)]
+    with open(os.path.join(concept.folder, "concept.json")) as f:
+        files = [r["file"] for r in json.load(f).get("references", [])]
+    files = files or sorted(f for f in os.listdir(concept.folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    if not files:
+        raise SystemExit(f"{concept.folder} has no reference images for CLIP-I; pass --clip-model none to skip it.")
+    return [np.asarray(Image.open(os.path.join(concept.folder, f)).convert("RGB")) for f in files]
+
+
 def find_concept(name):
     """A built-in concept by id, or one described by DIR/concept.json."""
     for c in CONCEPTS:
@@ -598,9 +611,17 @@ def find_concept(name):
             return c
     path = os.path.join(name, "concept.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            d = json.load(f)
-        return Concept(d["id"], d["class_word"], **d["attributes"])
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            c = Concept(d["id"], d["class_word"], **d["attributes"], folder=name)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{path} is not a concept.json as make-concepts writes it (id, class_word, attributes "
+                             f"{list(IDENTITY)}): {e!r}.")
+        vocab = {"shape": ALL_SHAPES, "color": COLORS, "pattern": PATTERNS, "color2": ("none", *COLORS)}
+        if bad := [f"{k} {v!r}" for k, v in c.attributes().items() if v not in vocab[k]]:
+            raise SystemExit(f"{path}: {', '.join(bad)} is outside the toy world's vocabulary, which the probes read.")
+        return c
     raise SystemExit(f"Unknown concept {name!r}: use one of {[c.id for c in CONCEPTS]} or a "
                      "folder with a concept.json written by make-concepts.")
 
@@ -1031,9 +1052,10 @@ class ToyCLIP:
 
     @torch.no_grad()
     def image_similarity(self, images, concepts):
-        for c in set(concepts) - set(self._refs):
-            self._refs[c] = F.normalize(self.embed_images([im for _, im in concept_references(c)]).mean(0), dim=-1)
-        refs = torch.stack([self._refs[c] for c in concepts])
+        keys = [(c, c.folder) for c in concepts]  # a concept read from a folder: the references in it
+        for c, folder in set(keys) - set(self._refs):
+            self._refs[c, folder] = F.normalize(self.embed_images(reference_images(c)).mean(0), dim=-1)
+        refs = torch.stack([self._refs[k] for k in keys])
         return (self.embed_images(images) * refs).sum(-1).tolist()
 
 
@@ -1119,8 +1141,8 @@ def pretrain_data(out, n, seed=0, size=64, workers=2):
             arr[start:start + len(imgs)], captions[start:start + len(caps)] = imgs, caps
     arr.flush()
     del arr
-    os.replace(tmp, os.path.join(out, "images.npy"))
     atomic_write(os.path.join(out, "captions.json"), json.dumps(captions).encode())
+    os.replace(tmp, os.path.join(out, "images.npy"))  # last: `pretrain` takes images.npy for finished data
 
 
 def load_pretrain_data(folder):
@@ -1350,7 +1372,10 @@ def train_unet(a: ToyArgs):
     if not os.path.isfile(cache):  # posterior moments of every image used, and the latent scale
         moments = latent_moments(vae, arr, n)
         d = sdm.DiagonalGaussian(moments[:4096].float())
-        scale = 1 / (d.mean + d.std * torch.randn_like(d.mean)).std().item()  # LDM Sec. 4.3.2: unit variance
+        # its own generator: a draw from the global one would make the UNet's init below depend on whether the
+        # cache existed (and randn_like on the device's memory layout)
+        z = d.mean + d.std * torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(a.seed))
+        scale = 1 / z.std().item()  # LDM Sec. 4.3.2: unit variance
         sdm.save_safetensors({"moments": moments}, cache, {"scale_factor": scale})
     with safe_open(cache, "pt") as f:
         moments, scale = f.get_tensor("moments"), json.loads(f.metadata()["scale_factor"])
@@ -1462,12 +1487,19 @@ def read_manifest(path):
     if not os.path.isfile(path):
         raise SystemExit(f"No manifest at {path}; write one JSON object per line with "
                          "file, concept, prompt and method.")
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for i, r in enumerate(rows, 1):
-        if "file" not in r or "prompt" not in r:
-            raise SystemExit(f"{path} line {i} needs at least 'file' and 'prompt'.")
-        r.setdefault("method", "unnamed")
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise SystemExit(f"{path} line {i} is not JSON ({e}).")
+            if not isinstance(r, dict) or "file" not in r or "prompt" not in r:
+                raise SystemExit(f"{path} line {i} needs at least 'file' and 'prompt'.")
+            r.setdefault("method", "unnamed")
+            rows.append(r)
     return rows
 
 
@@ -1476,7 +1508,13 @@ STAGES = {"train-clip": (ClipArgs, train_clip), "train-vae": (VaeArgs, train_vae
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss
+        sys.exit(f"error: {e}")
+
+
+def _main(argv):
     if argv and argv[0] in STAGES:  # training stages take the project's standard training flags
         cls, fn = STAGES[argv[0]]
         a = sdm.parse_args(cls, argv[1:], argparse.ArgumentParser(prog=f"toy_world.py {argv[0]}",
@@ -1576,6 +1614,7 @@ def main(argv=None):
         results = evaluate(a.images, manifest, model, concept, clip)
         print(markdown_table(results))
         out = a.out or os.path.join(a.images, "eval_results.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write(out, json.dumps(results, indent=1).encode())
         print(f"wrote {out}")
 

@@ -259,3 +259,58 @@ def test_clip_trains_with_hard_negatives(tmp_path):
         runs[hn] = tw._clip_towers(str(tmp_path / f"clip{hn}"))[0].state_dict()
     assert all(torch.isfinite(p).all() for p in runs[True].values())
     assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[False])
+
+
+def test_unet_init_is_the_same_with_or_without_a_latent_cache(tmp_path):
+    """The latent scale's draw once came from the global RNG, so the same seed gave another UNet whenever the cache
+    (stage_dir/latents-N) already existed: a second run, or a resumed one in a new folder, did not reproduce the first."""
+    tw.pretrain_data(str(tmp_path / "data"), 8, workers=1)
+    text, vision = tw._clip_towers()
+    for name, module in (("clip/text_encoder", text), ("clip/image_encoder", vision), ("vae/vae", sdm.AutoencoderKL(tw.TOY_SD.vae))):
+        sdm.save_safetensors(module.state_dict(), tmp_path / f"{name}.safetensors")
+    runs = []
+    for run in ("fresh", "cached"):
+        tw.train_unet(tw.UnetArgs(data=str(tmp_path / "data"), stage_dir=str(tmp_path), output_dir=str(tmp_path / run),
+                                  train_batch_size=2, max_train_steps=1, checkpointing_steps=1, latent_images=8,
+                                  validation_prompt="", export="", threads=1))
+        runs.append(sdm.load_file(str(tmp_path / run / "unet.safetensors")))
+    assert os.path.isfile(tmp_path / "latents-8.safetensors")
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_bad_manifests_and_concept_files_are_one_sentence(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"file": "a.png", "prompt": "scene_snow"\n')
+    with pytest.raises(SystemExit, match="line 1 is not JSON"):
+        tw.read_manifest(str(tmp_path / "manifest.jsonl"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "concept.json").write_text('{"id": "mine"}')
+    with pytest.raises(SystemExit, match="is not a concept.json"):
+        tw.find_concept(str(tmp_path / "c"))
+    (tmp_path / "c" / "concept.json").write_text(json.dumps({"id": "mine", "class_word": "toy", "attributes": {
+        "shape": "pentagon", "color": "red", "pattern": "plain", "color2": "none"}}))
+    with pytest.raises(SystemExit, match="shape 'pentagon' is outside"):
+        tw.find_concept(str(tmp_path / "c"))
+    if not torch.cuda.is_available():  # the project's errors (here pick_device's ValueError) end as one line, not a traceback
+        np.save(tmp_path / "images.npy", np.zeros((2, 64, 64, 3), np.uint8))
+        (tmp_path / "captions.json").write_text('["a", "b"]')
+        with pytest.raises(SystemExit, match="^error: --device cuda"):
+            tw.main(["train-clip", "--data", str(tmp_path), "--device", "cuda"])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(tw.TOY_DIR, "config.json")), reason="needs the toy model")
+def test_clip_i_of_a_concept_folder_uses_its_own_references(tmp_path):
+    """A concept read from a folder (make-concepts, or a user's own) is compared with the references in that folder;
+    a new concept used to crash in CONCEPTS.index."""
+    tw.make_concepts(str(tmp_path), n_refs=2, seed=1)
+    folder = tmp_path / "candy_star"
+    d = json.loads((folder / "concept.json").read_text())
+    d["id"], d["attributes"]["color"] = "blue_candy_star", "blue"
+    (folder / "concept.json").write_text(json.dumps(d))
+    mine = tw.find_concept(str(folder))
+    refs = [np.asarray(Image.open(folder / f"{i:02d}.png")) for i in range(2)]
+    clip = tw.ToyCLIP(None)
+    sim = clip.image_similarity(refs[:1], [mine])[0]
+    mean = F.normalize(clip.embed_images(refs).mean(0), dim=-1)
+    assert sim == pytest.approx(float(clip.embed_images(refs[:1])[0] @ mean), abs=1e-6)
+    builtin = clip.image_similarity(refs[:1], [tw.CONCEPTS[0]])[0]  # make-concepts' defaults: other references
+    assert abs(builtin - sim) > 1e-4
