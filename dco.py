@@ -50,6 +50,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,10 +71,11 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # peft target_modules of customi
 @dataclass
 class DCOArgs(sdm.TrainArgs):
     images: str = ""  # folder of reference images
-    captions: str = ""  # JSON (official layout, or one config) or JSONL captions; "" = --instance-prompt for all
+    captions: str = ""  # JSON (official layout, or one config) or JSONL captions; "" = NAME.caption files / --instance-prompt
     config_name: str = ""  # which entry of an official config.json ("full_ti", "style", ...)
-    instance_prompt: str = ""  # one caption for every image when there is no captions file
-    base_prompt: str = ""  # its class-word version (needed with learned tokens)
+    caption_extension: str = ".caption"  # kohya's layout and default: each image's caption in NAME.caption beside it
+    instance_prompt: str = ""  # the caption of every image without a caption file (kohya's class tokens)
+    base_prompt: str = ""  # its class-word version; "" = each learned token replaced by its initializer word
     inserting_tokens: list[str] = field(default_factory=list)  # new tokens, e.g. <dog>; overrides the file's
     initializer_tokens: list[str] = field(default_factory=list)  # one-token words they start from, e.g. dog
     rank: int = 32  # README: 32 for a subject, 64 for a style
@@ -425,8 +427,7 @@ class LearnedTokens(nn.Module):
             if tok in prompt and word is None:
                 raise ValueError(f"the embeddings do not say which word '{tok}' started from (a plain textual-inversion "
                                  "file); pass --base-prompt with the class word in its place, or --guidance cfg.")
-            prompt = prompt.replace(tok, word or "")
-        return prompt
+        return in_words(prompt, self.tokens, self.initializers)
 
     def save(self, path, metadata: dict | None = None) -> None:
         write_embeddings(path, self.tokens, [r.detach() for r in self.rows], self.initializers, metadata)
@@ -463,6 +464,13 @@ class LearnedTokens(nn.Module):
             return cls(model, tokens, [r.to(model.device) for r in rows], inits)
         except ValueError as e:  # e.g. an A1111 file named after a word of the vocabulary ("dog.pt")
             raise ValueError(f"embeddings '{path}': {str(e).rstrip('.')}; at sampling, name it with --token.") from None
+
+
+def in_words(prompt: str, tokens, words) -> str:
+    """The base prompt: each learned token replaced by the word it started from (none: dropped)."""
+    for tok, word in zip(tokens, words):
+        prompt = prompt.replace(tok, word or "")
+    return prompt
 
 
 def write_embeddings(path, tokens: list[str], rows: list[torch.Tensor], initializers: list, metadata: dict | None = None) -> None:
@@ -572,7 +580,7 @@ def dco_step(model: sdm.StableDiffusion, lora: LoRA, z0, cond: sdm.Cond, ref_con
     return dco_loss(eps_theta, eps_ref, target, beta, weight)
 
 
-# ---- 6. Data: images + captions (official config.json layout, one config, or JSONL), bad input refused.
+# ---- 6. Data: images + captions (official config.json layout, one config, JSONL, or kohya NAME.caption files), bad input refused.
 
 
 def read_captions(path, config_name: str = "") -> dict:
@@ -610,10 +618,52 @@ def read_captions(path, config_name: str = "") -> dict:
     return d
 
 
+def load_caption_files(a: DCOArgs) -> tuple[list, list[str], list[str | None]]:
+    """kohya's layout: each image's caption on the first line of NAME<--caption-extension> beside it (kohya reads
+    that line too); an image without one takes --instance-prompt, as kohya falls back to the class tokens, and
+    --base-prompt. A base prompt left None is made from the caption once the learned tokens are known."""
+    folder, ext = Path(a.images), a.caption_extension
+    with warnings.catch_warnings():  # the caption files are not images; say nothing about them
+        warnings.filterwarnings("ignore", rf"skipping '.*({re.escape(ext)}|\.txt|\.caption)'")
+        named = sdm.load_image_folder(folder)
+    images, prompts, bases, missing = [], [], [], []
+    for name, img in named:
+        cap = folder / (Path(name).stem + ext)
+        if not cap.is_file():
+            missing.append(name)
+            images.append(img), prompts.append(a.instance_prompt), bases.append(a.base_prompt or None)
+            continue
+        try:
+            text = (cap.read_text(encoding="utf-8-sig").splitlines() or [""])[0].strip()  # -sig: Notepad's BOM
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"caption file '{cap}' is not readable UTF-8 text ({type(e).__name__}); save it as UTF-8.") from None
+        if not text:
+            raise ValueError(f"caption file '{cap}' has no caption on its first line; write one there, or delete the "
+                             "file so that the image takes --instance-prompt.")
+        images.append(img), prompts.append(text), bases.append(None)
+    stems = {Path(n).stem for n in missing}  # captions under the other common extension: the flag was forgotten
+    near = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".txt", ".caption") and p.suffix != ext and p.stem in stems})
+    hint = f"; the folder has {near[0]} files: pass --caption-extension {near[0]}" if near else ""
+    if missing and not a.instance_prompt:
+        raise ValueError(f"{len(missing)} of the {len(named)} images in '{folder}' have no caption file (e.g. no "
+                         f"{Path(missing[0]).stem}{ext} beside {missing[0]}{hint}); write one beside each image, give "
+                         "--instance-prompt TEXT for those without, or --captions FILE.")
+    if a.base_prompt and not missing:
+        raise ValueError(f"--base-prompt would be ignored: it is the base of --instance-prompt, and every image in "
+                         f"'{folder}' has its own {ext} caption (whose base prompt puts each learned token's initializer "
+                         "word in its place); drop --base-prompt.")
+    if missing and (len(missing) < len(named) or near):  # kohya warns too: a forgotten file is easy to miss
+        warnings.warn(f"{len(missing)} of the {len(named)} images in '{folder}' have no caption file (e.g. no "
+                      f"{Path(missing[0]).stem}{ext} beside {missing[0]}{hint}); they take --instance-prompt.", stacklevel=3)
+    return images, prompts, bases
+
+
 def load_data(a: DCOArgs):
     """(images, prompts, base_prompts, tokens, initializers), checked against each other."""
     if a.captions:
-        if given := [f for f, v in (("--instance-prompt", a.instance_prompt), ("--base-prompt", a.base_prompt)) if v]:
+        ignored = (("--instance-prompt", a.instance_prompt), ("--base-prompt", a.base_prompt),
+                   ("--caption-extension", a.caption_extension != DCOArgs.caption_extension))
+        if given := [f for f, v in ignored if v]:
             raise ValueError(f"{' and '.join(given)} would be ignored with --captions (the file gives each image its "
                              "prompt and base prompt); put them in the file, or drop --captions.")
         d = read_captions(a.captions, a.config_name)
@@ -638,18 +688,19 @@ def load_data(a: DCOArgs):
         bases = d.get("base_prompts")
         tokens, inits = a.inserting_tokens or d.get("inserting_tokens", []), a.initializer_tokens or d.get("initializer_tokens", [])
     else:
-        if not a.images or not a.instance_prompt:
-            raise ValueError("give --images DIR with --captions FILE, or with --instance-prompt TEXT.")
-        images = [img for _, img in sdm.load_image_folder(a.images)]
-        prompts = [a.instance_prompt] * len(images)
-        bases = [a.base_prompt] * len(images) if a.base_prompt else None
+        if not a.images:
+            raise ValueError("give --images DIR (captions in NAME.caption files beside the images, or --instance-prompt "
+                             "TEXT), or --captions FILE.")
+        images, prompts, bases = load_caption_files(a)
         tokens, inits = a.inserting_tokens, a.initializer_tokens
+        # no base prompt given: made as `sample` makes consistency guidance's
+        bases = [in_words(p, tokens, inits) if b is None else b for p, b in zip(prompts, bases)]
     if len(tokens) != len(inits):
         raise ValueError(f"{len(tokens)} inserting tokens but {len(inits)} initializer tokens; give one initializer per token.")
     if tokens:
         if a.dco_beta > 0 and (not bases or len(bases) != len(prompts) or None in bases):
             raise ValueError("learned tokens need a base prompt per image (the caption with the class word, used by "
-                             "the reference model): " + ("add base_prompts to the captions file." if a.captions else "pass --base-prompt."))
+                             "the reference model): add base_prompts to the captions file.")
         for p in prompts:
             if not any(t in p for t in tokens):
                 raise ValueError(f"the prompt '{p}' contains none of the learned tokens {tokens}; put the token in every caption.")

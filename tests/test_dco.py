@@ -573,6 +573,39 @@ def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys):
 # ---- bad input -----------------------------------------------------------------------------------------
 
 
+def test_kohya_caption_files_beside_the_images(tmp_path):
+    """kohya's layout: NAME.caption (or --caption-extension .txt) beside each image, first line; an image without one
+    takes --instance-prompt (kohya's class tokens) with a warning, or is one sentence; base prompts put each learned
+    token's initializer word in its place, as `sample` does."""
+    folder = tmp_path / "imgs"
+    write_images(folder)
+    (folder / "00.txt").write_text("\ufeffa <dog> on a ledge\nan alternative line")
+    (folder / "01.txt").write_text("a <dog> in the snow")
+    a = lambda **kw: dco.DCOArgs(images=str(folder), **{"inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"], **kw})
+    with pytest.raises(ValueError, match=r"no 00.caption beside 00.png; the folder has .txt files: pass --caption-extension .txt"):
+        dco.load_data(a())  # kohya's default extension
+    with pytest.raises(ValueError, match="1 of the 3 images .* no 02.txt beside 02.png"):
+        dco.load_data(a(caption_extension=".txt"))
+    with pytest.warns(UserWarning, match="they take --instance-prompt"):
+        _, prompts, bases, tokens, _ = dco.load_data(a(caption_extension=".txt", instance_prompt="a <dog>"))
+    assert prompts == ["a <dog> on a ledge", "a <dog> in the snow", "a <dog>"]
+    assert bases == ["a dog on a ledge", "a dog in the snow", "a dog"] and tokens == ["<dog>"]
+    with pytest.warns(UserWarning):
+        assert dco.load_data(a(caption_extension=".txt", instance_prompt="a <dog>", base_prompt="one dog"))[2][2] == "one dog"
+    (folder / "02.txt").write_text("\n")
+    with pytest.raises(ValueError, match="'.*02.txt' has no caption on its first line"):
+        dco.load_data(a(caption_extension=".txt"))
+    (folder / "02.txt").write_text("a <dog> asleep")
+    with pytest.raises(ValueError, match="--base-prompt would be ignored"):
+        dco.load_data(a(caption_extension=".txt", base_prompt="a dog"))
+    with pytest.raises(ValueError, match="--caption-extension would be ignored with --captions"):
+        dco.load_data(a(caption_extension=".txt", captions=str(tmp_path / "c.json")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the caption files are not reported as unreadable images
+        assert dco.load_data(a(caption_extension=".txt"))[1][2] == "a <dog> asleep"
+    args = sdm.parse_args(dco.DCOArgs, ["--images", "x", "--caption_extension", ".txt"])  # kohya's spelling works too
+    assert args.caption_extension == ".txt"
+
 def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
     root, sd1, sdxl = setup
     cap = root / "config.json"
