@@ -488,23 +488,26 @@ def token_columns(ids, token_id: int, what: str):
     return hit.int().argmax(-1)
 
 
+def _cover(H: int, W: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """Scale (H, W) to cover (h, w), keeping its aspect: (new height, new width, top, left) of the centred crop."""
+    s = max(h / H, w / W)
+    nh, nw = max(h, round(H * s)), max(w, round(W * s))
+    return nh, nw, (nh - h) // 2, (nw - w) // 2
+
+
 def fit_reference(img, h: int, w: int) -> torch.Tensor:
     """A reference image at the output size with its aspect kept: scaled to cover (h, w), then centre-cropped.
     The UNet runs on [z_t; z_r] as one batch (card 15), so z_r takes z_t's size; squashing distorted the object."""
-    W, H = img.size
-    s = max(w / W, h / H)
-    img = img.resize((max(w, round(W * s)), max(h, round(H * s))), Image.BICUBIC)
-    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
-    return sdm.image_to_tensor(img.crop((left, top, left + w, top + h)))
+    nh, nw, top, left = _cover(img.size[1], img.size[0], h, w)
+    return sdm.image_to_tensor(img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + w, top + h)))
 
 
 def cover(r: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """`fit_reference` for a tensor (3, H, W) in [-1, 1], as `generate` takes them from Python (it squashed them)."""
     if r.shape[-2:] == (h, w):
         return r
-    s = max(h / r.shape[-2], w / r.shape[-1])
-    r = F.interpolate(r[None], (max(h, round(r.shape[-2] * s)), max(w, round(r.shape[-1] * s))), mode="bicubic", antialias=True)[0]
-    top, left = (r.shape[-2] - h) // 2, (r.shape[-1] - w) // 2
+    nh, nw, top, left = _cover(*r.shape[-2:], h, w)
+    r = F.interpolate(r[None], (nh, nw), mode="bicubic", antialias=True)[0]
     return r[:, top : top + h, left : left + w].clamp(-1, 1)
 
 
