@@ -343,9 +343,7 @@ class CLIPTextModel(nn.Module):
         self.cfg, self.text_model = cfg, CLIPTextTransformer(cfg)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
-    @property
-    def token_embedding(self) -> nn.Embedding:
-        return self.text_model.embeddings.token_embedding
+    token_embedding = property(lambda self: self.text_model.embeddings.token_embedding)
 
     def embed(self, input_ids, extra=None):
         """Token embeddings. Ids past the table (tokens added to the tokenizer) take rows of `extra`
@@ -747,10 +745,8 @@ class VAELevel(nn.Module):
     def __init__(self, chs: list[tuple[int, int]], groups: int, down: bool = False, up: bool = False):
         super().__init__()
         self.block = nn.ModuleList(ResnetBlock(i, o, groups) for i, o in chs)
-        if down:
-            self.downsample = VAEDownsample(chs[-1][1])
-        if up:
-            self.upsample = Upsample(chs[-1][1])
+        if down or up:  # keys down.i.downsample.*, up.i.upsample.*
+            setattr(self, "downsample" if down else "upsample", (VAEDownsample if down else Upsample)(chs[-1][1]))
 
     def forward(self, x):
         for b in self.block:
@@ -818,9 +814,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.cfg.ch_mult) - 1)
+    downsample_factor = property(lambda self: 2 ** (len(self.cfg.ch_mult) - 1))
 
     def encode(self, images, chunk: int = 0) -> DiagonalGaussian:  # chunk: images a pass (a latent cache's peak); 0 = all
         return DiagonalGaussian(torch.cat([self.quant_conv(self.encoder(x)) for x in images.split(chunk or len(images))]))
@@ -876,9 +870,8 @@ class NoiseSchedule:
         hi = T if trailing else T - self.cfg.steps_offset  # 0 divides by zero; at T, leading + offset reaches t = T
         if not 1 <= steps <= hi:  # (past the table); over T, leading spacing repeats t = 1
             raise ValueError(f"steps must be between 1 and {hi} (got {steps}).")
-        if trailing:
-            return [round(T - i * T / steps) - 1 for i in range(steps)]
-        return [i * (T // steps) + self.cfg.steps_offset for i in reversed(range(steps))]
+        return [round(T - i * T / steps) - 1 for i in range(steps)] if trailing else \
+            [i * (T // steps) + self.cfg.steps_offset for i in reversed(range(steps))]
 
 
 def ddim_step(x_t, eps, x0, a_t, a_prev, eta=0.0, noise=None):
@@ -922,7 +915,8 @@ SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m")
 def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
                 generator=None, timesteps: list[int] | None = None, progress: bool = True, callback=None):
     """Run a sampler from x = x_T. `model_fn(x, t, i)` returns the network output at step i (guidance included);
-    `callback(i, t, x, x0)` sees every step; `generator` may be a function x -> noise shaped like x."""
+    `callback(i, t, x, x0)` sees every step; `generator` may be a function x -> noise shaped like x. `eta` is DDIM's
+    (Eq. 16): ddpm is always stochastic and euler and dpmpp_2m never, so they ignore it (a flag given for them is refused)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     ts = schedule.timesteps(steps) if timesteps is None else list(timesteps)
@@ -971,9 +965,7 @@ class StableDiffusion(nn.Module):
         self.unet, self.vae, self.text_encoder = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), CLIPTextModel(cfg.text)
         self.text_encoder_2 = CLIPTextModel(cfg.text2) if cfg.text2 else None
 
-    @property
-    def device(self):
-        return self.unet.out[2].weight.device
+    device = property(lambda self: self.unet.out[2].weight.device)
     # Image sides must be multiples of this: the VAE's factor times the UNet's halvings, or its skips cannot concatenate.
     size_multiple = property(lambda self: self.vae.downsample_factor * 2 ** (len(self.cfg.unet.channel_mult) - 1))
 
@@ -1225,6 +1217,7 @@ class TrainArgs:
 
     pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
     variant: str = ""  # SD 2.x single files, which do not say what they predict: sd21 (v, 768 px) or sd21-base (eps)
+    vae: str = ""  # another VAE of the same shape (diffusers folder or single file, e.g. SDXL's fp16-fix); "" = the model's
     output_dir: str = "outputs/run"
     resolution: int = 0  # 0 = the model's native size
     train_batch_size: int = 1
@@ -1292,6 +1285,8 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
     for k, lo in {**FLAG_MINIMA, **getattr(cls, "minima", {})}.items():
         if k in names and (v := getattr(args, k)) is not None and min(v if isinstance(v, list) else [v], default=lo) < lo:
             parser.error(f"--{k.replace('_', '-')} must be at least {lo} (got {v}).")
+    if "eta" in names and args.eta != cls.eta and getattr(args, "sampler", "ddim") != "ddim":  # a method's default stays
+        parser.error(f"--eta applies to the DDIM sampler only, not {args.sampler}; use --sampler ddim or leave --eta at 0.")
     return args
 
 
@@ -1433,6 +1428,7 @@ class SampleArgs:
     output_dir: str = "outputs/samples"
     pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
     variant: str = ""  # SD 2.x single files: sd21 (v) or sd21-base (eps)
+    vae: str = ""  # another VAE of the same shape (diffusers folder or single file, e.g. SDXL's fp16-fix); "" = the model's
     seed: int = 0
     steps: int = 50
     guidance_scale: float = 7.5
@@ -1456,13 +1452,16 @@ def pick_device(device: str = "") -> str:
 
 
 def load_model(path: str = "", precision: str = "fp32", vae_precision: str = "", device: str = "", variant: str = "",
-               compile: bool = False, channels_last: bool = False) -> StableDiffusion:
-    """from_pretrained with the command-line conventions: "" = the toy model, precision names, and the UNet's
+               compile: bool = False, channels_last: bool = False, vae: str = "") -> StableDiffusion:
+    """from_pretrained with the command-line conventions: "" = the toy model, precision names, --vae, and the UNet's
     speed switches (in-place compilation keeps the state-dict keys and traces hooks on the first call)."""
+    import weights_convert
+
     if precision not in DTYPES or (vae_precision or precision) not in DTYPES:
         raise ValueError(f"unknown precision '{precision}/{vae_precision}'; use fp32, fp16 or bf16.")
     model = StableDiffusion.from_pretrained(path or None, pick_device(device), DTYPES[precision],
                                             DTYPES[vae_precision] if vae_precision else None, variant or None)
+    model.vae.load_state_dict(weights_convert.load_vae(vae, model.vae)) if vae else None  # copied in: keeps dtype and device
     model.unet.to(memory_format=torch.channels_last) if channels_last else None
     model.unet.compile() if compile else None
     return model
@@ -1485,7 +1484,7 @@ def main(argv=None):
             model = StableDiffusion(TINY).eval().requires_grad_(False).to(device)
         else:
             model = load_model(args.pretrained_model, args.precision, args.vae_precision, device, args.variant,
-                               args.compile, args.channels_last)
+                               args.compile, args.channels_last, args.vae)
         images = model.sample([args.prompt] * args.batch_size, args.negative_prompt, args.steps, args.guidance_scale,
                               args.sampler, args.eta, args.height or None, args.width or None,
                               torch.Generator(device).manual_seed(args.seed))

@@ -1,6 +1,6 @@
 """Convert the Stable Diffusion and CLIP checkpoints people have into this project's layout, and back.
 
-    python weights_convert.py SRC DST [--variant sd21] [--ema] [--dtype fp16] [--zero-terminal-snr] [--overwrite]
+    python weights_convert.py SRC DST [--variant sd21] [--ema] [--dtype fp16] [--vae VAE] [--zero-terminal-snr] [--overwrite]
     python weights_convert.py DIR OUT.safetensors --to ldm
 
 SRC is an original single file (CompVis/Stability `.ckpt` or `.safetensors`, SD 1.x / 2.x / XL,
@@ -65,11 +65,8 @@ def single_file_schedule(path: Path, sd: dict) -> dict:
     return out
 
 
-def _rules(s: str, rules) -> str:
-    for old, new in rules:
-        if s.startswith(old):
-            return new + s[len(old):]
-    return s
+def _rules(s: str, rules) -> str:  # the first rule whose prefix `s` has renames that prefix
+    return next((new + s[len(old):] for old, new in rules if s.startswith(old)), s)
 
 
 # ---- OpenCLIP <-> Hugging Face CLIP names (q/k/v fused in OpenCLIP as in_proj) ----------------
@@ -87,9 +84,8 @@ def _openclip_top(tower: str) -> dict:
                 "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias"}
     return {"class_embedding": "vision_model.embeddings.class_embedding",
             "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-            "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-            "ln_pre.weight": "vision_model.pre_layrnorm.weight", "ln_pre.bias": "vision_model.pre_layrnorm.bias",
-            "ln_post.weight": "vision_model.post_layernorm.weight", "ln_post.bias": "vision_model.post_layernorm.bias"}
+            "conv1.weight": "vision_model.embeddings.patch_embedding.weight", **{f"{oc}.{w}": f"vision_model.{hf}.{w}"
+            for oc, hf in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")) for w in ("weight", "bias")}}
 
 
 def openclip_to_hf(sd: dict, tower: str, keep_layers: int | None = None) -> tuple[dict, list[str]]:
@@ -102,11 +98,8 @@ def openclip_to_hf(sd: dict, tower: str, keep_layers: int | None = None) -> tupl
         m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", k)
         if k in top:
             out[top[k]] = v
-        elif k in ("text_projection", "proj"):  # stored (width, out) and used as x @ P; HF's Linear holds P^T
-            if keep_layers is not None:
-                dropped.append(k)
-            else:
-                out[proj] = v.T.contiguous()
+        elif k in ("text_projection", "proj") and keep_layers is None:  # stored (width, out), used as x @ P; a Linear holds P^T
+            out[proj] = v.T.contiguous()
         elif m and keep_layers is not None and int(m[1]) >= keep_layers:
             dropped.append(k)
         elif m and m[2].startswith("attn.in_proj_"):
@@ -173,8 +166,7 @@ def diffusers_unet_to_ldm(sd: dict, cfg: sdm.UNetConfig) -> dict:
                    "attentions": f"output_blocks.{i * (n + 1) + j}.1.{rest}",
                    "upsamplers": f"output_blocks.{i * (n + 1) + n}.{2 if has_attn else 1}.{rest}"}[p[2]]
         elif p[0] == "mid_block":
-            idx = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"]
-            rest = ".".join(p[3:])
+            idx, rest = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"], ".".join(p[3:])
             new = f"middle_block.{idx}." + (_rules(rest, RESNET_RULES) if idx != 1 else rest)
         else:
             new = _rules(k, tuple(UNET_TOP.items()))
@@ -191,9 +183,8 @@ def diffusers_vae_to_ldm(sd: dict, cfg: sdm.VAEConfig) -> dict:
             new = f"decoder.up.{levels - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}.{m[3]}"
         for old, rep in VAE_RULES:
             new = re.sub(old, rep, new)
-        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", new) and v.ndim == 2:
-            v = v[:, :, None, None]  # diffusers stores the 1x1 convs as Linear weights
-        out[new] = v
+        linear = re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", new) and v.ndim == 2  # diffusers' 1x1 convs as Linear weights
+        out[new] = v[:, :, None, None] if linear else v
     return out
 
 
@@ -247,7 +238,6 @@ def text_config_from_weights(sd: dict, act: str, pad_id: int, penultimate: bool 
 
 # ---- reading -------------------------------------------------------------------------------------
 
-
 # stands in for a pickled training-time object (a Lightning callback's state) that a converter never reads
 _Inert = type("_Inert", (), {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, state: None})
 
@@ -278,8 +268,7 @@ def read_state_dict(path: Path) -> dict:
     while isinstance(sd, dict) and len(sd) <= 4 and isinstance(sd.get("state_dict", sd.get("model")), dict):
         sd = sd.get("state_dict", sd.get("model"))  # Lightning's wrapper, or {"model": ...}
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}
     if not sd:
         raise ValueError(f"'{path}' holds no tensors; it is not a model checkpoint.")
@@ -430,6 +419,18 @@ def load_diffusers(folder: Path) -> tuple[sdm.SDConfig, dict]:
     return cfg, parts
 
 
+def load_vae(path, like: sdm.AutoencoderKL) -> dict:
+    """Another VAE for a model (--vae: SD1's ft-mse, SDXL's fp16-fix): a diffusers VAE, pipeline or converted folder, or
+    one file in either naming (A1111's VAE files, a checkpoint's first_stage_model.*); checked against `like`, the one it replaces."""
+    path = Path(path)
+    sd = read_state_dict(path / "vae.safetensors") if (path / "vae.safetensors").exists() else read_state_dict(path) \
+        if not path.is_dir() else folder_weights(path / "vae" if (path / "vae").is_dir() else path, "diffusion_pytorch_model")
+    sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items()}  # then drop loss.*, EMA and the other parts
+    sd = diffusers_vae_to_ldm({k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}, like.cfg)
+    check_keys(like.state_dict(), sd, f"--vae {path} (not a VAE of this model's shape)")  # LDM names pass unchanged above
+    return sd
+
+
 def load_clip_vision(path: Path) -> tuple[sdm.CLIPVisionConfig, dict]:
     """A CLIP image tower: HF folder (config.json + weights) or an OpenCLIP file (keys `visual.*`)."""
     if path.is_dir():
@@ -533,19 +534,18 @@ def save_converted(dst: Path, cfg: sdm.SDConfig | None, parts: dict, vision_cfg=
     tmp.mkdir(parents=True)
     try:
         write_parts(tmp, cfg, parts, vision_cfg)
-        if dst.exists():
-            shutil.rmtree(dst)
+        shutil.rmtree(dst) if dst.exists() else None
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=False, vision=False, zsnr=False) -> None:
+def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=False, vision=False, zsnr=False, vae=None) -> None:
     """`zsnr`: the model was trained with v-prediction on a zero-terminal-SNR schedule (Lin et al. 2024), which its
-    weights cannot say; it then samples with that schedule and trailing timesteps (--to ldm: written as markers)."""
+    weights cannot say; it then samples with that schedule and trailing timesteps (--to ldm: written as markers). `vae`: baked in."""
     src, dst = Path(src), Path(dst)
-    if zsnr and vision:
-        raise ValueError("--zero-terminal-snr describes a model's schedule; a CLIP image tower has none.")
+    if vision and (zsnr or vae or to == "ldm"):
+        raise ValueError("--zero-terminal-snr, --vae and --to ldm belong to a Stable Diffusion model, not a lone CLIP image tower.")
     print(f"reading {src}", file=sys.stderr)
     if vision:
         vcfg, sd = load_clip_vision(src)
@@ -558,14 +558,13 @@ def convert(src, dst, variant=None, to="ours", ema=False, dtype=None, overwrite=
             cfg = replace(cfg, schedule=replace(cfg.schedule, prediction="v", rescale_betas_zero_snr=True, timestep_spacing="trailing"))
         with torch.device("meta"):
             model = sdm.StableDiffusion(cfg)
+        parts["vae"] = load_vae(vae, model.vae) if vae else parts["vae"]
         for part, sd in parts.items():
             check_keys(getattr(model, part).state_dict(), sd, f"{part} of {src}")
         print(f"variant: {cfg.name}; all parts load strictly (0 missing, 0 unexpected keys)", file=sys.stderr)
     if dtype is not None:
         parts = {p: {k: v.to(sdm.DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()} for p, sd in parts.items()}
     if to == "ldm":
-        if cfg is None:
-            raise ValueError("--to ldm needs a Stable Diffusion model, not a lone CLIP image tower.")
         if dst.suffix != ".safetensors":
             raise ValueError(f"--to ldm writes a .safetensors file; name it so ('{dst.with_suffix('.safetensors').name}'), not '{dst.name}'.")
         if dst.exists() and not overwrite:
@@ -588,10 +587,11 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: keep the stored dtype")
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="a v-prediction model trained on a zero-terminal-SNR schedule (sampled with trailing timesteps)")
+    p.add_argument("--vae", default=None, help="bake in another VAE: a diffusers VAE folder or a VAE file (A1111's)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
-        convert(a.src, a.dst, a.variant, a.to, a.ema, a.dtype, a.overwrite, a.clip_vision, a.zero_terminal_snr)
+        convert(a.src, a.dst, a.variant, a.to, a.ema, a.dtype, a.overwrite, a.clip_vision, a.zero_terminal_snr, a.vae)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         sys.exit(f"error: {e}")
 

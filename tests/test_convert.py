@@ -181,7 +181,8 @@ def test_bad_input_gets_one_clear_sentence_and_nothing_half_written(tiny_ldm, tm
     torch.save(refiner, tmp_path / "sd_xl_refiner_1.0.ckpt")  # its keys say so: one bigG text tower at embedders.0
     assert "an SDXL refiner, which this project does not run" in run_cli([tmp_path / "sd_xl_refiner_1.0.ckpt", out], capsys)
     assert "not a 'sdxl' model" in run_cli([ckpt, out, "--variant", "sdxl"], capsys)
-    assert "a CLIP image tower has none" in run_cli([ckpt, out, "--clip-vision", "--zero-terminal-snr"], capsys)
+    for flags in (["--zero-terminal-snr"], ["--vae", ckpt], ["--to", "ldm"]):
+        assert "belong to a Stable Diffusion model, not a lone CLIP image tower" in run_cli([ckpt, out, "--clip-vision", *flags], capsys)
     sd = wc.read_state_dict(ckpt)
     torch.save({**sd, "model.diffusion_model.extra.weight": torch.zeros(1)}, tmp_path / "odd.ckpt")
     assert "0 missing key(s) [], 1 unexpected [extra.weight]" in run_cli([tmp_path / "odd.ckpt", out], capsys)
@@ -324,3 +325,42 @@ def test_models_this_project_cannot_run_are_one_sentence(tiny_ldm, tmp_path, cap
         shutil.rmtree(tmp_path / kind / part)
         assert want in run_cli([tmp_path / kind, tmp_path / "o"], capsys), kind
     assert not (tmp_path / "o").exists()
+
+
+def test_another_vae_in_every_naming_people_have_it(tmp_path, hf_tokenizer_dir, capsys):
+    """--vae (diffusers' --pretrained_vae_model_name_or_path, kohya's --vae): SD1's ft-mse and SDXL's fp16-fix come as
+    diffusers VAE folders, and as single files in LDM naming (A1111's), or inside a whole checkpoint; convert bakes one in."""
+    from conftest import assert_close, diffusers_vae
+    from test_pipeline import build_pipeline
+
+    build_pipeline("sd1", hf_tokenizer_dir).save_pretrained(tmp_path / "pipe")
+    torch.manual_seed(1)
+    other = diffusers_vae()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        other.save_pretrained(tmp_path / "vae")
+        x = torch.rand(1, 3, 16, 16) * 2 - 1
+        want = other.decode(other.encode(x).latent_dist.mean).sample
+    pipe = str(tmp_path / "pipe")
+    ours = sdm.load_model(pipe, vae=str(tmp_path / "vae")).vae
+    assert_close(ours.decode(ours.encode(x).mean), want, rtol=1e-4, what="the model's decode with the diffusers VAE folder")
+    assert not torch.equal(sdm.load_model(pipe).vae.encoder.conv_in.weight, ours.encoder.conv_in.weight)
+    sdm.save_safetensors(ours.state_dict(), tmp_path / "a1111.vae.safetensors")
+    wc.main([pipe, str(tmp_path / "whole.safetensors"), "--to", "ldm", "--vae", str(tmp_path / "vae")])  # baked in
+    wc.main([pipe, str(tmp_path / "baked"), "--vae", str(tmp_path / "a1111.vae.safetensors")])
+    for vae in ("a1111.vae.safetensors", "whole.safetensors", "baked", "pipe"):
+        got = sdm.load_model(pipe, vae=str(tmp_path / vae)).vae.state_dict()
+        same = all(torch.equal(got[k], v) for k, v in (sdm.load_model(pipe).vae if vae == "pipe" else ours).state_dict().items())
+        assert same, vae
+    assert torch.equal(sdm.load_model(str(tmp_path / "baked")).vae.decoder.conv_out.weight, ours.decoder.conv_out.weight)
+    deeper = type(other)(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    deeper.save_pretrained(tmp_path / "deeper")
+    with pytest.raises(ValueError, match="not a VAE of this model's shape"):
+        sdm.load_model(pipe, vae=str(tmp_path / "deeper"))
+    assert "not a VAE of this model's shape" in run_cli([pipe, tmp_path / "o", "--vae", tmp_path / "deeper"], capsys)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match="error: --vae .*deeper"):
+        sdm.main(["sample", "--pretrained-model", pipe, "--vae", str(tmp_path / "deeper"), "--output-dir", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()

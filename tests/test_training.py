@@ -230,3 +230,18 @@ def test_every_train_command_passes_variant_to_the_model_loader(method, tmp_path
     with pytest.raises(Loaded, match="^sd21$"):
         importlib.import_module(method).main(["train", "--pretrained-model", "v2-1_768-ema-pruned.safetensors", "--variant", "sd21",
                                               *data, "--output-dir", str(tmp_path / "run")])
+
+
+def test_eta_for_a_sampler_that_ignores_it_is_refused_unless_it_is_the_commands_default(capsys):
+    """--eta is DDIM's noise level; euler, dpmpp_2m and ddpm never read it, so a given --eta used to change nothing, silently
+    (diffusers' pipelines drop it too). A command whose default eta is not 0 (DCI's DDIM eta 1) still takes another sampler."""
+    with pytest.raises(SystemExit):
+        sdm.parse_args(sdm.SampleArgs, ["--sampler", "euler", "--eta", "1"])
+    assert "--eta applies to the DDIM sampler only, not euler" in capsys.readouterr().err
+    assert sdm.parse_args(sdm.SampleArgs, ["--sampler", "ddim", "--eta", "1"]).eta == 1.0
+
+    @dataclass
+    class EtaOne(sdm.SampleArgs):
+        eta: float = 1.0
+
+    assert sdm.parse_args(EtaOne, ["--sampler", "euler"]).sampler == "euler"
