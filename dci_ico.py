@@ -51,6 +51,7 @@ shared unconditional term by default (6.4), contexts at 10x the learning rate (6
     python dci_ico.py train --images refs/ --class-word cat --no-contexts ...       # the manual template
     python dci_ico.py sample --concept out/cat --prompt "a V cat in times square" --gamma 1 --save-masks
     python dci_ico.py sample --concept out/cat --prompt "a V cat in times square" --no-dci
+    python dci_ico.py export --concept out/cat --format diffusers --output-dir out/cat-diffusers
 """
 
 from __future__ import annotations
@@ -131,6 +132,17 @@ class DCIArgs(sdm.SampleArgs):
     eta: float = 1.0
     guidance_scale: float = 6.0
     minima = {"tau": 0}  # tau >= 1 is the whole run
+
+
+@dataclass
+class ExportArgs:
+    concept: str = ""  # a folder written by `train` (or one of its checkpoint-N folders)
+    format: str = "diffusers"  # diffusers: Custom Diffusion's full K/V weights + one textual-inversion file a token
+    output_dir: str = ""
+    pretrained_model: str = ""  # the concept's base model; "" = the one it records (W_base of the full weights)
+    variant: str = ""  # SD 2.x single files: sd21 (v) or sd21-base (eps)
+    overwrite: bool = False
+    choices = {"format": ("diffusers",)}  # sdm.parse_args
 
 
 # ---- 2. ICO's parameters and the prompt of Eq. 2.
@@ -326,6 +338,58 @@ def read_metadata(folder) -> dict:
     except Exception as e:  # truncated (SafetensorError), not ours (no metadata: AttributeError; a key missing: KeyError)
         raise ValueError(f"'{path}' is not a readable ICO concept ({type(e).__name__}: {e}); write it again with "
                          "`dci_ico.py train`.") from None
+
+
+# ---- 2b. Export to diffusers' Custom Diffusion layout (examples/custom_diffusion/train_custom_diffusion.py).
+
+CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"  # the name its save_attn_procs gives
+
+
+def diffusers_attention_names(cfg: sdm.UNetConfig, names) -> dict[str, str]:
+    """Our attention paths ("input_blocks.1.1.transformer_blocks.0.attn2") -> diffusers' ("down_blocks.0.attentions.0.
+    transformer_blocks.0.attn2"): every path diffusers could have is run through weights_convert's own diffusers -> LDM
+    mapping and the table is read backwards, so the two directions cannot drift apart."""
+    import weights_convert as wc
+
+    n, depth = cfg.num_res_blocks, max(*cfg.transformer_depth, cfg.transformer_depth_middle)
+    where = [("down_blocks", i, j) for i in range(len(cfg.channel_mult)) for j in range(n)]
+    where += [("up_blocks", i, j) for i in range(len(cfg.channel_mult)) for j in range(n + 1)]
+    paths = [f"{b}.{i}.attentions.{j}.transformer_blocks.{k}" for b, i, j in where for k in range(depth)]
+    paths += [f"mid_block.attentions.0.transformer_blocks.{k}" for k in range(cfg.transformer_depth_middle)]
+    probe = {f"{p}.{a}.to_k.weight": f"{p}.{a}" for p in paths for a in ("attn1", "attn2")}
+    back = {k.removesuffix(".to_k.weight"): v for k, v in wc.diffusers_unet_to_ldm(probe, cfg).items()}
+    if missing := [name for name in names if name not in back]:
+        raise ValueError(f"no diffusers name for the attention layer '{missing[0]}' of this UNet.")
+    return {name: back[name] for name in names}
+
+
+def export_diffusers(ico: ICO, model: sdm.StableDiffusion, out, metadata: dict) -> list[Path]:
+    """The concept as diffusers' train_custom_diffusion.py saves one: the full fine-tuned K/V weights, W_base + dW in
+    fp32, as `<attn processor name>.to_k_custom_diffusion.weight` / `.to_v_...`, and one textual-inversion file a token,
+    `<new1>.safetensors` = {"<new1>": (width,)}. Our Lv tokens are Lv words of the vocabulary, as its --modifier_token
+    "<new1>+<new2>" makes them, so a diffusers prompt names them as ours does ("a <new1> <new2> <new3> cat");
+    learned_embeds.safetensors holds the same rows as one multi-vector word instead. Each attn1 processor gets an empty
+    tensor: diffusers' .bin files hold {} there, its safetensors writer drops them, and its loader then finds one
+    processor where the UNet has two and refuses the file."""
+    out = Path(out)
+    forbidden = '/\\\x00' + ('<>:"|?*' if sys.platform == "win32" else "")  # Windows refuses "<new1>.safetensors"
+    if bad := [t for t in ico.tokens if any(c in forbidden for c in t) or t in (".", "..")]:
+        raise ValueError(f"the token '{bad[0]}' cannot name a file here, and the diffusers export writes <token>.safetensors "
+                         "for each token; train with --tokens free of / and \\ (on Windows also of <>:\"|?*).")
+    attn2 = {name.rsplit(".", 1)[0] for name in ico.kv_names.values()}
+    attn1 = [n for n, m in model.unet.named_modules() if n.endswith(".attn1") and isinstance(m, sdm.Attention)]
+    names = diffusers_attention_names(model.cfg.unet, sorted(attn2) + attn1)
+    weights = dict(model.unet.named_parameters())
+    tensors = {f"{names[n]}.processor": torch.zeros(0) for n in attn1}
+    for key, name in ico.kv_names.items():  # name: ...attn2.to_k
+        path, proj = name.rsplit(".", 1)
+        tensors[f"{names[path]}.processor.{proj}_custom_diffusion.weight"] = weights[f"{name}.weight"].float() + ico.kv[key].float()
+    meta = {**metadata, "format": "pt", "class_word": ico.class_word, "tokens": ico.tokens, "kv": "full: W_base + dW"}
+    files = [out / CUSTOM_DIFFUSION_WEIGHTS, *(out / f"{t}.safetensors" for t in ico.tokens)]
+    sdm.save_safetensors(tensors, files[0], meta)
+    for token, row, f in zip(ico.tokens, ico.rows, files[1:]):
+        sdm.save_safetensors({token: row.float()}, f, {k: v for k, v in meta.items() if k != "kv"})
+    return files
 
 
 # ---- 3. DCI: the dual-branch integration module (Eqs. 3-5) and the auxiliary prompt.
@@ -769,12 +833,25 @@ def run_sample(a: DCIArgs):
     print(f"wrote {len(rows)} image(s) to {out}" + (f"; auxiliary prompt: '{aux}'" if aux else ""))
 
 
+def run_export(a: ExportArgs):
+    if not a.concept or not a.output_dir:
+        raise ValueError("pass --concept DIR (the output folder of `dci_ico.py train`) and --output-dir DIR.")
+    meta = read_metadata(a.concept)
+    out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
+    model = sdm.load_model(a.pretrained_model or meta["base_model"], device="cpu", variant=a.variant)
+    ico = ICO.load(a.concept, model)  # refuses another base model: W_base + dW needs the W_base dW was trained on
+    files = export_diffusers(ico, model, out, {k: meta[k] for k in ("method", "base_model", "steps", "seed") if k in meta})
+    print(f"wrote {', '.join(f.name for f in files)} to {out}; in diffusers, prompt '{resolve_prompt('a {}', ico)}' "
+          "after the loading recipe of README.md (ICO in diffusers)")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"train": (ICOArgs, "ICO fine-tuning (or --no-contexts: the manual template)"),
-                "sample": (DCIArgs, "DCI sampling of a trained concept (or --no-dci: plain sampling)")}
+                "sample": (DCIArgs, "DCI sampling of a trained concept (or --no-dci: plain sampling)"),
+                "export": (ExportArgs, "a trained concept in diffusers' Custom Diffusion layout")}
     if not argv or argv[0] not in commands:
-        sys.exit("usage: python dci_ico.py {train,sample} [options]; see python dci_ico.py train --help")
+        sys.exit("usage: python dci_ico.py {train,sample,export} [options]; see python dci_ico.py train --help")
     cls, desc = commands[argv[0]]
     # argparse takes "-inf" and "-1e9" for options (it knows only "-2"-style negatives): glue them to --gamma
     for i in range(len(argv) - 2, 0, -1):
@@ -785,7 +862,7 @@ def main(argv=None):
         if argv[0] == "train":
             print(f"wrote {train(args)}")
         else:
-            run_sample(args)
+            (run_sample if argv[0] == "sample" else run_export)(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 

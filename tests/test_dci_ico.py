@@ -561,6 +561,85 @@ def test_learned_embeds_load_in_diffusers_and_old_folders_still_load(tmp_path, b
     assert torch.equal(di.ICO.load(legacy, copy.deepcopy(base)).rows, ico.rows)
 
 
+def load_custom_diffusion(pipe, folder, tokens):
+    """README's recipe (ICO in diffusers): diffusers' Custom Diffusion processors on every attn2, the tokens' files."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
+
+    sd = load_file(f"{folder}/pytorch_custom_diffusion_weights.safetensors")
+    procs = {}
+    for name in pipe.unet.attn_processors:  # "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor", ...
+        k = sd.get(f"{name}.to_k_custom_diffusion.weight")
+        if k is None:  # attn1: the file holds only an empty marker
+            procs[name] = AttnProcessor2_0()
+            continue
+        procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=k.shape[0],
+                                                      cross_attention_dim=k.shape[1])
+        procs[name].load_state_dict({w: sd[f"{name}.{w}"] for w in ("to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight")})
+    pipe.unet.set_attn_processor(procs)
+    pipe.unet.to(pipe.device, pipe.unet.dtype)  # the new processors are fp32 on the CPU
+    pipe.load_textual_inversion([f"{folder}/{t}.safetensors" for t in tokens])
+
+
+def test_diffusers_export_loads_into_a_diffusers_pipeline_and_matches_our_model(tmp_path, hf_tokenizer_dir, model_dirs, capsys):
+    """`export --format diffusers`: diffusers' Custom Diffusion file (full K/V weights under its processor names) and
+    one textual-inversion file a token. In a diffusers pipeline of the same weights, loaded by the README's recipe,
+    the text encoder and UNet on the concept prompt equal ours with the ICO installed; diffusers' documented
+    `unet.load_attn_procs` installs nothing (diffusers#9320), its `_pipeline=` form works thanks to the attn1 markers."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from test_pipeline import build_pipeline
+
+    pipe = build_pipeline("sd1", hf_tokenizer_dir)
+    pipe.save_pretrained(tmp_path / "diffusers")
+    ours = sdm.StableDiffusion.from_pretrained(tmp_path / "diffusers")
+    ico = trained_ico(ours)
+    ico.save(tmp_path / "concept", {"method": "ico", "base_model": str(tmp_path / "diffusers"), "base_probe": di.base_probe(ours).tolist()})
+    out = tmp_path / "export"
+    di.main(["export", "--concept", str(tmp_path / "concept"), "--format", "diffusers", "--output-dir", str(out)])
+    assert "a <new1> <new2> <new3> cat" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {di.CUSTOM_DIFFUSION_WEIGHTS, *(f"{t}.safetensors" for t in ico.tokens)}
+
+    sd, unet = load_file(str(out / di.CUSTOM_DIFFUSION_WEIGHTS)), pipe.unet
+    attn2 = [n for n in unet.attn_processors if ".attn2." in n]
+    assert len(attn2) == len(ico.kv) // 2 == 11 and len(unet.attn_processors) == 22
+    assert set(sd) == {f"{n}.to_{p}_custom_diffusion.weight" for n in attn2 for p in "kv"} | {
+        n for n in unet.attn_processors if ".attn1." in n}
+    for n in attn2:  # full weights: each minus diffusers' base weight is one of the (non-zero) deltas
+        for p in "kv":
+            d = sd[f"{n}.to_{p}_custom_diffusion.weight"] - getattr(unet.get_submodule(n.removesuffix(".processor")), f"to_{p}").weight
+            assert d.abs().max() > 0.01 and any(
+                d.shape == dw.shape and torch.allclose(d, dw, atol=1e-6) for dw in ico.kv.values()), n
+    for i, t in enumerate(ico.tokens):  # train_custom_diffusion.py's layout: {"<new1>": (width,)}
+        row = load_file(str(out / f"{t}.safetensors"))
+        assert list(row) == [t] and torch.equal(row[t], ico.rows[i])
+
+    prompt = f"a {ico.phrase} in the snow"
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 300])
+    with torch.no_grad():
+        ctx = ico.encode_ids(ours, ours.tokenize([prompt, "two blue circles"]))
+        with ico.install(ours.unet):
+            want = ours.unet(x, t, ctx)
+        assert not torch.allclose(ours.unet(x, t, ctx), want, atol=1e-2)  # the K/V deltas matter
+    unet.load_attn_procs(str(out), weight_name=di.CUSTOM_DIFFUSION_WEIGHTS)  # the documented call: a silent no-op
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    load_custom_diffusion(pipe, out, ico.tokens)
+    ids = pipe.tokenizer([prompt, "two blue circles"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, ours.tokenize([prompt, "two blue circles"]))
+    with torch.no_grad():
+        ref_ctx = pipe.text_encoder(ids)[0]
+        assert_close(ref_ctx, ctx, what="text encoder with the learned tokens")
+        assert_close(unet(x, t, ref_ctx).sample, want, what="UNet with the Custom Diffusion processors")
+        unet.load_attn_procs(str(out), weight_name=di.CUSTOM_DIFFUSION_WEIGHTS, _pipeline=pipe)  # private, but it works
+        assert_close(unet(x, t, ref_ctx).sample, want, what="UNet after load_attn_procs(_pipeline=pipe)")
+
+    with pytest.raises(SystemExit, match="error: .*was trained on another base model"):  # W_base must be dW's base
+        di.main(["export", "--concept", str(tmp_path / "concept"), "--format", "diffusers", "--output-dir", str(tmp_path / "x"),
+                 "--pretrained-model", str(model_dirs[0])])
+    with pytest.raises(ValueError, match="cannot name a file"):
+        di.export_diffusers(di.ICO(small := tiny(), ["<a/b>"], "cat"), small, tmp_path / "bad", {})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "x").exists()
+
+
 def test_negative_gamma_needs_no_equals_sign(monkeypatch):
     """`--gamma -inf` (never inject) and `--gamma -1e9` reach the sampler; argparse alone takes them for options."""
     seen = []
