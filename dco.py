@@ -40,6 +40,7 @@ Where we differ from the official code (kyungmnlee/dco @451910b), each deliberat
     python dco.py train --images refs/ --captions captions.json --output-dir out/dog   # + standard flags
     python dco.py sample --lora out/dog --prompt "a <dog> on the beach" --w-cons 3 --output-dir samples
     python dco.py merge --lora out/dog out/style --weights 1 1 --output merged.safetensors
+    python dco.py merge --lora out/dog out/cat --token "<dog>" "<cat>" --output pets.safetensors  # both learned <sks>
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # peft target_modules of customi
 
 @dataclass
 class DCOArgs(sdm.TrainArgs):
-    images: str = ""  # folder of reference images
+    images: str = ""  # folder of reference images, or of kohya's N_prompt subfolders (N repeats an epoch)
     captions: str = ""  # JSON (official layout, or one config) or JSONL captions; "" = NAME.caption files / --instance-prompt
     config_name: str = ""  # which entry of an official config.json ("full_ti", "style", ...)
     caption_extension: str = ".caption"  # kohya's layout and default: each image's caption in NAME.caption beside it
@@ -505,7 +506,10 @@ def read_embeddings(path) -> tuple[list[str], list[torch.Tensor], list]:
             raise ValueError(f"embeddings '{path}' hold multi-vector tokens "
                              f"({', '.join(f'{k}: {len(v)}' for k, v in embeds.items() if len(v) != 1)} rows); "
                              "this loader reads one vector per token.")
-        tokens, rows = list(embeds), [torch.cat(list(embeds.values()))]
+        # safetensors gives the keys sorted: the order written, which the initializer words follow, is the metadata's
+        tokens, written = list(embeds), meta.get("tokens")
+        tokens = written if isinstance(written, list) and sorted(map(str, written)) == sorted(tokens) else tokens
+        rows = [torch.cat([embeds[t] for t in tokens])]
         if tokens in (["emb_params"], ["*"]):  # A1111's layouts (.pt string_to_param {"*": ...}): A1111 types the file's name
             tokens = [meta.get("token") or Path(path).stem]  # ours: the token it was trained as, in its metadata
     if any(len(r) != len(tokens) for r in rows):
@@ -514,22 +518,36 @@ def read_embeddings(path) -> tuple[list[str], list[torch.Tensor], list]:
     return tokens, rows, meta.get("initializer_tokens") or [None] * len(tokens)
 
 
-def combine_embeddings(files) -> tuple[list[str], list[torch.Tensor], list]:
+def combine_embeddings(files, names: list[str] | None = None) -> tuple[list[str], list[torch.Tensor], list, list[str]]:
     """Several learned_embeds files as one token set (`merge`): their tokens side by side, a token in two files once
-    when its rows agree; sample reads one file, since new-token ids are given out in order."""
-    tokens, rows, inits = [], None, []
-    for f in files:
-        t, r, i = read_embeddings(f)
+    when its rows agree; sample reads one file, since new-token ids are given out in order. `names` (merge --token):
+    one per token of the files in order, what the merged set calls it, as sample's --token renames one file's.
+    Returns (tokens, rows, initializers, the name each token had in its file)."""
+    read = [(f, *read_embeddings(f)) for f in files]
+    given = [tok for _, t, _, _ in read for tok in t]
+    if names and (len(names) != len(given) or any(not n or n != "".join(n.split()) for n in names)):
+        raise ValueError(f"--token {' '.join(names)}: give one name without spaces per learned token of the inputs, "
+                         f"in their order ({len(given)}: {' '.join(given)}).")
+    new = iter(names or given)
+    tokens, rows, inits, before, source = [], None, [], [], []
+    for f, t, r, i in read:
         if rows is not None and [x.shape[1] for x in r] != [x.shape[1] for x in rows]:
             raise ValueError(f"embeddings '{f}' are for another base model than '{files[0]}' (widths differ).")
-        for k, tok in enumerate(t):
-            if tok in tokens:
+        for k, old in enumerate(t):
+            if (tok := next(new)) in tokens:
                 if not all(torch.equal(x[k], y[tokens.index(tok)]) for x, y in zip(r, rows)):
-                    raise ValueError(f"two LoRAs learned different embeddings for '{tok}'; train them with distinct tokens.")
+                    # a suggestion to copy: each later use of a name gets a number, "<sks>" -> "<sks2>"
+                    seen, fix = {}, []
+                    for n in names or given:
+                        seen[n] = seen.get(n, 0) + 1
+                        fix.append(n if seen[n] == 1 else re.sub(r"(>?)$", rf"{seen[n]}\1", n, count=1))
+                    raise ValueError(f"'{source[tokens.index(tok)]}' and '{f}' both learned a token '{tok}', with different "
+                                     f"embeddings; name each input's tokens apart with --token, one per learned token in "
+                                     f"the inputs' order, e.g. --token {' '.join(fix)} (then prompt with those names).")
                 continue
             rows = [x[k : k + 1] for x in r] if rows is None else [torch.cat([y, x[k : k + 1]]) for x, y in zip(r, rows)]
-            tokens.append(tok), inits.append(i[k])
-    return tokens, rows, inits
+            tokens.append(tok), inits.append(i[k]), before.append(old), source.append(f)
+    return tokens, rows, inits, before
 
 
 # ---- 5. The DCO loss and one training step.
@@ -618,11 +636,34 @@ def read_captions(path, config_name: str = "") -> dict:
     return d
 
 
-def load_caption_files(a: DCOArgs) -> tuple[list, list[str], list[str | None]]:
-    """kohya's layout: each image's caption on the first line of NAME<--caption-extension> beside it (kohya reads
-    that line too); an image without one takes --instance-prompt, as kohya falls back to the class tokens, and
-    --base-prompt. A base prompt left None is made from the caption once the learned tokens are known."""
-    folder, ext = Path(a.images), a.caption_extension
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+KOHYA_FOLDER = re.compile(r"(\d+)(?:_(.*))?", re.S)  # sd-scripts' "10_sks dog": split at the first "_", int() before it
+
+
+def kohya_subsets(folder: Path) -> list[tuple[Path, int, str]] | None:
+    """kohya's DreamBooth layout (sd-scripts' generate_dreambooth_subsets_config_by_subdirs): every subfolder named
+    N_prompt, its images repeated N times an epoch, "prompt" the caption of those without a caption file (kohya's
+    class tokens). [(subfolder, N, prompt)], or None for a flat folder (no subfolder starts with a count). kohya skips
+    what does not fit (loose images, other names, N = 0) with at most a warning; here each is one sentence."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    parsed = {p: KOHYA_FOLDER.fullmatch(p.name) for p in subs}
+    if not any(parsed.values()):
+        return None
+    if loose := sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        raise ValueError(f"'{folder}' mixes kohya's N_prompt subfolders with loose images ('{loose[0]}', {len(loose)} in "
+                         "all); move those images into an N_prompt subfolder, or out of the folder.")
+    if bad := [p.name for p, m in parsed.items() if m is None]:
+        raise ValueError(f"'{folder}' mixes kohya's N_prompt subfolders with '{bad[0]}', whose name is not a repeat count, "
+                         "'_' and the prompt (e.g. '10_sks dog'); rename it so, or move it out.")
+    if zero := [p.name for p, m in parsed.items() if int(m[1]) < 1]:
+        raise ValueError(f"'{folder / zero[0]}' repeats its images 0 times; give it a count of at least 1, or move it out.")
+    return [(p, int(m[1]), m[2] or "") for p, m in parsed.items()]
+
+
+def captioned_folder(folder: Path, ext: str, fallback: str, base: str, said: str, fix: str) -> tuple[list, list[str], list]:
+    """A folder's images with their NAME<ext> captions (first line, as kohya reads it); an image without one takes
+    `fallback` (--instance-prompt, or its kohya folder's prompt; `said` names it, `fix` says how to give one when it
+    is empty) and `base` (None: made later)."""
     with warnings.catch_warnings():  # the caption files are not images; say nothing about them
         warnings.filterwarnings("ignore", rf"skipping '.*({re.escape(ext)}|\.txt|\.caption)'")
         named = sdm.load_image_folder(folder)
@@ -631,7 +672,7 @@ def load_caption_files(a: DCOArgs) -> tuple[list, list[str], list[str | None]]:
         cap = folder / (Path(name).stem + ext)
         if not cap.is_file():
             missing.append(name)
-            images.append(img), prompts.append(a.instance_prompt), bases.append(a.base_prompt or None)
+            images.append(img), prompts.append(fallback), bases.append(base or None)
             continue
         try:
             text = (cap.read_text(encoding="utf-8-sig").splitlines() or [""])[0].strip()  # -sig: Notepad's BOM
@@ -639,33 +680,64 @@ def load_caption_files(a: DCOArgs) -> tuple[list, list[str], list[str | None]]:
             raise ValueError(f"caption file '{cap}' is not readable UTF-8 text ({type(e).__name__}); save it as UTF-8.") from None
         if not text:
             raise ValueError(f"caption file '{cap}' has no caption on its first line; write one there, or delete the "
-                             "file so that the image takes --instance-prompt.")
+                             f"file so that the image takes {said}.")
         images.append(img), prompts.append(text), bases.append(None)
     stems = {Path(n).stem for n in missing}  # captions under the other common extension: the flag was forgotten
     near = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".txt", ".caption") and p.suffix != ext and p.stem in stems})
     hint = f"; the folder has {near[0]} files: pass --caption-extension {near[0]}" if near else ""
-    if missing and not a.instance_prompt:
-        raise ValueError(f"{len(missing)} of the {len(named)} images in '{folder}' have no caption file (e.g. no "
-                         f"{Path(missing[0]).stem}{ext} beside {missing[0]}{hint}); write one beside each image, give "
-                         "--instance-prompt TEXT for those without, or --captions FILE.")
-    if a.base_prompt and not missing:
-        raise ValueError(f"--base-prompt would be ignored: it is the base of --instance-prompt, and every image in "
-                         f"'{folder}' has its own {ext} caption (whose base prompt puts each learned token's initializer "
-                         "word in its place); drop --base-prompt.")
+    gap = (f"{len(missing)} of the {len(named)} images in '{folder}' have no caption file (e.g. no "
+           f"{Path(missing[0]).stem}{ext} beside {missing[0]}{hint})") if missing else ""
+    if missing and not fallback:
+        raise ValueError(f"{gap}; write one beside each image, {fix}.")
     if missing and (len(missing) < len(named) or near):  # kohya warns too: a forgotten file is easy to miss
-        warnings.warn(f"{len(missing)} of the {len(named)} images in '{folder}' have no caption file (e.g. no "
-                      f"{Path(missing[0]).stem}{ext} beside {missing[0]}{hint}); they take --instance-prompt.", stacklevel=3)
+        warnings.warn(f"{gap}; they take {said}.", stacklevel=4)
     return images, prompts, bases
 
 
+def load_caption_files(a: DCOArgs) -> tuple[list, list[str], list[str | None], list[int]]:
+    """kohya's layouts: each image's caption on the first line of NAME<--caption-extension> beside it (kohya reads
+    that line too); an image without one takes --instance-prompt, as kohya falls back to the class tokens, and
+    --base-prompt. Or kohya's N_prompt subfolders (`kohya_subsets`): the folder's prompt instead, and N repeats.
+    A base prompt left None is made from the caption once the learned tokens are known. Returns (images, prompts,
+    base prompts, repeats)."""
+    folder, ext = Path(a.images), a.caption_extension
+    subsets = kohya_subsets(folder) if folder.is_dir() else None
+    if subsets is None:
+        images, prompts, bases = captioned_folder(folder, ext, a.instance_prompt, a.base_prompt, "--instance-prompt",
+                                                  "give --instance-prompt TEXT for those without, or --captions FILE")
+        if a.base_prompt and all(b is None for b in bases):
+            raise ValueError(f"--base-prompt would be ignored: it is the base of --instance-prompt, and every image in "
+                             f"'{folder}' has its own {ext} caption (whose base prompt puts each learned token's initializer "
+                             "word in its place); drop --base-prompt.")
+        return images, prompts, bases, [1] * len(images)
+    if given := [f for f, v in (("--instance-prompt", a.instance_prompt), ("--base-prompt", a.base_prompt)) if v]:
+        raise ValueError(f"{' and '.join(given)} would be ignored: in kohya's N_prompt subfolders of '{folder}' each "
+                         "folder's name gives the prompt of its images without a caption file; drop the flag.")
+    images, prompts, bases, repeats = [], [], [], []
+    for sub, n, prompt in subsets:
+        got = captioned_folder(sub, ext, prompt, "", f"their folder's prompt '{prompt}'",
+                               "or name the folder N_prompt (e.g. 10_sks dog)")
+        for have, more in zip((images, prompts, bases), got):
+            have.extend(more)
+        repeats.extend([n] * len(got[0]))
+    return images, prompts, bases, repeats
+
+
 def load_data(a: DCOArgs):
-    """(images, prompts, base_prompts, tokens, initializers), checked against each other."""
+    """(images, prompts, base_prompts, tokens, initializers, repeats: how often each image comes in an epoch), checked
+    against each other. A base prompt neither file nor flag gives is the caption with each learned token replaced by
+    its initializer word, as `sample` makes consistency guidance's."""
     if a.captions:
         ignored = (("--instance-prompt", a.instance_prompt), ("--base-prompt", a.base_prompt),
                    ("--caption-extension", a.caption_extension != DCOArgs.caption_extension))
         if given := [f for f, v in ignored if v]:
             raise ValueError(f"{' and '.join(given)} would be ignored with --captions (the file gives each image its "
                              "prompt and base prompt); put them in the file, or drop --captions.")
+        inside = list(Path(a.images).iterdir()) if a.images and Path(a.images).is_dir() else []
+        if any(p.is_dir() and KOHYA_FOLDER.fullmatch(p.name) for p in inside) \
+                and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in inside):
+            raise ValueError(f"'{a.images}' holds kohya's N_prompt subfolders, whose repeats and prompts --captions would "
+                             "ignore; drop --captions (caption files beside the images still win), or give a flat folder.")
         d = read_captions(a.captions, a.config_name)
         names, prompts = d.get("images") or [], d.get("prompts") or []
         if len(names) != len(prompts) or not names or None in names or None in prompts:
@@ -685,45 +757,47 @@ def load_data(a: DCOArgs):
             if extra:
                 raise ValueError(f"'{a.images}' has images with no caption in '{a.captions}': {', '.join(extra)}; "
                                  "caption them or move them out.")
-        bases = d.get("base_prompts")
+        bases = d.get("base_prompts") or [None] * len(prompts)
+        if len(bases) != len(prompts):
+            raise ValueError(f"captions file '{a.captions}' gives {len(bases)} base prompts for {len(prompts)} prompts; "
+                             "give one per image, or none (each is then the prompt with the initializer words).")
         tokens, inits = a.inserting_tokens or d.get("inserting_tokens", []), a.initializer_tokens or d.get("initializer_tokens", [])
+        repeats = [1] * len(images)
     else:
         if not a.images:
             raise ValueError("give --images DIR (captions in NAME.caption files beside the images, or --instance-prompt "
                              "TEXT), or --captions FILE.")
-        images, prompts, bases = load_caption_files(a)
+        images, prompts, bases, repeats = load_caption_files(a)
         tokens, inits = a.inserting_tokens, a.initializer_tokens
-        # no base prompt given: made as `sample` makes consistency guidance's
-        bases = [in_words(p, tokens, inits) if b is None else b for p, b in zip(prompts, bases)]
     if len(tokens) != len(inits):
         raise ValueError(f"{len(tokens)} inserting tokens but {len(inits)} initializer tokens; give one initializer per token.")
+    bases = [in_words(p, tokens, inits) if b is None else b for p, b in zip(prompts, bases)]
     if tokens:
-        if a.dco_beta > 0 and (not bases or len(bases) != len(prompts) or None in bases):
-            raise ValueError("learned tokens need a base prompt per image (the caption with the class word, used by "
-                             "the reference model): add base_prompts to the captions file.")
         for p in prompts:
             if not any(t in p for t in tokens):
                 raise ValueError(f"the prompt '{p}' contains none of the learned tokens {tokens}; put the token in every caption.")
-        for p in bases or []:
+        for p in bases:
             if any(t in p for t in tokens):
                 raise ValueError(f"the base prompt '{p}' contains a learned token; base prompts use the class word.")
-    return images, prompts, bases if tokens else prompts, tokens, inits
+    return images, prompts, bases if tokens else prompts, tokens, inits, repeats
 
 
 class EpochOrder:
     """Which images each micro-batch takes, as the official DataLoader(shuffle=True) over the N images
     (card Sec. 3: one epoch = N samples): every image once per epoch, in a fresh permutation drawn from the
     training generator. Batches run on across an epoch's end instead of ending short. The permutation
-    and the position are tensors in the checkpoint, so `--resume` continues mid-epoch."""
+    and the position are tensors in the checkpoint, so `--resume` continues mid-epoch. `repeats`: image i comes
+    repeats[i] times an epoch (kohya's N_prompt folders; kohya's epoch, too, is every image N times, shuffled)."""
 
-    def __init__(self, n: int):
-        self.order, self.pos = torch.arange(n), torch.tensor(n)  # at an epoch's end: the first draw shuffles
+    def __init__(self, n: int, repeats: list[int] | None = None):
+        self.slots = torch.arange(n) if repeats is None else torch.arange(n).repeat_interleave(torch.tensor(repeats))
+        self.order, self.pos = self.slots.clone(), torch.tensor(len(self.slots))  # at an epoch's end: the first draw shuffles
 
     def draw(self, k: int, generator) -> list[int]:
         out = []
         for _ in range(k):
             if self.pos.item() == len(self.order):
-                self.order.copy_(torch.randperm(len(self.order), generator=generator))
+                self.order.copy_(self.slots[torch.randperm(len(self.order), generator=generator)])
                 self.pos.zero_()
             out.append(int(self.order[self.pos]))
             self.pos += 1
@@ -733,23 +807,28 @@ class EpochOrder:
         return {"data.order": self.order, "data.pos": self.pos}
 
 
-def check_resume(a: DCOArgs, n: int) -> None:
-    """`--resume` continues the checkpoint's image order, so it must have one, over these n images: checked before
-    the model loads (otherwise a KeyError or a size mismatch inside sd_model.load_checkpoint)."""
+def check_resume(a: DCOArgs, slots: torch.Tensor) -> None:
+    """`--resume` continues the checkpoint's image order, so it must have one, over these images and repeats (`slots`,
+    EpochOrder's): checked before the model loads (otherwise a KeyError, a size mismatch inside
+    sd_model.load_checkpoint, or an index past the images)."""
     from safetensors import safe_open
 
     ckpt = sdm.find_checkpoint(Path(a.output_dir), a.resume)
     if ckpt is None or not (ckpt / "training_state.safetensors").is_file():
         return  # a fresh start, or load_checkpoint's own sentence
     with safe_open(str(ckpt / "training_state.safetensors"), "pt") as f:
-        shape = f.get_slice("param.data.order").get_shape() if "param.data.order" in f.keys() else None
-    if shape is None:  # written when images were drawn with replacement: that stream cannot be continued exactly
+        order = f.get_tensor("param.data.order") if "param.data.order" in f.keys() else None
+    if order is None:  # written when images were drawn with replacement: that stream cannot be continued exactly
         raise ValueError(f"checkpoint '{ckpt}' has no image order (it was written before dco.py drew each epoch's "
                          "images in a fresh order), so it cannot continue exactly; finish it with the dco.py that "
                          "wrote it, or start a new run.")
-    if shape != [n]:
-        raise ValueError(f"checkpoint '{ckpt}' was trained on {shape[0]} images and this run has {n}; "
+    before, n = int(order.max()) + 1 if len(order) else 0, int(slots.max()) + 1  # every image is in every epoch
+    if before != n:
+        raise ValueError(f"checkpoint '{ckpt}' was trained on {before} images and this run has {n}; "
                          "resume with the same images, or start a new run.")
+    if not torch.equal(order.sort().values, slots.sort().values):
+        raise ValueError(f"checkpoint '{ckpt}' repeated its images other numbers of times an epoch (kohya's N_prompt "
+                         "folder names); resume with the same folder names, or start a new run.")
 
 
 def to_training_tensor(img, res: int):
@@ -824,8 +903,11 @@ def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | Non
 def train(a: DCOArgs) -> Path:
     device = sdm.pick_device(a.device)
     torch.manual_seed(a.seed)
-    images, prompts, bases, tokens, inits = load_data(a)  # bad input fails before the model loads
-    check_resume(a, len(images))
+    images, prompts, bases, tokens, inits, repeats = load_data(a)  # bad input fails before the model loads
+    order = EpochOrder(len(images), repeats)
+    check_resume(a, order.slots)
+    if set(repeats) != {1}:  # kohya prints the same count: a folder name read wrongly shows here
+        print(f"{len(images)} images, repeated as their folders say: {len(order.slots)} samples an epoch")
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
     model = sdm.load_model(a.pretrained_model, half, "fp32", device, a.variant, a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
@@ -849,7 +931,6 @@ def train(a: DCOArgs) -> Path:
         with torch.no_grad():  # 8 images a pass: a large folder at 1024 px in one batch would peak at many GB
             moments = model.vae.encode(torch.stack(pix).to(device, model.vae.quant_conv.weight.dtype), chunk=8)
     cache: dict[str, sdm.Cond] = {}
-    order = EpochOrder(len(pix))
 
     def encode(ps, extra=(None, None), grad=False):
         if grad or not a.cache_text_embeddings:
@@ -935,6 +1016,7 @@ class MergeArgs:
     method: str = "sum"  # sum (exact) | ties_svd
     density: float = 1.0  # ties_svd: fraction of each delta kept (the TIES paper uses 0.2)
     rank: int = 0  # ties_svd: 0 = the largest input rank
+    token: list[str] = field(default_factory=list)  # new names of the inputs' learned tokens, one per token in input order
     output: str = "merged_lora.safetensors"
     format: str = "peft"  # peft | kohya
     pretrained_model: str = ""  # the base model the LoRAs belong to ("" = the toy model)
@@ -1040,13 +1122,20 @@ def main(argv=None):
                 if lora.tokens and embeddings_beside(p, lora) is None:
                     print(f"warning: '{p}' lists learned tokens {lora.tokens} but no learned_embeds.safetensors is beside "
                           "it; the merged LoRA will not carry them.", file=sys.stderr)
-            tokens, rows, inits = combine_embeddings(list(dict.fromkeys(found))) if found else ([], None, [])
+            if a.token and not found:
+                raise ValueError("--token renames the inputs' learned tokens, and no input has a learned_embeds file beside it.")
+            files = list({Path(f).resolve(): f for f in found}.values())  # one LoRA given twice: its tokens once
+            tokens, rows, inits, before = combine_embeddings(files, a.token) if files else ([], None, [], [])
             merged = merge(loras, weights, a.method, a.density, a.rank)
             out = Path(a.output)
+            renamed = {"renamed_from": before} if before != tokens else {}
             save_lora(out, model.unet, [merged], a.format, {"merged": a.lora, "weights": weights, "merge_method": a.method,
-                                                            "tokens": tokens, "initializer_tokens": inits})
+                                                            "tokens": tokens, "initializer_tokens": inits, **renamed})
             beside = out.with_name(out.stem + ".learned_embeds.safetensors")  # beside the LoRA, where sample finds it
-            write_embeddings(beside, tokens, rows, inits, {"merged": a.lora}) if tokens else beside.unlink(missing_ok=True)
+            if tokens:
+                write_embeddings(beside, tokens, rows, inits, {"merged": a.lora, **renamed})
+            else:
+                beside.unlink(missing_ok=True)
             print(f"wrote {out}" + (f" and its learned tokens {tokens} in {out.stem}.learned_embeds.safetensors" if tokens else ""))
         else:
             sys.exit("usage: python dco.py {train,sample,merge} [options]; see --help of each")

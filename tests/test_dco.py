@@ -587,7 +587,7 @@ def test_kohya_caption_files_beside_the_images(tmp_path):
     with pytest.raises(ValueError, match="1 of the 3 images .* no 02.txt beside 02.png"):
         dco.load_data(a(caption_extension=".txt"))
     with pytest.warns(UserWarning, match="they take --instance-prompt"):
-        _, prompts, bases, tokens, _ = dco.load_data(a(caption_extension=".txt", instance_prompt="a <dog>"))
+        _, prompts, bases, tokens, _, _ = dco.load_data(a(caption_extension=".txt", instance_prompt="a <dog>"))
     assert prompts == ["a <dog> on a ledge", "a <dog> in the snow", "a <dog>"]
     assert bases == ["a dog on a ledge", "a dog in the snow", "a dog"] and tokens == ["<dog>"]
     with pytest.warns(UserWarning):
@@ -606,6 +606,112 @@ def test_kohya_caption_files_beside_the_images(tmp_path):
     args = sdm.parse_args(dco.DCOArgs, ["--images", "x", "--caption_extension", ".txt"])  # kohya's spelling works too
     assert args.caption_extension == ".txt"
 
+@pytest.mark.filterwarnings("ignore:.*have no caption file")
+def test_kohya_repeat_folders_give_repeats_and_prompts(setup, tmp_path):
+    """kohya's DreamBooth layout: --images (or --train_data_dir) holds N_prompt subfolders; each image comes N times an
+    epoch, and "prompt" is the caption of those without a caption file (kohya keeps later underscores). Loose images,
+    another name, N = 0, --instance-prompt and --captions beside them are one sentence; a resume with other counts too."""
+    root, sd1, _ = setup
+    data = tmp_path / "train"
+    write_images(data / "10_a <sks>", n=2)
+    (data / "10_a <sks>" / "00.caption").write_text("a <sks> on a ledge")
+    write_images(data / "3_a_<sks>", n=1)
+    args = lambda **kw: dco.DCOArgs(images=str(data), **{"inserting_tokens": ["<sks>"], "initializer_tokens": ["dog"], **kw})
+    with pytest.warns(UserWarning, match="they take their folder's prompt 'a <sks>'"):  # one of two captioned: kohya warns too
+        images, prompts, bases, _, _, repeats = dco.load_data(args())
+    assert (len(images), prompts, repeats) == (3, ["a <sks> on a ledge", "a <sks>", "a_<sks>"], [10, 10, 3])
+    assert bases == ["a dog on a ledge", "a dog", "a_dog"]
+    g, order = torch.Generator().manual_seed(0), dco.EpochOrder(3, repeats)
+    for _ in range(2):  # every epoch: each image as often as its folder says, in a fresh order
+        assert torch.bincount(torch.tensor(order.draw(23, g))).tolist() == [10, 10, 3]
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning):
+        dco.train(dco.DCOArgs(pretrained_model=str(sd1), images=str(data), output_dir=str(out), rank=2, max_train_steps=2,
+                              checkpointing_steps=2, inserting_tokens=["<sks>"], initializer_tokens=["dog"]))
+    assert load_file(str(out / "checkpoint-2" / "training_state.safetensors"))["param.data.order"].shape == (23,)
+    (data / "3_a_<sks>").rename(data / "4_a_<sks>")
+    with pytest.raises(ValueError, match="repeated its images other numbers of times an epoch"), pytest.warns(UserWarning):
+        dco.train(dco.DCOArgs(pretrained_model=str(sd1), images=str(data), output_dir=str(out), rank=2, max_train_steps=4,
+                              resume="latest", inserting_tokens=["<sks>"], initializer_tokens=["dog"]))
+    refused = (("00.png", "mixes kohya's N_prompt subfolders with loose images \\('00.png', 1 in all\\)"),
+               ("dogs/00.png", "mixes kohya's N_prompt subfolders with 'dogs', whose name is not a repeat count"),
+               ("0_dog/00.png", "0_dog' repeats its images 0 times"),
+               ("5/00.png", "1 of the 1 images in '.*5' have no caption file .*or name the folder N_prompt"))
+    for where, said in refused:
+        write_images((data / where).parent, n=1)
+        with pytest.raises(ValueError, match=said):
+            dco.load_data(args())
+        (data / where).unlink()
+        if (data / where).parent != data:
+            (data / where).parent.rmdir()
+    with pytest.raises(ValueError, match="--instance-prompt would be ignored: in kohya's N_prompt subfolders"):
+        dco.load_data(args(instance_prompt="a <sks>"))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "10_a <sks>/00.png", "prompt": "a <sks>"}))
+    with pytest.raises(ValueError, match="holds kohya's N_prompt subfolders, whose repeats and prompts --captions would ignore"):
+        dco.load_data(args(captions=str(tmp_path / "c.jsonl")))
+    assert sdm.parse_args(dco.DCOArgs, ["--train_data_dir", str(data)]).images == str(data)  # kohya's flag
+
+
+def test_captions_files_without_base_prompts_make_them_from_the_initializer_words(setup, tmp_path):
+    """A JSONL (Hugging Face's metadata.jsonl) or config without base prompts, or with some rows lacking one: each
+    missing one is the caption with every learned token replaced by its initializer word, as for caption files and
+    as `sample` makes it (it was refused: "learned tokens need a base prompt per image")."""
+    root, _, _ = setup
+    hf = tmp_path / "metadata.jsonl"
+    hf.write_text("\n".join(json.dumps({"file_name": f"{i:02d}.png", "text": f"a <cat> and a <hat> {i}",
+                                         **({"base_prompt": "one cat"} if i == 1 else {})}) for i in range(3)))
+    a = dco.DCOArgs(images=str(root / "images"), captions=str(hf), inserting_tokens=["<cat>", "<hat>"], initializer_tokens=["cat", "hat"])
+    assert dco.load_data(a)[2] == ["a cat and a hat 0", "one cat", "a cat and a hat 2"]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"images": ["00.png", "01.png", "02.png"], "prompts": [f"a <dog> {i}" for i in range(3)],
+                                  "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}))
+    assert dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(config)))[2] == ["a dog 0", "a dog 1", "a dog 2"]
+
+
+def test_several_sd1_tokens_read_back_in_the_order_written_with_their_initializers(tmp_path):
+    """safetensors stores keys sorted, so an SD 1.x file {"<zeta>": .., "<alpha>": ..} read back as <alpha>, <zeta>
+    while its initializer words stayed in the written order: <alpha>'s base prompt took <zeta>'s word."""
+    rows = torch.randn(2, 8)
+    dco.write_embeddings(tmp_path / "e.safetensors", ["<zeta>", "<alpha>"], [rows], ["dog", "cat"])
+    tokens, got, inits = dco.read_embeddings(tmp_path / "e.safetensors")
+    assert (tokens, inits) == (["<zeta>", "<alpha>"], ["dog", "cat"]) and torch.equal(got[0], rows)
+
+
+def test_merge_renames_a_token_both_inputs_learned(setup, tmp_path, capsys):
+    """Two subject LoRAs trained with the same default token ("<sks>") collide in merge: refused in one sentence that
+    names --token, nothing written; --token names them apart (one per learned token, in input order, as sample's
+    --token), the merged LoRA and its embeddings carry the new names, and sample's base prompt uses their words."""
+    root, sd1, _ = setup
+    model = sdm.StableDiffusion.from_pretrained(sd1)
+    rows = {}
+    for name, seed in (("dog", 1), ("cat", 2)):
+        lora = randomize_lora(dco.LoRA.create(model.unet, 2, generator=torch.Generator().manual_seed(seed)), seed)
+        dco.save_lora(tmp_path / name / "pytorch_lora_weights.safetensors", model.unet, [lora], "peft", {"tokens": ["<sks>"]})
+        rows[name] = torch.randn(1, model.text_encoder.cfg.width, generator=torch.Generator().manual_seed(seed))
+        dco.write_embeddings(tmp_path / name / "learned_embeds.safetensors", ["<sks>"], [rows[name]], [name])
+    merged = tmp_path / "m.safetensors"
+    run = lambda *extra: dco.main(["merge", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "dog"), str(tmp_path / "cat"),
+                                   "--output", str(merged), *extra])
+    with pytest.raises(SystemExit, match=r"'.*dog.learned_embeds.safetensors' and '.*cat.learned_embeds.safetensors' both "
+                                         r"learned a token '<sks>', with different embeddings; .*--token <sks> <sks2>"):
+        run()
+    with pytest.raises(SystemExit, match=r"one name without spaces per learned token of the inputs, in their order \(2: <sks> <sks>\)"):
+        run("--token", "<dog>")
+    assert not merged.exists() and not (tmp_path / "m.learned_embeds.safetensors").exists()
+    run("--token", "<dog>", "<cat>")
+    assert "learned tokens ['<dog>', '<cat>']" in capsys.readouterr().out
+    tokens, got, inits = dco.read_embeddings(tmp_path / "m.learned_embeds.safetensors")
+    assert (tokens, inits) == (["<dog>", "<cat>"], ["dog", "cat"])
+    assert torch.equal(got[0][0], rows["dog"][0]) and torch.equal(got[0][1], rows["cat"][0])
+    assert dco.load_lora(merged, model.unet).tokens == ["<dog>", "<cat>"]
+    assert json.loads(safe_open(str(merged), "pt").metadata()["renamed_from"]) == ["<sks>", "<sks>"]
+    ti = dco.LearnedTokens.load(tmp_path / "m.learned_embeds.safetensors", sdm.StableDiffusion.from_pretrained(sd1))
+    assert ti.base_prompt("a <dog> and a <cat> on the beach") == "a dog and a cat on the beach"
+    dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(merged), "--prompt", "a <dog> and a <cat>",
+              "--steps", "1", "--output-dir", str(tmp_path / "s")])  # the embeddings beside the merged file, by their new names
+    assert (tmp_path / "s" / "0000_00.png").exists()
+
+
 def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
     root, sd1, sdxl = setup
     cap = root / "config.json"
@@ -618,7 +724,7 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
 
     lines = [{"file": f"{i:02d}.png", "prompt": f"a <cat> {i}", "base_prompt": f"a cat {i}"} for i in range(3)]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
-    images, prompts, bases, tokens, inits = dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(tmp_path / "c.jsonl"),
+    images, prompts, bases, tokens, inits, _ = dco.load_data(dco.DCOArgs(images=str(root / "images"), captions=str(tmp_path / "c.jsonl"),
                                                                        inserting_tokens=["<cat>"], initializer_tokens=["cat"]))
     assert (len(images), prompts[2], bases[2], tokens, inits) == (3, "a <cat> 2", "a cat 2", ["<cat>"], ["cat"])
     hf = tmp_path / "metadata.jsonl"  # Hugging Face imagefolder's captions
@@ -640,9 +746,9 @@ def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
     err("names 'zz.png', which is not in", captions=str(bad))
     bad.write_text(json.dumps({"images": ["00.png"], "prompts": ["a photo"]}))
     err("images with no caption.*01.png, 02.png", captions=str(bad))
-    bad.write_text(json.dumps({"images": ["00.png", "01.png", "02.png"], "prompts": ["a <dog>"] * 3,
+    bad.write_text(json.dumps({"images": ["00.png", "01.png", "02.png"], "prompts": ["a <dog>"] * 3, "base_prompts": ["a dog"],
                                "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}))
-    err("need a base prompt per image", captions=str(bad))
+    err("gives 1 base prompts for 3 prompts; give one per image, or none", captions=str(bad))
     err("contains none of the learned tokens", inserting_tokens=["<cat>"], initializer_tokens=["cat"])
     model = tiny()
     with pytest.raises(ValueError, match="'dog' is already a token"):
