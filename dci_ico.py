@@ -710,7 +710,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     device = sdm.pick_device(args.device)
     if model is None:
         model = sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32" if args.mixed_precision == "fp16" else "",
-                               device, args.variant, args.compile, args.channels_last)
+                               device, args.variant, args.compile, args.channels_last, args.vae)
     model.requires_grad_(False)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     for part in ("prefix", "suffix") if args.contexts else ():  # the code's rule: init words set the length (card 2.2)
@@ -799,7 +799,7 @@ def run_sample(a: DCIArgs):
     meta = read_metadata(a.concept)
     device = sdm.pick_device(a.device)
     model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant,
-                           a.compile, a.channels_last)
+                           a.compile, a.channels_last, a.vae)
     ico = ICO.load(a.concept, model)
     prompts = [p for p in [a.prompt, *(Path(a.prompt_file).read_text().splitlines() if a.prompt_file else [])] if p.strip()]
     if not prompts:

@@ -909,7 +909,7 @@ def train(a: DCOArgs) -> Path:
     if set(repeats) != {1}:  # kohya prints the same count: a folder name read wrongly shows here
         print(f"{len(images)} images, repeated as their folders say: {len(order.slots)} samples an epoch")
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
-    model = sdm.load_model(a.pretrained_model, half, "fp32", device, a.variant, a.compile, a.channels_last)  # frozen parts in half, VAE fp32 (l.490)
+    model = sdm.load_model(a.pretrained_model, half, "fp32", device, a.variant, a.compile, a.channels_last, a.vae)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
     if res % model.size_multiple:
         raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {res}).")
@@ -1087,7 +1087,7 @@ def main(argv=None):
                 raise ValueError(f"{len(a.lora)} LoRAs but {len(a.lora_scale)} --lora-scale values; give one per LoRA (or none: 1 each).")
             out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # save_image makes it: a refusal leaves none
             model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant,
-                                   a.compile, a.channels_last)
+                                   a.compile, a.channels_last, a.vae)
             loras, found = load_adapters(model, a.lora, a.lora_scale)
             files = list({Path(f).resolve(): f for f in a.embeddings or found}.values())  # given ones over those found
             if len(files) > 1:

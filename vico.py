@@ -645,7 +645,7 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     device = sdm.pick_device(args.device)
     torch.manual_seed(args.seed)
     model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device, args.variant,
-                                    args.compile, args.channels_last)
+                                    args.compile, args.channels_last, args.vae)
     check_model(model)
     for d, c in zip(args.images, concepts):
         if len(c) == 1 and args.visual_condition:
@@ -764,7 +764,7 @@ def read_reference(path):
 def sample_cli(a: ViCoSampleArgs) -> None:
     ref_images = [read_reference(r) for r in a.reference]  # before the model: bad input fails in a second
     device = sdm.pick_device(a.device)
-    model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last)
+    model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last, a.vae)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
     if ref_images and not vico.visual_condition:
         warnings.warn("this concept is plain textual inversion (trained with --no-visual-condition): "

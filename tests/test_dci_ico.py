@@ -463,7 +463,10 @@ def model_dirs(base, tmp_path_factory):
     return dirs
 
 
-def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp_path, capsys):
+def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp_path, capsys, monkeypatch):
+    import weights_convert
+    read, load_vae = [], weights_convert.load_vae  # --vae must reach the model of train and of sample
+    monkeypatch.setattr(weights_convert, "load_vae", lambda path, like: read.append(str(path)) or load_vae(path, like))
     sd, other = model_dirs
     imgs = folder_of_images(tmp_path / "refs", 2)
     (imgs / "notes.txt").write_text("not an image")
@@ -472,7 +475,7 @@ def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp
     with pytest.warns(UserWarning, match="skipping 'notes.txt'"):
         di.main([*train, "--max-train-steps", "2", "--checkpointing-steps", "1", "--train-batch-size", "1",
                  "--gradient-accumulation-steps", "1", "--mixed-precision", "bf16", "--validation-prompt", "a V cat",
-                 "--validation-steps", "2", "--num-validation-images", "1"])
+                 "--validation-steps", "2", "--num-validation-images", "1", "--vae", str(sd)])
     for f in ("kv_deltas.safetensors", "learned_embeds.safetensors", "a1111/concept.safetensors", "contexts.safetensors",
               "checkpoint-1/kv_deltas.safetensors", "checkpoint-2/training_state.safetensors", "validation/step-000002.png",
               "log.jsonl", "args.json"):
@@ -485,7 +488,8 @@ def test_command_line_train_then_sample_with_masks_and_bad_input(model_dirs, tmp
     (tmp_path / "prompts.txt").write_text("a {} at night\n\n")
     sample = ["sample", "--concept", str(run), "--steps", "4", "--sampler", "euler"]  # the base model comes from the concept
     di.main([*sample, "--prompt", "a V cat on the grass", "--prompt-file", str(tmp_path / "prompts.txt"), "--tau", "0.5",
-             "--gamma", "1", "--aux-noun", "dog", "--save-masks", "--output-dir", str(out)])
+             "--gamma", "1", "--aux-noun", "dog", "--save-masks", "--output-dir", str(out), "--vae", str(sd)])
+    assert read == [str(sd)] * 2
     rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["aux_prompt"] for r in rows] == ["a dog on the grass", "a dog at night"]
     assert rows[1]["prompt"] == "a <new1> <new2> <new3> cat at night"

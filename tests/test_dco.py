@@ -532,14 +532,18 @@ def test_consistency_guidance_algebra_and_unet_calls():
     assert_close(x, want, rtol=1e-4, what="zero LoRA, c == c_base: pretrained CFG")
 
 
-def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys):
+def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys, monkeypatch):
+    import weights_convert
+    read, load_vae = [], weights_convert.load_vae  # --vae must reach the model of train and of sample
+    monkeypatch.setattr(weights_convert, "load_vae", lambda path, like: read.append(str(path)) or load_vae(path, like))
     root, sd1, _ = setup
     dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions", str(root / "config.json"),
               "--config-name", "dreambooth", "--output-dir", str(tmp_path / "style"), "--rank", "2", "--dco-beta", "0",
               "--max-train-steps", "2", "--validation-prompt", "a photo of a dog", "--validation-steps", "2", "--num-validation-images", "1"])
     assert (tmp_path / "style" / "validation" / "step-000002.png").exists()
     dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions", str(root / "config.json"),
-              "--config-name", "full_ti", "--output-dir", str(tmp_path / "subj"), "--rank", "4", "--max-train-steps", "2"])
+              "--config-name", "full_ti", "--output-dir", str(tmp_path / "subj"), "--rank", "4", "--max-train-steps", "2",
+              "--vae", str(sd1)])
     dco.main(["merge", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "subj"), str(tmp_path / "style" / "lora_kohya.safetensors"),
               "--weights", "1", "0.5", "--output", str(tmp_path / "merged.safetensors")])
     assert "learned tokens ['<dog>'] in merged.learned_embeds.safetensors" in capsys.readouterr().out
@@ -550,8 +554,9 @@ def test_commands_train_sample_merge_on_a_tiny_model(setup, tmp_path, capsys):
     for guidance, emb in (("consistency", ["--embeddings", str(tmp_path / "subj" / "learned_embeds.safetensors")]), ("cfg", [])):
         dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "merged.safetensors"), *emb,
                   "--prompt", "a <dog> in the snow", "--guidance", guidance,  # without --embeddings: the merged file's own
-                  "--w-text", "5", "--w-cons", "2", "--steps", "2", "--output-dir", str(tmp_path / guidance)])
+                  "--w-text", "5", "--w-cons", "2", "--steps", "2", "--output-dir", str(tmp_path / guidance), "--vae", str(sd1)])
         assert (tmp_path / guidance / "0000_00.png").exists()
+    assert read == [str(sd1)] * 3
     assert "wrote 1 image(s)" in capsys.readouterr().out
     (tmp_path / "alone").mkdir()  # the LoRA file without its learned_embeds: '<dog>' would be read as text
     (tmp_path / "alone" / "l.safetensors").write_bytes((tmp_path / "subj" / "pytorch_lora_weights.safetensors").read_bytes())

@@ -502,7 +502,10 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_path):
+def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_path, monkeypatch):
+    import weights_convert
+    read, load_vae = [], weights_convert.load_vae  # --vae must reach the model of train and of sample
+    monkeypatch.setattr(weights_convert, "load_vae", lambda path, like: read.append(str(path)) or load_vae(path, like))
     imgs = write_images(tmp_path / "imgs", 2)
     Image.new("L", (40, 30), 128).save(imgs / "gray.png")
     Image.new("RGBA", (32, 32), (255, 0, 0, 100)).save(imgs / "rgba.png")
@@ -510,7 +513,7 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
     (imgs / "notes.txt").write_text("not an image")
     base = ["--pretrained-model", str(model_dir), "--images", str(imgs), "--output-dir", str(tmp_path / "run")]
     with pytest.warns(UserWarning, match="skipping 'notes.txt'"):
-        vico.main(["train", *base, "--init-word", "dog", "--max-train-steps", "2", "--checkpointing-steps", "1",
+        vico.main(["train", *base, "--vae", str(model_dir), "--init-word", "dog", "--max-train-steps", "2", "--checkpointing-steps", "1",
                    "--validation-prompt", "a S*", "--validation-steps", "2", "--num-validation-images", "1"])
     run = tmp_path / "run"
     for f in ("vico.safetensors", "learned_embeds.safetensors", "a1111/Sstar.safetensors", "checkpoint-1/vico.safetensors",
@@ -519,8 +522,8 @@ def test_command_line_train_and_sample_with_masks_and_bad_input(model_dir, tmp_p
     out = tmp_path / "samples"
     sample = ["sample", "--pretrained-model", str(model_dir), "--concept", str(run), "--output-dir", str(out), "--steps", "2"]
     vico.main([*sample, "--reference", str(imgs / "0.png"), str(imgs / "gray.png"), "--prompt", "a photo of S* on the beach",
-               "--save-masks", "--sampler", "euler", "--batch-size", "2"])
-    assert sorted(p.name for p in out.glob("*.png")) == ["0000_00.png", "0000_01.png"]
+               "--save-masks", "--sampler", "euler", "--batch-size", "2", "--vae", str(model_dir)])
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_00.png", "0000_01.png"] and read == [str(model_dir)] * 2
     assert len(list((out / "masks").glob("step*_output_blocks.*.png"))) == 2 * 2  # steps x layers
     assert Image.open(out / "masks" / "step001_output_blocks.3.1.png").size == (256, 128)  # two references side by side
     exp = ["export", "--pretrained-model", str(model_dir)]
