@@ -287,8 +287,7 @@ def quick_gelu(x):
 class CLIPAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.heads, (self.q_proj, self.k_proj, self.v_proj, self.out_proj) = heads, (nn.Linear(width, width) for _ in range(4))
 
     def forward(self, x, causal: bool):
         q, k, v = (rearrange(p(x), "b n (h d) -> b h n d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -340,7 +339,7 @@ class CLIPTextModel(nn.Module):
 
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.cfg, self.text_model = cfg, CLIPTextTransformer(cfg)
+        self.cfg, self.text_model, self.skip = cfg, CLIPTextTransformer(cfg), 1  # skip: clip skip (load_model)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
     token_embedding = property(lambda self: self.text_model.embeddings.token_embedding)
@@ -358,15 +357,17 @@ class CLIPTextModel(nn.Module):
         tm = self.text_model
         x = self.embed(input_ids) if token_embeds is None else token_embeds
         x = x + tm.embeddings.position_embedding.weight[: input_ids.shape[1]]
-        for i, layer in enumerate(tm.encoder.layers):
-            if self.cfg.penultimate and i == len(tm.encoder.layers) - 1:
-                penultimate = x
+        states = []  # states[k]: the output of the first k layers
+        for layer in tm.encoder.layers:
+            states.append(x)
             x = layer(x, causal=True)
         last = tm.final_layer_norm(x)
         eot = (input_ids == CLIPTokenizer.eos_id).int().argmax(dim=-1)  # first <|endoftext|>, also with added tokens
         pooled = last[torch.arange(len(last), device=last.device), eot]
         pooled = pooled if self.text_projection is None else self.text_projection(pooled)
-        return (penultimate if self.cfg.penultimate else last), pooled
+        # clip skip s (A1111's and kohya's count; diffusers' clip_skip is s - 1): the output of all but the last s - 1
+        # layers, then the final LayerNorm; pooled stays the whole tower's
+        return states[-1] if self.cfg.penultimate else last if self.skip == 1 else tm.final_layer_norm(states[1 - self.skip]), pooled
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -744,16 +745,13 @@ class VAELevel(nn.Module):
 
     def __init__(self, chs: list[tuple[int, int]], groups: int, down: bool = False, up: bool = False):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(i, o, groups) for i, o in chs)
+        self.block = nn.Sequential(*(ResnetBlock(i, o, groups) for i, o in chs))
         if down or up:  # keys down.i.downsample.*, up.i.upsample.*
             setattr(self, "downsample" if down else "upsample", (VAEDownsample if down else Upsample)(chs[-1][1]))
 
     def forward(self, x):
-        for b in self.block:
-            x = b(x)
-        for name in ("downsample", "upsample"):
-            x = getattr(self, name)(x) if hasattr(self, name) else x
-        return x
+        x = self.block(x)  # then the level's resampling, if it has one
+        return next((getattr(self, n)(x) for n in ("downsample", "upsample") if hasattr(self, n)), x)
 
 
 class Encoder(nn.Module):
@@ -762,16 +760,13 @@ class Encoder(nn.Module):
         g, n, widths = cfg.norm_groups, cfg.num_res_blocks, [cfg.ch * m for m in cfg.ch_mult]
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         ins = [cfg.ch, *widths[:-1]]
-        self.down = nn.ModuleList(
-            VAELevel([(ins[i], w)] + [(w, w)] * (n - 1), g, down=i < len(widths) - 1) for i, w in enumerate(widths))
+        self.down = nn.Sequential(
+            *(VAELevel([(ins[i], w)] + [(w, w)] * (n - 1), g, down=i < len(widths) - 1) for i, w in enumerate(widths)))
         self.mid, self.norm_out = VAEMid(widths[-1], g), nn.GroupNorm(g, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(self.down(self.conv_in(x))))))
 
 
 class Decoder(nn.Module):
@@ -1218,6 +1213,7 @@ class TrainArgs:
     pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
     variant: str = ""  # SD 2.x single files, which do not say what they predict: sd21 (v, 768 px) or sd21-base (eps)
     vae: str = ""  # another VAE of the same shape (diffusers folder or single file, e.g. SDXL's fp16-fix); "" = the model's
+    clip_skip: int = 1  # SD 1.x/2.x: condition on the text encoder's layer -N (A1111/kohya; 2 for NovelAI-style models)
     output_dir: str = "outputs/run"
     resolution: int = 0  # 0 = the model's native size
     train_batch_size: int = 1
@@ -1246,7 +1242,7 @@ class TrainArgs:
 # Rules of the shared flags, checked by parse_args (a class adds its own `minima` and `choices`) and load_checkpoint: floors
 # (below them a run fails steps later in a traceback, or ascends the loss), choices, and what a resume may change.
 FLAG_MINIMA = {"train_batch_size": 1, "gradient_accumulation_steps": 1, "max_train_steps": 1, "validation_steps": 1, "steps": 1,
-               "num_validation_images": 1, "batch_size": 1, **dict.fromkeys(["learning_rate", "lr_warmup_steps", "seed", "eta",
+               "num_validation_images": 1, "batch_size": 1, "clip_skip": 1, **dict.fromkeys(["learning_rate", "lr_warmup_steps", "seed", "eta",
                "checkpointing_steps", "checkpoints_total_limit", "max_grad_norm", "resolution", "height", "width"], 0)}
 FLAG_CHOICES = {"lr_scheduler": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"), "sampler": SAMPLERS,
                 "precision": ("fp32", "fp16", "bf16"), "vae_precision": ("fp32", "fp16", "bf16")}
@@ -1338,8 +1334,7 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
         obj.load_state_dict(meta[key]) if obj is not None and meta[key] else None
     torch.set_rng_state(state["rng.torch"])
     generator.set_state(state["rng.generator"]) if generator is not None else None
-    if torch.cuda.is_available() and "rng.cuda.0" in state:
-        torch.cuda.set_rng_state_all([state[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
+    torch.cuda.set_rng_state_all([state[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())]) if torch.cuda.is_available() and "rng.cuda.0" in state else None
     np.random.set_state((meta["numpy"][0], state["rng.numpy"].numpy().astype(np.uint32), *meta["numpy"][1:]))
     random.setstate((meta["random"][0], tuple(meta["random"][1]), meta["random"][2]))
     return int(meta["step"])
@@ -1429,6 +1424,7 @@ class SampleArgs:
     pretrained_model: str = ""  # converted dir, diffusers dir or single file; "" = the toy model
     variant: str = ""  # SD 2.x single files: sd21 (v) or sd21-base (eps)
     vae: str = ""  # another VAE of the same shape (diffusers folder or single file, e.g. SDXL's fp16-fix); "" = the model's
+    clip_skip: int = 1  # SD 1.x/2.x: condition on the text encoder's layer -N (A1111/kohya; 2 for NovelAI-style models)
     seed: int = 0
     steps: int = 50
     guidance_scale: float = 7.5
@@ -1452,16 +1448,19 @@ def pick_device(device: str = "") -> str:
 
 
 def load_model(path: str = "", precision: str = "fp32", vae_precision: str = "", device: str = "", variant: str = "",
-               compile: bool = False, channels_last: bool = False, vae: str = "") -> StableDiffusion:
-    """from_pretrained with the command-line conventions: "" = the toy model, precision names, --vae, and the UNet's
+               compile: bool = False, channels_last: bool = False, vae: str = "", clip_skip: int = 1) -> StableDiffusion:
+    """from_pretrained with the command-line conventions: "" = the toy model, precision names, --vae, --clip-skip, the UNet's
     speed switches (in-place compilation keeps the state-dict keys and traces hooks on the first call)."""
     import weights_convert
-
     if precision not in DTYPES or (vae_precision or precision) not in DTYPES:
         raise ValueError(f"unknown precision '{precision}/{vae_precision}'; use fp32, fp16 or bf16.")
     model = StableDiffusion.from_pretrained(path or None, pick_device(device), DTYPES[precision],
                                             DTYPES[vae_precision] if vae_precision else None, variant or None)
     model.vae.load_state_dict(weights_convert.load_vae(vae, model.vae)) if vae else None  # copied in: keeps dtype and device
+    if clip_skip != 1 and (model.text_encoder_2 is not None or clip_skip > model.cfg.text.layers):  # kohya ignores it on SDXL
+        raise ValueError(f"--clip-skip {clip_skip}: " + ("SDXL already conditions on its text towers' penultimate layers; leave it at 1." if
+                         model.text_encoder_2 is not None else f"this text encoder has {model.cfg.text.layers} layers."))
+    model.text_encoder.skip = clip_skip
     model.unet.to(memory_format=torch.channels_last) if channels_last else None
     model.unet.compile() if compile else None
     return model
@@ -1484,7 +1483,7 @@ def main(argv=None):
             model = StableDiffusion(TINY).eval().requires_grad_(False).to(device)
         else:
             model = load_model(args.pretrained_model, args.precision, args.vae_precision, device, args.variant,
-                               args.compile, args.channels_last, args.vae)
+                               args.compile, args.channels_last, args.vae, args.clip_skip)
         images = model.sample([args.prompt] * args.batch_size, args.negative_prompt, args.steps, args.guidance_scale,
                               args.sampler, args.eta, args.height or None, args.width or None,
                               torch.Generator(device).manual_seed(args.seed))

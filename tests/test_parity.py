@@ -69,6 +69,11 @@ def test_clip_text_matches_transformers(tmp_path, act, projection):
         assert_close(hidden, out.last_hidden_state, what="last layer + final LayerNorm")
         assert_close(pooled, out.text_embeds if projection else out.pooler_output, what="pooled")
         assert_close(ours_pen(ids)[0], out.hidden_states[-2], what="penultimate layer (SDXL)")
+        for skip in (2, 3):  # kohya's --clip_skip (train_util.get_hidden_states): final_layer_norm(hidden_states[-skip])
+            ours.skip = skip
+            assert_close(ours(ids)[0], getattr(ref, "text_model", ref).final_layer_norm(out.hidden_states[-skip]), what=f"clip skip {skip}")
+            assert_close(ours(ids)[1], out.text_embeds if projection else out.pooler_output, what="pooled under clip skip")
+        ours.skip = 1
         # token_embeds replaces lookups before the position embeddings: the same as editing the
         # table row of a token that occurs once ("photo" at position 2 of the first prompt)
         v = torch.randn(32)

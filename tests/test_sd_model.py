@@ -214,3 +214,29 @@ def test_sdxl_keeps_its_vae_in_fp32_at_fp16_unless_asked(tmp_path):
     assert vae("sdxl", "fp16") == torch.float32 and vae("sdxl", "fp16", "fp16") == torch.float16
     assert vae("sdxl", "bf16") == torch.bfloat16 and vae("sd1", "fp16") == torch.float16
     assert sdm.load_model(str(tmp_path / "sdxl"), "fp16").unet.out[2].weight.dtype == torch.float16
+
+
+def test_clip_skip_reaches_the_prompt_encoding_and_is_refused_where_it_cannot_apply(tmp_path):
+    """--clip-skip 2 (A1111's "Clip skip", kohya's --clip_skip) conditions SD 1.x on the penultimate text layer after the
+    final LayerNorm (the layer math is pinned to transformers in test_parity); SDXL already reads penultimate layers."""
+    import weights_convert as wc
+    from conftest import TINY_XL
+
+    model = sdm.StableDiffusion(TINY_XL)
+    wc.write_parts(tmp_path / "sdxl", TINY_XL, {p: getattr(model, p).state_dict() for p in ("unet", "vae", "text_encoder", "text_encoder_2")})
+    with pytest.raises(ValueError, match="--clip-skip 2: SDXL already conditions on its text towers' penultimate layers"):
+        sdm.load_model(str(tmp_path / "sdxl"), clip_skip=2)
+    plain, skipped = sdm.load_model(""), sdm.load_model("", clip_skip=2)
+    te, ids = plain.text_encoder, plain.tokenize(["a red star"])
+    states = []
+    with torch.no_grad():
+        handle = te.text_model.encoder.layers[-1].register_forward_pre_hook(lambda m, a: states.append(a[0]))
+        te(ids)
+        handle.remove()
+    want = te.text_model.final_layer_norm(states[0])
+    assert torch.equal(skipped.encode_prompt(["a red star"]).context, want)
+    assert not torch.allclose(plain.encode_prompt(["a red star"]).context, want)
+    layers = plain.cfg.text.layers
+    with pytest.raises(SystemExit, match=f"--clip-skip {layers + 1}: this text encoder has {layers} layers"):
+        sdm.main(["sample", "--clip-skip", str(layers + 1), "--prompt", "x", "--output-dir", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
