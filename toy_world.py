@@ -71,16 +71,18 @@ model present, `eval` also reports CLIP-T (image vs the prompt with the class wo
 
 import argparse
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -1107,6 +1109,35 @@ def save_toy(out, parts, cfg=TOY_SD, vision=TOY_VISION, dtype=torch.float16):
     wc.write_parts(Path(out), cfg, parts, vision if "image_encoder" in parts else None)
 
 
+MODEL_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "image_encoder.safetensors", "config.json")
+
+
+def check_export(dst):
+    """--export replaces a model folder as a whole, so a folder holding anything else is refused before training starts."""
+    if dst and os.path.exists(dst) and (not os.path.isdir(dst) or set(os.listdir(dst)) - set(MODEL_FILES)):
+        raise SystemExit(f"--export {dst} is not a model folder (it holds other files, or is a file); choose a new folder "
+                         "or a model folder to replace.")
+
+
+def export_model(src, dst):
+    """Copy the model in `src` to `dst` as a whole: written beside it, then swapped in, so an interrupted export leaves
+    the old model (or, between the two renames, none), never the files of two models."""
+    check_export(dst)
+    parent, name = os.path.split(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        for f in MODEL_FILES:
+            shutil.copyfile(os.path.join(src, f), os.path.join(tmp, f))
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private (0700) folder
+        if os.path.isdir(dst):
+            os.replace(dst, tmp + ".old")
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)
+
+
 def init_sd(out, seed=0):
     """A toy-shaped model with random weights: for trying commands before the real one exists."""
     torch.manual_seed(seed)
@@ -1210,8 +1241,9 @@ class UnetArgs(ToyArgs):
     validation_prompt: str = "a large red star on the grass"
     validation_steps: int = 800
     ema: float = 0.998  # EMA decay of the UNet weights (the EMA ships); 0.998^2400 leaves <1 % of the init
-    latent_images: int = 32000  # the first N pretraining images; their latents are encoded once (~10 ms each)
+    latent_images: int = 32000  # the first N pretraining images (0 = all); their latents are encoded once (~10 ms each)
     export: str = TOY_DIR  # where the finished model goes ("" = only output_dir)
+    minima = {**ToyArgs.minima, "latent_images": 0}
 
 
 def _load(path):
@@ -1314,13 +1346,16 @@ def train_vae(a: ToyArgs):
     not crops: on 32 px crops the mid-block attention (8x8 tokens instead of 16x16) did not carry
     over to full size, whose reconstructions came out hazy and framed."""
     arr, _ = load_pretrain_data(a.data)
+    crop, f = a.resolution or arr.shape[1], 2 ** (len(TOY_SD.vae.ch_mult) - 1)
+    if crop > arr.shape[1] or crop % f:  # (a traceback steps later, after the run folder was made)
+        raise SystemExit(f"--resolution {crop} must be a multiple of {f} no larger than the images' {arr.shape[1]} px "
+                         "(0 = whole images).")
     torch.manual_seed(a.seed)
     device = sdm.pick_device(a.device)
     vae = sdm.AutoencoderKL(TOY_SD.vae).to(device)
     _, vision = _clip_towers(os.path.join(a.stage_dir, "clip"))
     vision.to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.learning_rate, weight_decay=0.0)
-    crop = a.resolution or arr.shape[1]
 
     def features(x):
         vm = vision.vision_model
@@ -1349,6 +1384,41 @@ def train_vae(a: ToyArgs):
                    torch.Generator().manual_seed(a.seed), device=device)
 
 
+# The VAE weights the posterior moments come from: a decoder-only fine-tune (as SD's ft-MSE VAE was) leaves the cache valid.
+LATENT_WEIGHTS = ("encoder.", "quant_conv.")
+
+
+def latent_key(vae, arr, n: int) -> str:
+    """What train-unet's latent cache is a function of: the VAE encoder's weights and every byte of the first n images
+    (sha256 at about 2 GB/s: 0.2 s for the shipped 32k, against minutes to encode them)."""
+    h = hashlib.sha256(json.dumps([n, *arr.shape[1:]]).encode())
+    for k, v in sorted(vae.state_dict().items()):
+        if k.startswith(LATENT_WEIGHTS):
+            h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    h.update(np.ascontiguousarray(arr[:n]))  # a slice of the memory map is contiguous already: hashed as it is read
+    return h.hexdigest()
+
+
+def cached_latents(path, vae, arr, n: int) -> torch.Tensor:
+    """The first n images' posterior moments from the cache at `path` when its key (latent_key) is this VAE's and these
+    images'; otherwise encoded again and the cache rewritten (a stale cache is a cache to rebuild, not an error)."""
+    key, found = latent_key(vae, arr, n), None
+    if os.path.isfile(path):
+        try:
+            with safe_open(path, "pt") as f:
+                found = (f.metadata() or {}).get("latent_key")
+                if found == key:
+                    return f.get_tensor("moments")
+        except Exception:  # safetensors' own error type: a cut-off or foreign file is rebuilt like a stale one
+            pass
+        print(f"{path} holds the latents of another VAE or other images (key {found and found[:12]}, these "
+              f"{key[:12]}); encoding them again.", file=sys.stderr)
+    moments = latent_moments(vae, arr, n)
+    sdm.save_safetensors({"moments": moments}, path, {"latent_key": key, "images": n})
+    return moments
+
+
 @torch.no_grad()
 def latent_moments(vae, arr, n: int) -> torch.Tensor:
     """The VAE posterior's (mean, logvar) of the first n pretraining images, in fp16 on the CPU: train-unet's latent cache."""
@@ -1360,25 +1430,29 @@ def latent_moments(vae, arr, n: int) -> torch.Tensor:
 def train_unet(a: ToyArgs):
     """The denoiser on frozen encoders (LDM Eq. 2): eps-MSE at uniform t, 10 % empty captions,
     an EMA of the weights (the EMA is what ships). Latents are encoded once and cached."""
+    check_export(a.export)
     arr, captions = load_pretrain_data(a.data)
     torch.manual_seed(a.seed)
     device = sdm.pick_device(a.device)
     text, _ = _clip_towers(os.path.join(a.stage_dir, "clip"))
+    vae_path = os.path.join(a.stage_dir, "vae", "vae.safetensors")
     vae = sdm.AutoencoderKL(TOY_SD.vae)
-    vae.load_state_dict(_load(os.path.join(a.stage_dir, "vae", "vae.safetensors")))
+    vae.load_state_dict(_load(vae_path))
+    resume_from = sdm.find_checkpoint(a.output_dir, a.resume)
+    sdm.start_run(a.output_dir, a, resume_from, act=False)  # a folder train_loop would refuse: before minutes of encoding
+    if resume_from and os.path.isfile(old := os.path.join(resume_from, "vae.safetensors")):  # each checkpoint holds its VAE
+        trained = _load(old)
+        if any(not torch.equal(v.to(trained[k].dtype), trained[k]) for k, v in vae.state_dict().items() if k.startswith(LATENT_WEIGHTS)):
+            raise ValueError(f"'{resume_from}' was trained on the latents of another VAE than {vae_path}; resume with "
+                             "that VAE (its vae.safetensors is in the checkpoint), or start a new --output-dir.")
     text.to(device).eval().requires_grad_(False), vae.to(device).eval().requires_grad_(False)
     n = min(a.latent_images or len(arr), len(arr))
-    cache = os.path.join(a.stage_dir, f"latents-{n}.safetensors")
-    if not os.path.isfile(cache):  # posterior moments of every image used, and the latent scale
-        moments = latent_moments(vae, arr, n)
-        d = sdm.DiagonalGaussian(moments[:4096].float())
-        # its own generator: a draw from the global one would make the UNet's init below depend on whether the
-        # cache existed (and randn_like on the device's memory layout)
-        z = d.mean + d.std * torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(a.seed))
-        scale = 1 / z.std().item()  # LDM Sec. 4.3.2: unit variance
-        sdm.save_safetensors({"moments": moments}, cache, {"scale_factor": scale})
-    with safe_open(cache, "pt") as f:
-        moments, scale = f.get_tensor("moments"), json.loads(f.metadata()["scale_factor"])
+    moments = cached_latents(os.path.join(a.stage_dir, f"latents-{n}.safetensors"), vae, arr, n)
+    d = sdm.DiagonalGaussian(moments[:4096].float())
+    # the latent scale (LDM Sec. 4.3.2: unit variance) from its own generator: a draw from the global one would make
+    # the UNet's init below depend on whether the cache existed (and randn_like on the device's memory layout)
+    z = d.mean + d.std * torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(a.seed))
+    scale = 1 / z.std().item()
     cfg = sdm.replace(TOY_SD, vae=sdm.replace(TOY_SD.vae, scale_factor=round(scale, 5)))
     tok = sdm.CLIPTokenizer()
     ids = tok(captions + [""])
@@ -1424,10 +1498,12 @@ def train_unet(a: ToyArgs):
     tensors = {**{f"unet.{k}": v for k, v in unet.state_dict(keep_vars=True).items()},
                **{f"ema.{k}": v for k, v in ema.items()}}
     save = lambda folder: save_toy(folder, parts(), cfg)
-    sdm.train_loop(a, opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed),
-                   validate_fn=validate, after_step=ema_update, device=device)
+    # the export happens after the loop, so it stays out of the checkpoints' settings: a resume may export elsewhere (it was
+    # refused whenever the two folders did not exist yet, as only existing paths are left out of the comparison)
+    out = sdm.train_loop(sdm.replace(a, export=""), opt, tensors, loss_fn, save, torch.Generator().manual_seed(a.seed),
+                         validate_fn=validate, after_step=ema_update, device=device, metadata={"export": a.export})
     if a.export:
-        save_toy(a.export, parts(), cfg)
+        export_model(out, a.export)
         print(f"wrote the toy model to {a.export}")
 
 
@@ -1464,6 +1540,7 @@ def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out
 def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2, device=""):
     """Every stage in order, each resumable and skipped once finished: data, CLIP, VAE, and the UNet in
     the shipped model's two phases (SHIPPED_UNET_STEPS)."""
+    check_export(export)  # before the hours of the earlier stages
     torch.set_num_threads(threads)
     data = os.path.join(work, "data")
     if not os.path.isfile(os.path.join(data, "images.npy")):
@@ -1503,8 +1580,17 @@ def read_manifest(path):
     return rows
 
 
-STAGES = {"train-clip": (ClipArgs, train_clip), "train-vae": (VaeArgs, train_vae),
-          "train-unet": (UnetArgs, train_unet)}
+# The flags every stage reads (train_loop's and ToyArgs'), and each stage's own; the shared training flags a stage does not
+# read (--pretrained-model: the stages train from scratch; --resolution outside train-vae, --scale-lr, ...) are refused, not
+# silently dropped.
+LOOP_FLAGS = {"output_dir", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate", "lr_scheduler",
+              "lr_warmup_steps", "max_grad_norm", "seed", "mixed_precision", "checkpointing_steps", "checkpoints_total_limit",
+              "resume", "device", "overwrite", "data", "threads"}
+STAGES = {"train-clip": (ClipArgs, train_clip, {"hard_negatives"}),
+          "train-vae": (VaeArgs, train_vae, {"stage_dir", "resolution", "perceptual_weight"}),
+          "train-unet": (UnetArgs, train_unet, {"stage_dir", "gradient_checkpointing", "compile", "channels_last", "ema",
+                                                "validation_prompt", "validation_steps", "num_validation_images",
+                                                "latent_images", "export"})}
 
 
 def main(argv=None):
@@ -1516,17 +1602,19 @@ def main(argv=None):
 
 def _main(argv):
     if argv and argv[0] in STAGES:  # training stages take the project's standard training flags
-        cls, fn = STAGES[argv[0]]
+        cls, fn, reads = STAGES[argv[0]]
         a = sdm.parse_args(cls, argv[1:], argparse.ArgumentParser(prog=f"toy_world.py {argv[0]}",
                                                                   description=fn.__doc__))
-        if fn is not train_unet and (a.compile or a.channels_last):
-            sys.exit("--compile and --channels-last apply to the UNet (train-unet) only.")
+        if unread := ["--" + f.name.replace("_", "-") for f in fields(cls)
+                      if f.name not in LOOP_FLAGS | reads and getattr(a, f.name) != f.default]:
+            sys.exit(f"toy_world.py {argv[0]} does not use {', '.join(unread)} (shared training flags outside its "
+                     "recipe; --compile and --channels-last apply to train-unet, --resolution to train-vae); leave them out.")
         torch.set_num_threads(a.threads)
         return fn(a)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, (_, fn) in STAGES.items():
-        sub.add_parser(name, help=fn.__doc__.split("\n")[0].replace("%", "%%") + " (--help: its flags)")
+    for name, (_, fn, _) in STAGES.items():  # the docstring's first paragraph (its first line stops mid-sentence)
+        sub.add_parser(name, help=" ".join(fn.__doc__.split("\n\n")[0].split()).replace("%", "%%") + " (--help: its flags)")
     c = sub.add_parser("init-sd", help="a toy-shaped model with random weights")
     c.add_argument("--out", required=True)
     c.add_argument("--seed", type=int, default=0)

@@ -278,6 +278,127 @@ def test_unet_init_is_the_same_with_or_without_a_latent_cache(tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_latent_cache_is_keyed_by_the_vae_encoder_and_the_images(tmp_path, capsys, monkeypatch):
+    """The cache once ignored which VAE wrote it: after train-vae, train-unet trained on the old VAE's latents. A changed
+    encoder, changed images, an unkeyed (older) or unreadable cache now re-encode, saying so; the same VAE and images,
+    a decoder-only change or a change past the first n images reuse it."""
+    torch.manual_seed(0)
+    vae = sdm.AutoencoderKL(sdm.VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4)).eval()
+    arr = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    path, encoded, real = str(tmp_path / "latents-4.safetensors"), [], tw.latent_moments
+    monkeypatch.setattr(tw, "latent_moments", lambda *a: encoded.append(1) or real(*a))
+    cached = lambda images: tw.cached_latents(path, vae, images, 4)  # noqa: E731
+    first = cached(arr)
+    assert torch.equal(first, real(vae, arr, 4)) and first.shape == (4, 8, 8, 8) and len(encoded) == 1
+    assert torch.equal(cached(arr), first) and len(encoded) == 1
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.add_(1.0)
+    later = arr.copy()
+    later[5] = 0  # past the first n: not in the cache
+    cached(later)
+    assert len(encoded) == 1 and "again" not in capsys.readouterr().err
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1.5)  # as after train-vae
+    again = cached(arr)
+    assert len(encoded) == 2 and "another VAE or other images" in capsys.readouterr().err
+    assert not torch.equal(again, first) and torch.equal(again, real(vae, arr, 4))
+    assert torch.equal(cached(arr), again) and len(encoded) == 2  # the rebuilt cache is reused from then on
+    changed = arr.copy()
+    changed[3, 0, 0, 0] ^= 1  # one bit of one image
+    cached(changed)
+    assert len(encoded) == 3
+    sdm.save_safetensors({"moments": first}, path, {"scale_factor": 1.0})  # a cache of the unkeyed version
+    assert torch.equal(cached(changed), real(vae, changed, 4)) and len(encoded) == 4
+    with open(path, "wb") as f:
+        f.write(b"cut off")
+    cached(changed)
+    assert len(encoded) == 5 and "encoding them again" in capsys.readouterr().err
+
+
+def test_unet_resume_refuses_another_vae_and_may_export_elsewhere(tmp_path, monkeypatch):
+    """A rebuilt cache must not feed a resumed run: its checkpoint was trained on the latents of the VAE it holds. The
+    export folder, written after the loop, stays out of the checkpoint's settings (a resume exporting to a new folder
+    was refused)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "images.npy", np.zeros((2, 64, 64, 3), np.uint8))
+    (data / "captions.json").write_text('["a red star on the grass", "a blue circle"]')
+    text, vision = tw._clip_towers()
+    for name, module in (("clip/text_encoder", text), ("clip/image_encoder", vision), ("vae/vae", sdm.AutoencoderKL(tw.TOY_SD.vae))):
+        sdm.save_safetensors(module.state_dict(), tmp_path / f"{name}.safetensors")
+    ckpt = tmp_path / "unet" / "checkpoint-1"
+    other = {k: v.half() for k, v in sdm.AutoencoderKL(tw.TOY_SD.vae).state_dict().items()}  # another init: another VAE
+    sdm.save_safetensors(other, ckpt / "vae.safetensors")
+    args = tw.UnetArgs(data=str(data), stage_dir=str(tmp_path), output_dir=str(tmp_path / "unet"), resume=str(ckpt),
+                       latent_images=2, validation_prompt="", export="", threads=1)
+    with pytest.raises(ValueError, match="trained on the latents of another VAE"):
+        tw.train_unet(args)
+    with pytest.raises(FileExistsError, match="not empty"):  # a folder the loop refuses: refused before encoding too
+        tw.train_unet(sdm.replace(args, resume=""))
+    assert not os.path.exists(tmp_path / "latents-2.safetensors")  # refused before anything was written
+    sdm.save_safetensors({k: v.half() for k, v in sdm.load_file(str(tmp_path / "vae" / "vae.safetensors")).items()},
+                         ckpt / "vae.safetensors")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def loop(a, *_, metadata=None, **__):
+        seen.update(args=a, metadata=metadata)
+        raise Stop
+
+    monkeypatch.setattr(sdm, "train_loop", loop)
+    with pytest.raises(Stop):  # its own VAE: past the check, into the loop
+        tw.train_unet(sdm.replace(args, export=str(tmp_path / "new" / "sd")))
+    assert seen["args"].export == "" and seen["args"].resume == str(ckpt)
+    assert seen["metadata"] == {"export": str(tmp_path / "new" / "sd")}  # still in args.json
+
+
+def test_stages_refuse_shared_flags_they_do_not_read(tmp_path, capsys):
+    """--pretrained-model, --resolution (outside train-vae), --scale-lr, ... were accepted and silently dropped: a
+    reader reproducing the stages believed they applied. Now one sentence, before anything is written."""
+    for argv, flags in ((["train-clip", "--pretrained-model", "x", "--scale-lr"], "--pretrained-model, --scale-lr"),
+                        (["train-unet", "--resolution", "32"], "--resolution"),
+                        (["train-vae", "--compile", "--validation-prompt", "a star"], "--compile, --validation-prompt")):
+        with pytest.raises(SystemExit, match=f"{argv[0]} does not use {flags} "):
+            tw.main([*argv, "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")])
+    assert not os.listdir(tmp_path)
+    with pytest.raises(SystemExit, match="No pretraining data"):  # train-vae reads --resolution (its crop): past the check
+        tw.main(["train-vae", "--resolution", "32", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")])
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "images.npy", np.zeros((2, 64, 64, 3), np.uint8))
+    (tmp_path / "data" / "captions.json").write_text('["a", "b"]')
+    for r in ("30", "96"):  # were tracebacks a step in, after the run folder was made
+        with pytest.raises(SystemExit, match=f"--resolution {r} must be a multiple of 4 no larger than the images' 64 px"):
+            tw.main(["train-vae", "--resolution", r, "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        tw.main(["train-unet", "--latent-images", "-1"])
+    assert "--latent-images must be at least 0" in capsys.readouterr().err
+
+
+def test_export_replaces_a_model_folder_as_a_whole(tmp_path):
+    """The export wrote file by file into the shipped model's folder: an interrupted one left a UNet of one run beside
+    the config (latent scale) of another. Now it is swapped in whole, and a folder holding other files is refused."""
+    src, dst = tmp_path / "run", tmp_path / "sd"
+    for folder, text in ((src, "new"), (dst, "old")):
+        folder.mkdir()
+        for f in tw.MODEL_FILES:
+            (folder / f).write_text(text + f)
+    tw.export_model(str(src), str(dst))
+    assert {f: (dst / f).read_text() for f in tw.MODEL_FILES} == {f: "new" + f for f in tw.MODEL_FILES}
+    assert sorted(os.listdir(tmp_path)) == ["run", "sd"]  # nothing left beside it
+    tw.export_model(str(src), str(tmp_path / "fresh" / "sd"))
+    assert sorted(os.listdir(tmp_path / "fresh" / "sd")) == sorted(tw.MODEL_FILES)
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not a model folder"):
+        tw.export_model(str(src), str(dst))
+    args = tw.UnetArgs(data=str(tmp_path / "none"), output_dir=str(tmp_path / "unet"), export=str(dst))
+    with pytest.raises(SystemExit, match="is not a model folder"):  # train-unet: before the run starts
+        tw.train_unet(args)
+    assert (dst / "notes.txt").read_text() == "mine" and not (tmp_path / "unet").exists()
+
+
 def test_bad_manifests_and_concept_files_are_one_sentence(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"file": "a.png", "prompt": "scene_snow"\n')
     with pytest.raises(SystemExit, match="line 1 is not JSON"):
