@@ -1369,7 +1369,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.mixed_precision == "fp16")
     step = load_checkpoint(resume_from, tensors, optimizer, scheduler, generator, scaler, args) if resume_from else 0
     trim_log(out, step) if resume_from else None
-    (out / "args.json").write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1))
+    atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps({**asdict(args), **(metadata or {})}, indent=1)))
     print("config: " + json.dumps(asdict(args)) + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
     params = [p for g in optimizer.param_groups for p in g["params"]]
