@@ -548,7 +548,7 @@ class Records(torch.utils.data.Dataset):
         self.shards = [range(a, b) for a, b in zip(starts, starts[1:])]
         if not len(self):
             raise ValueError(f"no training records in {', '.join(map(str, paths))}; write {{key}}.png/.json"
-                             "(/.mask.png) or {{key}}.jpg/.json/.png files, or .tar shards of them (python toy_world.py make-records).")
+                             "(/.mask.png) or {key}.jpg/.json/.png files, or .tar shards of them (python toy_world.py make-records).")
         self.tokenizer = sdm.CLIPTokenizer()
 
     def _say(self, msg, key):
@@ -925,48 +925,98 @@ def import_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder) -> No
     method.grounding.load_state_dict(read("proj"))
 
 
+def check_base(sd: sdm.StableDiffusion, path: str) -> None:
+    """The method is defined on SD 1.x/2.x UNets (card §2.1): one text encoder, whose states the fused text replaces,
+    and no added vector condition. An SDXL base (two towers, y = pooled text + size ids) failed at the first UNet call."""
+    if sd.cfg.text2 is not None or sd.cfg.unet.adm_in_channels:
+        raise ValueError(f"'{path or 'the toy model'}' is an SDXL model, and Subject-Diffusion runs on SD 1.x/2.x bases only "
+                         "(one text encoder, no added size/pooled-text condition); pass an SD 1.x or 2.x model.")
+
+
 def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", precision: str = "fp32", device: str = "",
                  compile: bool = False, channels_last: bool = False, vae_precision: str = "", variant: str = ""):
     """(sd, vision, method, metadata) from a training output folder (or one of its checkpoint-N), or an
     official-layout folder; the base model defaults to the one the weights were trained on."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     folder = Path(weights)
-    ours = folder / "subject_diffusion.safetensors"
+    ours, text = folder / "subject_diffusion.safetensors", folder / "text_encoder.safetensors"
     if not ours.exists() and not official_parts(folder):
-        raise FileNotFoundError(f"'{folder}' holds no Subject-Diffusion weights (subject_diffusion.safetensors, or the "
-                                "official unet/ clip_text/ mlp/ proj/ folders, or unet_EP_STEP/ ...); pass the output folder of `train`.")
-    if ours.exists():
-        with safe_open(str(ours), "pt") as f:
-            meta = f.metadata() or {}
+        ckpts = sorted(folder.glob("checkpoint-*/subject_diffusion.safetensors"), key=lambda f: int(f.parent.name.split("-")[1]))
+        raise FileNotFoundError(f"'{folder}' holds no Subject-Diffusion weights (subject_diffusion.safetensors, or the official "
+                                "unet/ clip_text/ mlp/ proj/ folders, or unet_EP_STEP/ ...); " + (
+                                    f"its run has not finished: pass its latest checkpoint, '{ckpts[-1].parent}'." if ckpts else
+                                    "pass the output folder of `train`."))
+    state = None
+    if ours.exists():  # read before the models load: a missing or cut file is one sentence, not a traceback at the end
+        if not text.exists():
+            raise FileNotFoundError(f"'{folder}' has subject_diffusion.safetensors but not text_encoder.safetensors, the fine-tuned "
+                                    "text encoder written beside it; copy both files.")
+        try:
+            with safe_open(str(ours), "pt") as f, safe_open(str(text), "pt") as g:
+                meta = f.metadata() or {}
+                if meta != (g.metadata() or {}):  # save_method writes one header into both (a stop between them: two runs)
+                    raise ValueError(f"subject_diffusion.safetensors and text_encoder.safetensors in '{folder}' come from "
+                                     f"different runs or steps (step {meta.get('step')} and {(g.metadata() or {}).get('step')}); "
+                                     "use a checkpoint-N folder, whose two files belong together.")
+            state = {**load_file(str(ours)), **{"text_encoder." + k: v for k, v in load_file(str(text)).items()}}
+        except SafetensorError as e:
+            raise ValueError(f"the weights in '{folder}' are not readable safetensors files (cut short by a copy?): {e}.") from None
     else:
         meta = official_metadata(folder)
     device = sdm.pick_device(device)
     sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, vae_precision or ("fp32" if precision == "fp16" else ""),
                         device, variant, compile, channels_last)
+    check_base(sd, pretrained_model or meta.get("base_model", ""))
     vision = sdm.StableDiffusion.load_image_encoder(image_encoder or meta.get("image_encoder") or pretrained_model
                                                     or meta.get("base_model") or None, device, sdm.DTYPES[precision])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg)
     try:  # a missing key (KeyError) or a wrong shape (RuntimeError) means another base model or image encoder
-        if ours.exists():
-            method.load_state_dict({**load_file(str(ours)), **{"text_encoder." + k: v for k, v in
-                                                                load_file(str(folder / "text_encoder.safetensors")).items()}})
+        if state is not None:
+            method.load_state_dict(state)
         else:
             import_official(method, sd.unet, folder)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"the weights in '{folder}' do not fit this base model / image encoder ({str(e)[:300]}).") from None
+        raise ValueError(f"the weights in '{folder}' do not fit this base model / image encoder ({' '.join(str(e).split())[:300]}).") from None
     return sd, vision, method.to(device, sdm.DTYPES[precision]).eval().requires_grad_(False), meta
 
 
 # ---- 5. Training: single process or torchrun + DistributedDataParallel.
 
 
+AGREED = {e.__name__: e for e in (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)}  # main() says these
+
+
+@contextlib.contextmanager
+def together(world: int, device):
+    """Run the block on every process, then agree: all go on, or all stop with the first failed process's error. A
+    check or read that failed on one process alone (its own records, files or memory) left the others waiting in their
+    next collective (gloo: a 'connection closed by peer' traceback; NCCL: a hang until the timeout). The cost when
+    all went well is one all_reduce of a flag; the message travels only on failure."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # any error: re-raised below, on every process
+        error = e
+    if world > 1:
+        flag = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(flag)
+        if flag.item():
+            said = [None] * world
+            dist.all_gather_object(said, None if error is None else (type(error).__name__, str(error)))
+            rank, (kind, msg) = next((r, x) for r, x in enumerate(said) if x)
+            error = error or (AGREED[kind](msg) if kind in AGREED else RuntimeError(f"process {rank} stopped: {kind}: {msg}"))
+    if error is not None:
+        raise error
+
+
 def train(cfg: TrainConfig) -> SubjectDiffusion:
     """The card's recipe (§7). Written here rather than on sd_model.train_loop, which is single-process:
     one process per GPU (torchrun), DDP gradient all-reduce (no_sync inside an accumulation), logs and
     checkpoints on rank 0 with sd_model's save_checkpoint / load_checkpoint / lr_lambda. All randomness
-    comes with the data (`Records`), so N processes x B equals 1 process x N*B, and --resume is exact."""
+    comes with the data (`Records`), so N processes x B equals 1 process x N*B, and --resume is exact. What can fail on
+    one process alone (a check, a record, a write of rank 0) runs in `together`, so that all processes stop with its sentence."""
     if cfg.p_drop_text + cfg.p_drop_both + cfg.p_drop_location > 1:  # the three bands of one draw (card §7.3)
         raise ValueError(f"--p-drop-text, --p-drop-both and --p-drop-location are shares of one draw and must sum to at most 1 "
                          f"(got {cfg.p_drop_text + cfg.p_drop_both + cfg.p_drop_location:g}).")
@@ -981,39 +1031,11 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     main, out = rank == 0, Path(cfg.output_dir)
-    if not cfg.data:
-        raise ValueError("no training data: pass --data FOLDER_OR_SHARDS (python toy_world.py make-records writes some).")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"--mixed-precision {cfg.mixed_precision}: use no, fp16 or bf16.")
-    if not cfg.validation_prompt and (cfg.validation_subject or cfg.validation_entity):
-        print("note: --validation-subject/--validation-entity do nothing without --validation-prompt.", file=sys.stderr)
-    if cfg.validation_prompt:  # else validation would be skipped without a word, or fail at the first grid
-        if not cfg.validation_subject or not cfg.validation_entity.strip():
-            raise ValueError("--validation-prompt needs --validation-subject IMAGE and --validation-entity WORD "
-                             "(the word of the prompt the subject is, e.g. 'dog').")
-        if not Path(cfg.validation_subject).is_file():
-            raise FileNotFoundError(f"--validation-subject '{cfg.validation_subject}' does not exist.")
-        sdm.load_image(cfg.validation_subject)  # unreadable: one sentence now, not at the first validation
-        try:  # the prompt too: 'sks' in it, or too long with its clause
-            fused_prompt(cfg.validation_prompt, [cfg.validation_entity.strip()], sdm.CLIPTokenizer())
-        except ValueError as e:
-            raise ValueError(f"--validation-prompt: {e}") from None
-    resume_from = sdm.find_checkpoint(out, cfg.resume)
-    sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",))  # every rank: a refusal on rank 0 alone
-    # would leave the others waiting at its first barrier
-    torch.manual_seed(cfg.seed)
-    frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
-    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, cfg.variant, cfg.compile, cfg.channels_last)
-    vision = sdm.StableDiffusion.load_image_encoder(cfg.image_encoder or cfg.pretrained_model or None, device, sdm.DTYPES[frozen])
-    method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
-    sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    model = Objective(method, sd, vision, cfg, sd.tokenize([""]))
-    if (cfg.resolution or sd.cfg.image_size) % sd.size_multiple:
-        raise ValueError(f"--resolution must be a multiple of {sd.size_multiple} for this model (got {cfg.resolution}).")
-    if main:  # only once the models loaded, so that a bad --pretrained-model leaves nothing behind
-        sdm.start_run(out, cfg, resume_from, keep=("records_index.npz",))  # the shard index stays: it checks its tars
-    if world > 1:
-        dist.barrier()
+    with together(world, device):  # every check and load: each process's own files and memory, so agreed on
+        sd, vision, method, model, resume_from = prepare(cfg, device, out)
+    with together(world, device):  # once all passed: a refused run (here or on another process) removes nothing
+        if main:
+            sdm.start_run(out, cfg, resume_from, keep=("records_index.npz",))  # the shard index stays: it checks its tars
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -1023,25 +1045,28 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, sdm.lr_lambda(cfg))
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.mixed_precision == "fp16")
     tensors = dict(method.state_dict(keep_vars=True))
-    start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, elastic(resume_from, cfg, world)) if resume_from else 0
     R = cfg.resolution or sd.cfg.image_size
-    if world > 1 and not main:  # rank 0 indexes the shards first and writes the index the others read
-        dist.barrier()
-    try:
-        data, failed = Records(cfg.data, cfg, R, R // sd.vae.downsample_factor, sd.cfg.vae.z_channels, vision.cfg.image_size,
-                               sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main), None
-    except (ValueError, FileNotFoundError) as e:  # bad data: rank 0 still lets the others through to their own sentence
-        failed = e
-    if world > 1 and main:
-        dist.barrier()
-    if failed is not None:
-        raise failed
-    if main:  # after the checkpoint's and the data's checks: a refused run leaves the folder's args.json as it was
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
-        print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
-        print(f"resumed from {resume_from} at step {start}", file=sys.stderr) if resume_from else None
-    sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
+    records = lambda: Records(cfg.data, cfg, R, R // sd.vae.downsample_factor, sd.cfg.vae.z_channels, vision.cfg.image_size,
+                              sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main)
+    with together(world, device):  # rank 0 indexes the shards first and writes the index the others read
+        start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, elastic(resume_from, cfg, world)) if resume_from else 0
+        data = records() if main else None
+    with together(world, device):  # the sampler's check too: 'fewer records than one global batch' came after args.json
+        data = data if data is not None else records()
+        sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
+    with together(world, device):
+        if main:  # after the checkpoint's and the data's checks: a refused run leaves the folder's args.json as it was
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
+            print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
+            print(f"resumed from {resume_from} at step {start}", file=sys.stderr) if resume_from else None
+            sdm.trim_log(out, start) if resume_from else None  # first: a line cut by the stop would not parse
+    with together(world, device):
+        skipped = torch.zeros(len(SKIPS))
+        if resume_from and (out / "log.jsonl").exists():  # the counts so far: the log line of the step resumed from
+            lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+            at = [r for r in lines if r.get("step") == start]
+            skipped = torch.tensor([float(at[-1].get("skipped", {}).get(k, 0)) if at else 0.0 for k in SKIPS])
     loader = iter(torch.utils.data.DataLoader(data, cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                               pin_memory=cuda, persistent_workers=cfg.num_workers > 0))
     meta = {"base_model": cfg.pretrained_model, "image_encoder": cfg.image_encoder, "drop_objects": str(cfg.drop_objects),
@@ -1050,23 +1075,17 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, cfg.max_train_steps), desc="train", initial=start, total=cfg.max_train_steps, disable=not main)
-    skipped, last_good = torch.zeros(len(SKIPS)), resume_from
-    if resume_from and (out / "log.jsonl").exists():  # the counts so far: the log line of the step resumed from
-        sdm.trim_log(out, start) if main else None  # first: a line cut by the stop would not parse
-        if world > 1:
-            dist.barrier()
-        lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-        at = [r for r in lines if r.get("step") == start]
-        skipped = torch.tensor([float(at[-1].get("skipped", {}).get(k, 0)) if at else 0.0 for k in SKIPS])
+    last_good = resume_from
     cond, hooks = (model.module if world > 1 else model).cond, contextlib.ExitStack()
     hooks.enter_context(install(method, sd.unet, cond))  # open over forward and backward (see `install`)
     for step in bar:
         t0, stats = time.perf_counter(), torch.zeros(3 + len(SKIPS), device=device)
         for micro in range(accum):
-            batch = next(loader)
             with model.no_sync() if world > 1 and micro + 1 < accum else contextlib.nullcontext():
-                with amp:
-                    loss, mse, attn = model(batch)
+                with together(world, device):  # a record or a forward that fails on one process: before the gradient all-reduce
+                    batch = next(loader)
+                    with amp:
+                        loss, mse, attn = model(batch)
                 scaler.scale(loss / accum).backward()
             stats += torch.cat([torch.stack([loss.detach(), mse, attn]).float() / accum, batch["skips"].sum(0).to(device)])
         if world > 1:
@@ -1085,41 +1104,74 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
             sched.step()  # leaves the LR schedule where it was (accelerate's rule)
         opt.zero_grad(set_to_none=True)
         skipped += stats[3:].cpu()
-        if main:
-            logs = {"step": step + 1, "loss": stats[0].item(), "mse": stats[1].item(), "attn": stats[2].item(),
-                    "lr": sched.get_last_lr()[0], "images_per_s": round(micro_global * accum / (time.perf_counter() - t0), 3),
-                    "skipped": {k: int(v) for k, v in zip(SKIPS, skipped) if v}, "unreadable_shards": len(data.bad_shards),
-                    **({"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {})}
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(logs) + "\n")
         done = step + 1 == cfg.max_train_steps
-        if cfg.checkpointing_steps and ((step + 1) % cfg.checkpointing_steps == 0 or done):
-            ckpt = last_good = out / f"checkpoint-{step + 1}"
+        with together(world, device):  # rank 0's writes and validation: a full disk there stops every process
             if main:
-                save_method(method, ckpt, {**meta, "step": str(step + 1), "world_size": str(world)})
-                sdm.save_checkpoint(ckpt, step + 1, tensors, opt, sched, None, scaler, cfg)
-                old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-                for p in old[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit else []:
-                    shutil.rmtree(p)
-            if world > 1:
-                dist.barrier()
-        if main and cfg.validation_prompt and cfg.validation_subject and ((step + 1) % cfg.validation_steps == 0 or done):
-            hooks.close()  # generate installs its own
-            with amp:
-                images, _ = generate(method, sd, vision, cfg.validation_prompt,
-                                     [Subject(sdm.load_image(cfg.validation_subject), cfg.validation_entity.strip())],
-                                     n=cfg.num_validation_images, steps=25, drop_objects=cfg.drop_objects,
-                                     generator=torch.Generator().manual_seed(0), progress=False)
-            sdm.save_image(sdm.image_grid(sdm.tensor_to_images(images)), out / "validation" / f"step-{step + 1:06d}.png")
-            hooks.enter_context(install(method, sd.unet, cond))
+                logs = {"step": step + 1, "loss": stats[0].item(), "mse": stats[1].item(), "attn": stats[2].item(),
+                        "lr": sched.get_last_lr()[0], "images_per_s": round(micro_global * accum / (time.perf_counter() - t0), 3),
+                        "skipped": {k: int(v) for k, v in zip(SKIPS, skipped) if v}, "unreadable_shards": len(data.bad_shards),
+                        **({"peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)} if cuda else {})}
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(logs) + "\n")
+            if cfg.checkpointing_steps and ((step + 1) % cfg.checkpointing_steps == 0 or done):
+                ckpt = last_good = out / f"checkpoint-{step + 1}"
+                if main:
+                    save_method(method, ckpt, {**meta, "step": str(step + 1), "world_size": str(world)})
+                    sdm.save_checkpoint(ckpt, step + 1, tensors, opt, sched, None, scaler, cfg)
+                    old = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                    for p in old[: -cfg.checkpoints_total_limit] if cfg.checkpoints_total_limit else []:
+                        shutil.rmtree(p)
+            if main and cfg.validation_prompt and cfg.validation_subject and ((step + 1) % cfg.validation_steps == 0 or done):
+                hooks.close()  # generate installs its own
+                with amp:
+                    images, _ = generate(method, sd, vision, cfg.validation_prompt,
+                                         [Subject(sdm.load_image(cfg.validation_subject), cfg.validation_entity.strip())],
+                                         n=cfg.num_validation_images, steps=25, drop_objects=cfg.drop_objects,
+                                         generator=torch.Generator().manual_seed(0), progress=False)
+                sdm.save_image(sdm.image_grid(sdm.tensor_to_images(images)), out / "validation" / f"step-{step + 1:06d}.png")
+                hooks.enter_context(install(method, sd.unet, cond))
     hooks.close()
-    if main:
-        save_method(method, out, {**meta, "step": str(cfg.max_train_steps)})
+    with together(world, device):
+        if main:
+            save_method(method, out, {**meta, "step": str(cfg.max_train_steps)})
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
     return method
+
+
+def prepare(cfg: TrainConfig, device: str, out: Path):
+    """train's checks, in order (the cheap ones before the models load), and its models; writes nothing."""
+    if not cfg.data:
+        raise ValueError("no training data: pass --data FOLDER_OR_SHARDS (python toy_world.py make-records writes some).")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"--mixed-precision {cfg.mixed_precision}: use no, fp16 or bf16.")
+    if not cfg.validation_prompt and (cfg.validation_subject or cfg.validation_entity):
+        print("note: --validation-subject/--validation-entity do nothing without --validation-prompt.", file=sys.stderr)
+    if cfg.validation_prompt:  # else validation would be skipped without a word, or fail at the first grid
+        if not cfg.validation_subject or not cfg.validation_entity.strip():
+            raise ValueError("--validation-prompt needs --validation-subject IMAGE and --validation-entity WORD "
+                             "(the word of the prompt the subject is, e.g. 'dog').")
+        if not Path(cfg.validation_subject).is_file():
+            raise FileNotFoundError(f"--validation-subject '{cfg.validation_subject}' does not exist.")
+        sdm.load_image(cfg.validation_subject)  # unreadable: one sentence now, not at the first validation
+        try:  # the prompt too: 'sks' in it, or too long with its clause
+            fused_prompt(cfg.validation_prompt, [cfg.validation_entity.strip()], sdm.CLIPTokenizer())
+        except ValueError as e:
+            raise ValueError(f"--validation-prompt: {e}") from None
+    sdm.prepare_output_dir(out, True, create=False)  # a file there: one sentence (it was '[Errno 17] File exists')
+    resume_from = sdm.find_checkpoint(out, cfg.resume)
+    sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",))  # only the check: the folder may be refused
+    torch.manual_seed(cfg.seed)
+    frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
+    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, cfg.variant, cfg.compile, cfg.channels_last)
+    check_base(sd, cfg.pretrained_model)  # before anything is written (it failed at step 1, after args.json)
+    vision = sdm.StableDiffusion.load_image_encoder(cfg.image_encoder or cfg.pretrained_model or None, device, sdm.DTYPES[frozen])
+    method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
+    sd.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    if (cfg.resolution or sd.cfg.image_size) % sd.size_multiple:
+        raise ValueError(f"--resolution must be a multiple of {sd.size_multiple} for this model (got {cfg.resolution}).")
+    return sd, vision, method, Objective(method, sd, vision, cfg, sd.tokenize([""])), resume_from
 
 
 # ---- 6. Inference: subject cut-out, boxes, three-way guidance, attention maps.
@@ -1342,6 +1394,9 @@ def sample_main(a: SampleConfig) -> None:
                 raise FileNotFoundError(f"{flag} '{path}' does not exist.")
     refs = [sdm.load_image(path) for path in a.subject]
     masks = [load_mask(path) for path in a.mask] or [None] * len(refs)
+    for path, mask in zip(a.mask, masks):  # before the models load (it was said after them)
+        if not mask.any():
+            raise ValueError(f"--mask '{path}' is empty: white (or opaque) pixels mark the subject.")
     sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
                                             a.compile, a.channels_last, a.vae_precision, a.variant)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
@@ -1352,6 +1407,9 @@ def sample_main(a: SampleConfig) -> None:
             x1, y1, x2, y2 = a.box[4 * i: 4 * i + 4]
             if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
                 raise ValueError(f"box {x1:g} {y1:g} {x2:g} {y2:g} of '{word}' lies outside the {W}x{H} image (x1 < x2 <= {W}, y1 < y2 <= {H}).")
+            if min(x2 - x1, y2 - y1) < (f := sd.vae.downsample_factor):  # 0.25 0.25 0.75 0.75 drew no box, silently
+                raise ValueError(f"box {x1:g} {y1:g} {x2:g} {y2:g} of '{word}' is under one latent cell ({f} px) and would place "
+                                 "nothing; --box takes pixels of the output image, not fractions.")
             box = (x1 / W, y1 / H, x2 / W, y2 / H)
         subjects.append(Subject(image, word, box, mask))
     g = torch.Generator(sdm.pick_device(a.device)).manual_seed(a.seed)
@@ -1384,9 +1442,17 @@ def main(argv=None):
             p.add_argument("--weights", required=True)
             p.add_argument("--out", required=True)
             p.add_argument("--pretrained-model", default="")
+            p.add_argument("--overwrite", action="store_true")  # the refusal names it
             e = p.parse_args(argv[1:])
+            out = sdm.prepare_output_dir(e.out, e.overwrite, create=False)  # before the models load (it was said after them)
             sd, _, method, meta = load_trained(e.weights, e.pretrained_model, device="cpu")
-            export_official(method, sd.unet, sdm.prepare_output_dir(e.out, False), meta)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            try:  # the four parts appear together or not at all
+                export_official(method, sd.unet, tmp, meta)
+                shutil.rmtree(out) if e.overwrite and out.is_dir() else None
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             print(f"wrote {e.out}")
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # FloatingPointError: a non-finite loss
         lines = str(e).strip().splitlines()  # a DataLoader worker's error carries its whole traceback: its last line says it

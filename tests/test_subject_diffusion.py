@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_close
+from conftest import ROOT, TINY_XL, assert_close
 from PIL import Image
 
 import sd_model as sdm
@@ -566,6 +566,16 @@ def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_bat
            "train", *common[:2], "--data", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "none"), *FAST]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode and "error: no training records in" in r.stderr
+    # a record that fails on one process alone, at step 1: every process stops with its sentence (rank 0 waited in the
+    # gradient all-reduce for a process that had gone: a gloo "Connection closed by peer" traceback; NCCL hangs)
+    (tmp_path / "one_rank.py").write_text(
+        "import os, sys\nsys.path.insert(0, sys.argv.pop(1))\nimport subject_diffusion as sdx\n"
+        "def make(self, i, rng, skips):\n    raise ValueError('record 3 is unreadable on this node.')\n"
+        "if os.environ['RANK'] == '1':\n    sdx.Records.make = make\nsdx.main(sys.argv[1:])\n")
+    cmd = [*cmd[:5], str(tmp_path / "one_rank.py"), str(ROOT), "train", *common, "--output-dir", str(tmp_path / "one_rank")]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode and r.stderr.count("error: record 3 is unreadable on this node.") == 2, r.stderr[-3000:]
+    assert "Connection closed by peer" not in r.stderr
     # an elastic resume: steps 1-2 on 2 processes x 2, then 3-4 on 1 x 4 (the global batch kept) continue the run:
     # each process starts at its share of the global order (it started at its own count: records were replayed)
     more = [*common[:4], "--max-train-steps", "4", *FAST]
@@ -582,6 +592,119 @@ def test_two_processes_under_torchrun_equal_one_process_with_the_same_global_bat
     # the checkpoint says its own layout: el/args.json is now the 1 x 4 start's, and checkpoint-2 still resumes on 1 x 4
     train_cli([*more, "--output-dir", str(tmp_path / "el2"), "--train-batch-size", "4", "--resume", str(tmp_path / "el" / "checkpoint-2")])
     assert all(torch.equal(x, y) for x, y in zip(weights(tmp_path / "el2").values(), b.values()))
+
+
+def _two_processes(fn, tmp_path):
+    """fn(rank) -> list on two forked processes joined by gloo; their lists, in rank order."""
+    import torch.distributed as dist
+
+    ctx, port = torch.multiprocessing.get_context("fork"), tmp_path / "rendezvous"
+    q = ctx.Queue()
+
+    def run(rank):
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{port}", rank=rank, world_size=2)
+        q.put((rank, fn(rank)))
+        dist.destroy_process_group()
+
+    procs = [ctx.Process(target=run, args=(r,)) for r in range(2)]
+    [p.start() for p in procs]
+    got = dict(q.get(timeout=60) for _ in procs)
+    [p.join(timeout=60) for p in procs]
+    return [got[0], got[1]]
+
+
+def test_a_failure_on_one_process_stops_every_process_with_its_sentence(tmp_path):
+    """`together`: a check or read that fails on one process alone is raised on all of them (a ValueError stays one,
+    for main() to print), so no process is left waiting in its next collective; the collectives stay paired."""
+    import torch.distributed as dist
+
+    def steps(rank):
+        said = []
+        for fail, kind in ((None, None), (1, ValueError), (0, RuntimeError), (None, None)):
+            try:
+                with sdx.together(2, "cpu"):
+                    if rank == fail:
+                        raise kind("record 3 is unreadable.")
+                said.append("ok")
+            except Exception as e:  # noqa: BLE001
+                said.append(f"{type(e).__name__}: {e}")
+        x = torch.tensor([rank + 1.0])
+        dist.all_reduce(x)  # still in step: 1 + 2
+        return said + [x.item()]
+
+    assert _two_processes(steps, tmp_path) == [
+        ["ok", "ValueError: record 3 is unreadable.", "RuntimeError: record 3 is unreadable.", "ok", 3.0],
+        ["ok", "ValueError: record 3 is unreadable.", "RuntimeError: process 0 stopped: RuntimeError: record 3 is unreadable.",
+         "ok", 3.0]]
+
+
+def test_an_sdxl_base_is_refused_before_anything_is_written(tiny, tmp_path):
+    """The method is defined on SD 1.x/2.x UNets (no added vector condition, one text encoder): an SDXL base failed
+    at train's step 1, after args.json was written, and sample/export failed late; now one sentence, nothing written."""
+    _, _, root = tiny
+    torch.manual_seed(0)
+    xl = sdm.StableDiffusion(TINY_XL)
+    wc.write_parts(tmp_path / "xl", TINY_XL, {p: getattr(xl, p).state_dict() for p in ("unet", "vae", "text_encoder", "text_encoder_2")})
+    said = "is an SDXL model, and Subject-Diffusion runs on SD 1.x/2.x bases only"
+    with pytest.raises(SystemExit, match=said):
+        sdx.main(["train", "--pretrained-model", str(tmp_path / "xl"), "--data", str(root / "tars"), "--max-train-steps", "1",
+                  *FAST, "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    sd, vision, _ = tiny
+    sdx.save_method(method_for(sd, vision), tmp_path / "w", {"base_model": str(root / "model")})
+    ref = ROOT / "assets" / "readme" / "world.png"
+    with pytest.raises(SystemExit, match=said):
+        sdx.main(["sample", "--weights", str(tmp_path / "w"), "--pretrained-model", str(tmp_path / "xl"), "--subject", str(ref),
+                  "--entity", "star", "--prompt", "a star", "--steps", "1", "--output-dir", str(tmp_path / "samples")])
+    with pytest.raises(SystemExit, match=said):
+        sdx.main(["export", "--weights", str(tmp_path / "w"), "--pretrained-model", str(tmp_path / "xl"), "--out", str(tmp_path / "exp")])
+    assert not (tmp_path / "samples").exists() and not (tmp_path / "exp").exists()
+
+
+def test_command_line_mistakes_found_by_use_are_one_sentence_and_write_nothing(tiny, tmp_path):
+    """Each of these was a traceback, an unclear error, an error after args.json, or silently wrong output."""
+    import shutil
+
+    sd, vision, root = tiny
+    train = ["train", "--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "1", *FAST]
+    (tmp_path / "file").write_text("x")
+    for extra, said in ((["--output-dir", str(tmp_path / "file")], "is a file; choose another"),  # was '[Errno 17] File exists'
+                        (["--output-dir", str(tmp_path / "t"), "--train-batch-size", "32"], r"fewer records \(16\) than one global batch")):
+        with pytest.raises(SystemExit, match=said):
+            sdx.main([*train, *extra])
+    assert not (tmp_path / "t" / "args.json").exists()  # the batch check came after args.json
+    w = tmp_path / "w"
+    sdx.save_method(method_for(sd, vision), w / "checkpoint-3", {"base_model": str(root / "model"), "step": "3"})
+    ref = ROOT / "assets" / "readme" / "world.png"
+    sample = ["sample", "--subject", str(ref), "--entity", "star", "--prompt", "a star", "--steps", "1", "--output-dir", str(tmp_path / "s")]
+    with pytest.raises(SystemExit, match="its run has not finished: pass its latest checkpoint, '.*checkpoint-3'"):
+        sdx.main([*sample, "--weights", str(w)])
+    shutil.copy(w / "checkpoint-3" / "subject_diffusion.safetensors", w)
+    with pytest.raises(SystemExit, match="not text_encoder.safetensors"):  # was 'No such file or directory: ...'
+        sdx.main([*sample, "--weights", str(w)])
+    sdx.save_method(method_for(sd, vision), tmp_path / "other", {"base_model": str(root / "model"), "step": "5"})
+    shutil.copy(tmp_path / "other" / "text_encoder.safetensors", w)  # a stop between save_method's two writes: two runs
+    with pytest.raises(SystemExit, match=r"come from different runs or steps \(step 3 and 5\)"):
+        sdx.main([*sample, "--weights", str(w)])
+    (w / "text_encoder.safetensors").write_bytes((w / "checkpoint-3" / "text_encoder.safetensors").read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="not readable safetensors files"):  # was a SafetensorError traceback
+        sdx.main([*sample, "--weights", str(w)])
+    ok = ["--weights", str(w / "checkpoint-3")]
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    for extra, said in ((["--box", "0.25", "0.25", "0.75", "0.75"], r"under one latent cell \(2 px\).*not fractions"),  # drew no box
+                        (["--mask", str(tmp_path / "black.png")], "is empty: white")):
+        with pytest.raises(SystemExit, match=said):
+            sdx.main([*sample, *ok, *extra])
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "old").write_text("x")
+    export = ["export", *ok, "--out", str(tmp_path / "e")]
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        sdx.main(export)
+    sdx.main([*export, "--overwrite"])  # the refusal named --overwrite, which export did not have
+    assert sorted(q.name for q in (tmp_path / "e").iterdir()) == sorted(sdx.OFFICIAL_PARTS)
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".e.tmp")]  # written beside, then renamed
 
 
 def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
