@@ -934,7 +934,8 @@ def check_base(sd: sdm.StableDiffusion, path: str) -> None:
 
 
 def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", precision: str = "fp32", device: str = "",
-                 compile: bool = False, channels_last: bool = False, vae_precision: str = "", variant: str = ""):
+                 compile: bool = False, channels_last: bool = False, vae_precision: str = "", variant: str = "", vae: str = "",
+                 clip_skip: int = 1):
     """(sd, vision, method, metadata) from a training output folder (or one of its checkpoint-N), or an
     official-layout folder; the base model defaults to the one the weights were trained on."""
     from safetensors import SafetensorError, safe_open
@@ -967,7 +968,7 @@ def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", p
         meta = official_metadata(folder)
     device = sdm.pick_device(device)
     sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, vae_precision or ("fp32" if precision == "fp16" else ""),
-                        device, variant, compile, channels_last)
+                        device, variant, compile, channels_last, vae, clip_skip)
     check_base(sd, pretrained_model or meta.get("base_model", ""))
     vision = sdm.StableDiffusion.load_image_encoder(image_encoder or meta.get("image_encoder") or pretrained_model
                                                     or meta.get("base_model") or None, device, sdm.DTYPES[precision])
@@ -1164,7 +1165,7 @@ def prepare(cfg: TrainConfig, device: str, out: Path):
     sdm.start_run(out, cfg, resume_from, act=False, keep=("records_index.npz",))  # only the check: the folder may be refused
     torch.manual_seed(cfg.seed)
     frozen = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # frozen weights in half precision
-    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, cfg.variant, cfg.compile, cfg.channels_last)
+    sd = sdm.load_model(cfg.pretrained_model, frozen, "", device, cfg.variant, cfg.compile, cfg.channels_last, cfg.vae, cfg.clip_skip)
     check_base(sd, cfg.pretrained_model)  # before anything is written (it failed at step 1, after args.json)
     vision = sdm.StableDiffusion.load_image_encoder(cfg.image_encoder or cfg.pretrained_model or None, device, sdm.DTYPES[frozen])
     method = SubjectDiffusion(sd.unet, sd.text_encoder, vision.cfg).to(device)
@@ -1398,7 +1399,7 @@ def sample_main(a: SampleConfig) -> None:
         if not mask.any():
             raise ValueError(f"--mask '{path}' is empty: white (or opaque) pixels mark the subject.")
     sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
-                                            a.compile, a.channels_last, a.vae_precision, a.variant)
+                                            a.compile, a.channels_last, a.vae_precision, a.variant, a.vae, a.clip_skip)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
     subjects = []
     for i, (image, word, mask) in enumerate(zip(refs, words, masks)):

@@ -772,14 +772,17 @@ def test_resume_equals_an_uninterrupted_run_and_sampling(tiny, tmp_path):
     assert np.array_equal(sdx.load_mask(tmp_path / "cut.png"), disc)
     Image.open(mask).convert("RGBA").save(tmp_path / "opaque.png")  # an editor's black-and-white mask saved as RGBA
     assert np.array_equal(sdx.load_mask(tmp_path / "opaque.png"), disc)
-    vae = []  # --vae-precision reaches the model (it was fixed by --precision alone)
+    vae = []  # --vae-precision, --vae and --clip-skip reach the model (the first was fixed by --precision alone)
     real_load = sdm.load_model
-    sdx.sdm.load_model = lambda *a, **k: vae.append(a[2]) or real_load(*a, **k)
+    sdx.sdm.load_model = lambda *a, **k: vae.append(a[2:3] + a[7:]) or real_load(*a, **k)
     try:
-        sdx.main([*base, "--subject", str(ref), "--entity", "star", "--prompt", "a star", "--vae-precision", "bf16"])
+        sdx.main([*base, "--subject", str(ref), "--entity", "star", "--prompt", "a star", "--vae-precision", "bf16",
+                  "--vae", str(root / "model"), "--clip-skip", "2"])
+        sdx.train(sdm.parse_args(sdx.TrainConfig, [*common, "--output-dir", str(tmp_path / "skip"), "--max-train-steps", "1",
+                                                   "--vae", str(root / "model"), "--clip-skip", "2"]))
     finally:
         sdx.sdm.load_model = real_load
-    assert vae == ["bf16"]
+    assert vae == [("bf16", str(root / "model"), 2), ("", str(root / "model"), 2)]
     bad = ((["--subject", str(ref), str(ref), str(ref)], ["star"] * 3, "a star", "at most 2 subjects"),
            (["--subject", str(ref)], ["star"], "a dog on the snow", "entity word 'star' is not in the prompt"),
            (["--subject", str(ref), "--box", "0", "0", "40", "16"], ["star"], "a star", "lies outside the 32x32 image"),
