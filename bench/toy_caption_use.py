@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -235,11 +234,8 @@ def finetune(out, schedule="v0snr", steps=2000, data="outputs/toy/data", latents
         m.text_encoder.load_state_dict(text.state_dict(), strict=True)
     cfg = sdm.replace(m.cfg, schedule=V0SNR if schedule == "v0snr" else m.cfg.schedule)
     arr, captions = tw.load_pretrain_data(data)
-    if not os.path.isfile(latents):  # train-unet's cache; without it, the same posterior moments from the shipped VAE
-        moments = tw.latent_moments(m.vae, arr, min(tw.UnetArgs.latent_images, len(arr)))
-        sdm.save_safetensors({"moments": moments}, latents, {"scale_factor": m.cfg.vae.scale_factor})
-    with safe_open(latents, "pt") as f:
-        moments = f.get_tensor("moments")
+    # train-unet's cache, keyed by the VAE encoder and the images: encoded again by the shipped VAE when it is another's
+    moments = tw.cached_latents(latents, m.vae, arr, min(tw.UnetArgs.latent_images, len(arr)))
     n, sched, unet, text = len(moments), sdm.NoiseSchedule(cfg.schedule), m.unet.train().requires_grad_(True), m.text_encoder
     ids = sdm.CLIPTokenizer()(captions[:n] + [""])
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
