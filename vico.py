@@ -546,8 +546,13 @@ def generate(model, vico: ViCo, prompts, references=None, ref_tokens=None, negat
     cond = model.encode_prompt(prompts, extra=(rows, None)).context
     ids = model.tokenize(prompts)
     present = [p for p, i in zip(vico.placeholders, vico.token_ids) if (ids == i).any()]  # tokens, not substrings: S1* vs S11*
-    if not present:
-        raise ValueError(f"the prompt has no concept token ({', '.join(vico.placeholders)}); "
+    if not present:  # a placeholder typed another way ("s*", "S *", the official "*") is a different token
+        typed = " ".join(prompts).lower().replace(" ", "")
+        near = next((p for p in vico.placeholders if p.lower() in typed), None)
+        hint = (f" ('{near}' is past the 75 tokens a prompt holds)" if near and any(near in q for q in prompts) else
+                f" ('{near}' is matched as typed: the same case, no spaces inside)" if near else
+                f" (the official code's '*' is called {vico.placeholders[0]} here)" if any("*" in q.split() for q in prompts) else "")
+        raise ValueError(f"the prompt has no concept token ({', '.join(vico.placeholders)}){hint}; "
                          f"e.g. 'a photo of {vico.placeholders[0]} on the beach'.")
     uncond = model.encode_prompt([negative_prompt] * len(prompts), extra=(rows, None)).context if guidance_scale != 1.0 else None
     shape = (len(prompts), model.cfg.unet.in_channels, h // f, w // f)
@@ -645,7 +650,7 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     device = sdm.pick_device(args.device)
     torch.manual_seed(args.seed)
     model = model or sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32", device, args.variant,
-                                    args.compile, args.channels_last, args.vae)
+                                    args.compile, args.channels_last, args.vae, args.clip_skip)
     check_model(model)
     for d, c in zip(args.images, concepts):
         if len(c) == 1 and args.visual_condition:
@@ -712,7 +717,7 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
 
     lrs = [g["lr"] for g in opt.param_groups]  # the effective ones, after --scale-lr
     meta = {"base_model": args.pretrained_model or "toy", "init_words": args.init_word, "seed": args.seed,
-            "resolution": size, "max_train_steps": args.max_train_steps,
+            "resolution": size, "max_train_steps": args.max_train_steps, "clip_skip": args.clip_skip,
             "learning_rates": dict(zip(("tokens", "image_blocks"), lrs))}
 
     def save(folder):
@@ -720,7 +725,10 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
         save_concept(vico, folder, {**meta, "step": int(name.split("-")[1]) if name.startswith("checkpoint-") else args.max_train_steps})
 
     # every concept the validation prompt names gets its first image as reference (App. J: "S1* next to S2*")
-    shown = [p for p in placeholders if p in args.validation_prompt]
+    # by token, as `generate` finds them: a substring test took an S* cut at 77 tokens, and the run failed at its
+    # first validation, with its folder written
+    val_ids = model.tokenize([args.validation_prompt])[0] if args.validation_prompt else None
+    shown = [p for p, i in zip(placeholders, token_ids) if val_ids is not None and (val_ids == i).any()]
 
     def validate():
         refs = [images[placeholders.index(p)][0] for p in shown]
@@ -729,7 +737,7 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
         return sdm.tensor_to_images(out)
 
     if args.validation_prompt and not shown:
-        raise ValueError(f"the validation prompt has no concept token ({', '.join(placeholders)}).")
+        raise ValueError(f"the validation prompt has no concept token ({', '.join(placeholders)}) in its first 75 tokens.")
     tensors = {"embeddings": vico.embeddings, **{f"image_blocks.{k}": v for k, v in vico.image_blocks.state_dict(keep_vars=True).items()}}
     with vico.install(model.unet):
         sdm.train_loop(args, opt, tensors, loss_fn, save, torch.Generator().manual_seed(args.seed), validate, device=device,
@@ -764,8 +772,11 @@ def read_reference(path):
 def sample_cli(a: ViCoSampleArgs) -> None:
     ref_images = [read_reference(r) for r in a.reference]  # before the model: bad input fails in a second
     device = sdm.pick_device(a.device)
-    model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last, a.vae)
+    model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last, a.vae,
+                           a.clip_skip)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
+    if (trained := int(vico.metadata.get("clip_skip", "1"))) != a.clip_skip:  # S* was learned on that layer's output
+        warnings.warn(f"this concept was trained with --clip-skip {trained}; sampling with --clip-skip {a.clip_skip}.")
     if ref_images and not vico.visual_condition:
         warnings.warn("this concept is plain textual inversion (trained with --no-visual-condition): "
                       "the --reference images are not used.")
@@ -790,7 +801,7 @@ def sample_cli(a: ViCoSampleArgs) -> None:
 
 
 # what a trained concept's metadata says about its training; `export --format vico` carries it over
-TRAINING_METADATA = ("init_words", "seed", "step", "learning_rates", "resolution", "max_train_steps")
+TRAINING_METADATA = ("init_words", "seed", "step", "learning_rates", "resolution", "max_train_steps", "clip_skip")
 
 
 def export_cli(argv) -> None:

@@ -608,6 +608,12 @@ def test_bad_templates_and_repeated_placeholders_are_refused_before_the_output_f
             run_train(model, tmp_path / "run", 1, images=images, placeholder=[ph], templates=[t])
         assert not (tmp_path / "run").exists(), ph
     assert run_train(model, tmp_path / "run", 1, images=images, templates=["a {{literal}} {}"]).layers
+    # a validation prompt whose S* is past its 75 tokens failed at the first validation, with the run's folder written
+    with pytest.raises(ValueError, match="validation prompt has no concept token"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tokenizer's warning about the cut
+        vico.train(vico.ViCoArgs(images=[str(images)], init_word=["dog"], validation_prompt="a " * 80 + "S*",
+                                 output_dir=str(tmp_path / "val")), model)
+    assert not (tmp_path / "val").exists()
 
 
 def test_command_line_refusals_leave_no_output_folder(model, model_dir, tmp_path, capsys):
@@ -775,3 +781,31 @@ def test_export_to_official_names_a_mask_mode_the_official_code_does_not_use(mod
         vico.main(["export", "--pretrained-model", str(model_dir), "--concept", str(tmp_path / "nomask"), "--format", "official",
                    "--output-dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "checkpoints" / "cross_attention-399.pt").exists()
+
+
+def test_clip_skip_reaches_the_model_in_train_and_sample_and_is_recorded(model_dir, tmp_path, monkeypatch):
+    seen, load = [], sdm.load_model  # --clip-skip was parsed and stored for resume, but never given to the model
+    monkeypatch.setattr(sdm, "load_model", lambda *a, **kw: seen.append(m := load(*a, **kw)) or m)
+    run, imgs = tmp_path / "run", write_images(tmp_path / "imgs", 1)
+    vico.main(["train", "--pretrained-model", str(model_dir), "--images", str(imgs), "--init-word", "dog", "--output-dir", str(run),
+               "--max-train-steps", "1", "--clip-skip", "2"])
+    with safe_open(str(run / "vico.safetensors"), "pt") as f:
+        assert f.metadata()["clip_skip"] == "2"
+    sample = ["sample", "--pretrained-model", str(model_dir), "--concept", str(run), "--reference", str(imgs / "0.png"),
+              "--prompt", "a S*", "--steps", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training's layer: no warning
+        vico.main([*sample, "--clip-skip", "2", "--output-dir", str(tmp_path / "a")])
+    with pytest.warns(UserWarning, match="trained with --clip-skip 2; sampling with --clip-skip 1"):
+        vico.main([*sample, "--output-dir", str(tmp_path / "b")])
+    assert [m.text_encoder.skip for m in seen] == [2, 2, 1]
+
+
+def test_a_placeholder_typed_another_way_is_named_in_the_refusal(model):
+    v = vico.ViCo(model.unet, ["S*"], vico.add_placeholders(model, ["S*"]), torch.zeros(1, model.cfg.text.width), False)
+    for prompt, hint in (("a photo of s*", r"\('S\*' is matched as typed"), ("a photo of S *", r"\('S\*' is matched as typed"),
+                         ("a photo of *", r"the official code's '\*' is called S\* here"), ("a photo of a dog", r"\(S\*\); e\.g\."),
+                         ("a " * 80 + "S*", r"\('S\*' is past the 75 tokens")):
+        with pytest.raises(ValueError, match=hint), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tokenizer's own warning about the cut
+            vico.generate(model, v, prompt, steps=1, progress=False)
