@@ -1454,6 +1454,8 @@ def load_model(path: str = "", precision: str = "fp32", vae_precision: str = "",
     import weights_convert
     if precision not in DTYPES or (vae_precision or precision) not in DTYPES:
         raise ValueError(f"unknown precision '{precision}/{vae_precision}'; use fp32, fp16 or bf16.")
+    if vae and not Path(vae).exists():  # before the model loads, and naming the flag
+        raise FileNotFoundError(f"--vae '{vae}' does not exist.")
     model = StableDiffusion.from_pretrained(path or None, pick_device(device), DTYPES[precision],
                                             DTYPES[vae_precision] if vae_precision else None, variant or None)
     model.vae.load_state_dict(weights_convert.load_vae(vae, model.vae)) if vae else None  # copied in: keeps dtype and device

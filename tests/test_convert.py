@@ -364,3 +364,5 @@ def test_another_vae_in_every_naming_people_have_it(tmp_path, hf_tokenizer_dir, 
     with pytest.raises(SystemExit, match="error: --vae .*deeper"):
         sdm.main(["sample", "--pretrained-model", pipe, "--vae", str(tmp_path / "deeper"), "--output-dir", str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
+    with pytest.raises(FileNotFoundError, match="--vae '.*nowhere' does not exist"):
+        sdm.load_model(pipe, vae=str(tmp_path / "nowhere"))
