@@ -141,8 +141,9 @@ class ExportArgs:
     output_dir: str = ""
     pretrained_model: str = ""  # the concept's base model; "" = the one it records (W_base of the full weights)
     variant: str = ""  # SD 2.x single files: sd21 (v) or sd21-base (eps)
-    overwrite: bool = False
-    choices = {"format": ("diffusers",)}  # sdm.parse_args
+    save_precision: str = "fp32"  # kohya's --save_precision: the dtype of the weights and token files (fp16: half the size)
+    overwrite: bool = False  # also removes an earlier export's files there (is_ico_export), and nothing else
+    choices = {"format": ("diffusers",), "save_precision": ("fp32", "fp16", "bf16")}  # sdm.parse_args
 
 
 # ---- 2. ICO's parameters and the prompt of Eq. 2.
@@ -363,9 +364,24 @@ def diffusers_attention_names(cfg: sdm.UNetConfig, names) -> dict[str, str]:
     return {name: back[name] for name in names}
 
 
-def export_diffusers(ico: ICO, model: sdm.StableDiffusion, out, metadata: dict) -> list[Path]:
+def is_ico_export(path) -> bool:
+    """Whether a file is one `export_diffusers` wrote, by its own header: the weights file or a token file named after a
+    token its metadata lists, with the class word and format "pt" of an export (training's files say "diffusers" or
+    "a1111"). Only such files are removed when an export replaces another: a user's own files there stay."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        names = [CUSTOM_DIFFUSION_WEIGHTS, *(f"{t}.safetensors" for t in json.loads(meta.get("tokens", "[]")))]
+    except Exception:  # not safetensors, or a header that is not ours
+        return False
+    return meta.get("format") == "pt" and "class_word" in meta and Path(path).name in names
+
+
+def export_diffusers(ico: ICO, model: sdm.StableDiffusion, out, metadata: dict, dtype=torch.float32) -> list[Path]:
     """The concept as diffusers' train_custom_diffusion.py saves one: the full fine-tuned K/V weights, W_base + dW in
-    fp32, as `<attn processor name>.to_k_custom_diffusion.weight` / `.to_v_...`, and one textual-inversion file a token,
+    fp32 (or `dtype`, rounded once from the fp32 sum), as `<attn processor name>.to_k_custom_diffusion.weight` / `.to_v_...`, and one textual-inversion file a token,
     `<new1>.safetensors` = {"<new1>": (width,)}. Our Lv tokens are Lv words of the vocabulary, as its --modifier_token
     "<new1>+<new2>" makes them, so a diffusers prompt names them as ours does ("a <new1> <new2> <new3> cat");
     learned_embeds.safetensors holds the same rows as one multi-vector word instead. Each attn1 processor gets an empty
@@ -380,15 +396,20 @@ def export_diffusers(ico: ICO, model: sdm.StableDiffusion, out, metadata: dict) 
     attn1 = [n for n, m in model.unet.named_modules() if n.endswith(".attn1") and isinstance(m, sdm.Attention)]
     names = diffusers_attention_names(model.cfg.unet, sorted(attn2) + attn1)
     weights = dict(model.unet.named_parameters())
-    tensors = {f"{names[n]}.processor": torch.zeros(0) for n in attn1}
+    tensors = {f"{names[n]}.processor": torch.zeros(0, dtype=dtype) for n in attn1}
     for key, name in ico.kv_names.items():  # name: ...attn2.to_k
         path, proj = name.rsplit(".", 1)
-        tensors[f"{names[path]}.processor.{proj}_custom_diffusion.weight"] = weights[f"{name}.weight"].float() + ico.kv[key].float()
+        w = weights[f"{name}.weight"].float() + ico.kv[key].float()
+        tensors[f"{names[path]}.processor.{proj}_custom_diffusion.weight"] = w.to(dtype)
     meta = {**metadata, "format": "pt", "class_word": ico.class_word, "tokens": ico.tokens, "kv": "full: W_base + dW"}
     files = [out / CUSTOM_DIFFUSION_WEIGHTS, *(out / f"{t}.safetensors" for t in ico.tokens)]
+    # an earlier export there (export --overwrite): its files this one does not replace, e.g. other tokens' files
+    stale = [f for f in out.glob("*.safetensors") if f not in files and is_ico_export(f)] if out.is_dir() else []
     sdm.save_safetensors(tensors, files[0], meta)
     for token, row, f in zip(ico.tokens, ico.rows, files[1:]):
-        sdm.save_safetensors({token: row.float()}, f, {k: v for k, v in meta.items() if k != "kv"})
+        sdm.save_safetensors({token: row.float().to(dtype)}, f, {k: v for k, v in meta.items() if k != "kv"})
+    for f in stale:  # after the new files are in place: a failed export leaves the earlier one whole
+        f.unlink()
     return files
 
 
@@ -840,7 +861,8 @@ def run_export(a: ExportArgs):
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
     model = sdm.load_model(a.pretrained_model or meta["base_model"], device="cpu", variant=a.variant)
     ico = ICO.load(a.concept, model)  # refuses another base model: W_base + dW needs the W_base dW was trained on
-    files = export_diffusers(ico, model, out, {k: meta[k] for k in ("method", "base_model", "steps", "seed") if k in meta})
+    files = export_diffusers(ico, model, out, {k: meta[k] for k in ("method", "base_model", "steps", "seed") if k in meta},
+                             sdm.DTYPES[a.save_precision])
     print(f"wrote {', '.join(f.name for f in files)} to {out}; in diffusers, prompt '{resolve_prompt('a {}', ico)}' "
           "after the loading recipe of README.md (ICO in diffusers)")
 

@@ -331,6 +331,8 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     lora = LoRA.from_tensors(layers, name).to("cpu" if device.type == "meta" else device)  # meta: a skeleton UNet (merge)
     with contextlib.suppress(ValueError, TypeError):  # the learned tokens `train` or `merge` wrote it with
         lora.tokens = [t for t in json.loads(meta.get("tokens", "[]")) if isinstance(t, str)]
+    with contextlib.suppress(ValueError, TypeError):  # merge --token: the names they had before, one per token
+        lora.renamed_from = [t for t in json.loads(meta.get("renamed_from", "[]")) if isinstance(t, str)]
     return lora
 
 
@@ -1061,12 +1063,47 @@ def load_adapters(model, paths, scales):
     return loras, found
 
 
+def old_names(model, loras, embeddings, names: list[str]) -> dict[str, tuple[list[str], str]]:
+    """Names learned tokens had before a rename -> (what the prompt calls them now, who renamed them): merge --token
+    (the `renamed_from` of a merged LoRA and of its learned_embeds) and sample's --token (`names`, one per token of
+    `embeddings`). Old names that are one word of CLIP's vocabulary (A1111's dog.pt, loaded as --token <dog>) are
+    left out: in a prompt they are that word."""
+    from safetensors import safe_open
+
+    pairs = []  # (old name, the name in the embeddings file or LoRA, who renamed it)
+    now = {}  # the embeddings file's token -> its name in the prompt
+    if embeddings is not None:
+        tokens = read_embeddings(embeddings)[0]
+        now = dict(zip(tokens, names or tokens))
+        pairs += [(t, t, "--token") for t in tokens]
+        if str(embeddings).endswith(".safetensors"):
+            with safe_open(str(embeddings), "pt") as f, contextlib.suppress(ValueError, TypeError):
+                pairs += [(o, t, "merge --token") for o, t in zip(json.loads((f.metadata() or {}).get("renamed_from", "[]")), tokens)]
+    for lora in loras:
+        pairs += [(o, t, "merge --token") for o, t in zip(getattr(lora, "renamed_from", []), lora.tokens)]
+    current, out = set(now.values()), {}
+    for old, tok, how in pairs:
+        if not isinstance(old, str) or old in current or (ids := model.tokenizer.tokenize(old)) and len(ids) == 1 \
+                and ids[0] < model.tokenizer.bos_id:  # bos_id: the first id past CLIP's words
+            continue
+        new, hows = out.setdefault(old, ([], []))
+        new += [now.get(tok, tok)] if now.get(tok, tok) not in new else []
+        hows += [how] if how not in hows else []
+    return {old: (new, " and ".join(hows)) for old, (new, hows) in out.items()}
+
+
 def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str, renamed: dict | None = None) -> None:
-    """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently."""
+    """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently; so would a
+    token's old name after a rename (`renamed`: old_names)."""
+    rest = text
+    for t in sorted(tokens.tokens if tokens is not None else [], key=len, reverse=True):  # "<sks>" is not in "<sks2>"
+        rest = rest.replace(t, " ")
+    for old, (new, how) in (renamed or {}).items():
+        if old in rest:
+            raise ValueError(f"'{old}' is a learned token's old name ({how} renamed it), which the prompt would read as "
+                             f"text; write {' or '.join(repr(n) for n in new)} instead.")
     for p, lora in zip(paths, loras):
         if missing := [t for t in lora.tokens if t in text and (tokens is None or t not in tokens.tokens)]:
-            if missing[0] in (renamed or {}):
-                raise ValueError(f"--token loads '{missing[0]}' as '{renamed[missing[0]]}'; write that in the prompt.")
             raise ValueError(f"'{p}' was trained with the learned token(s) {missing}, whose embeddings are not loaded "
                              f"(the prompt would read '{missing[0]}' as text); give its learned_embeds.safetensors "
                              "with --embeddings.")
@@ -1095,7 +1132,7 @@ def main(argv=None):
             if a.token and not files:
                 raise ValueError("--token names the tokens of an embeddings file, and none is loaded; give --embeddings.")
             tokens = LearnedTokens.load(files[0], model, a.token) if files else None
-            renamed = dict(zip(read_embeddings(files[0])[0], a.token)) if a.token else {}
+            renamed = old_names(model, loras, files[0] if files else None, a.token)
             check_tokens(a.lora, loras, tokens, " ".join((a.prompt, a.base_prompt, a.negative_prompt)), renamed)
             h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
             g = torch.Generator(model.device).manual_seed(a.seed)
@@ -1113,6 +1150,11 @@ def main(argv=None):
                 raise ValueError(f"--output '{a.output}' must be a .safetensors file path, e.g. merged_lora.safetensors.")
             if Path(a.output).exists() and not a.overwrite:
                 raise FileExistsError(f"--output '{a.output}' exists; pass --overwrite or choose another.")
+            if a.token:  # as train and sample refuse them (a word of the vocabulary cannot be a new token): before any work
+                try:
+                    sdm.CLIPTokenizer().add_tokens(list(dict.fromkeys(a.token)))
+                except ValueError as e:
+                    raise ValueError(f"--token {e}") from None
             model = SimpleNamespace(unet=unet_skeleton(a.pretrained_model))
             loras, found = load_adapters(model, a.lora, [])
             weights = a.weights or [1.0] * len(loras)

@@ -615,6 +615,12 @@ def test_diffusers_export_loads_into_a_diffusers_pipeline_and_matches_our_model(
     for i, t in enumerate(ico.tokens):  # train_custom_diffusion.py's layout: {"<new1>": (width,)}
         row = load_file(str(out / f"{t}.safetensors"))
         assert list(row) == [t] and torch.equal(row[t], ico.rows[i])
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):  # --save-precision: the fp32 export, cast
+        di.main(["export", "--concept", str(tmp_path / "concept"), "--output-dir", str(tmp_path / precision), "--save-precision", precision])
+        for name in (di.CUSTOM_DIFFUSION_WEIGHTS, *(f"{t}.safetensors" for t in ico.tokens)):
+            full, half = load_file(str(out / name)), load_file(str(tmp_path / precision / name))
+            assert half.keys() == full.keys() and all(v.dtype == dtype and torch.equal(v, full[k].to(dtype)) for k, v in half.items())
+    capsys.readouterr()
 
     prompt = f"a {ico.phrase} in the snow"
     g = torch.Generator().manual_seed(5)
@@ -642,6 +648,24 @@ def test_diffusers_export_loads_into_a_diffusers_pipeline_and_matches_our_model(
     with pytest.raises(ValueError, match="cannot name a file"):
         di.export_diffusers(di.ICO(small := tiny(), ["<a/b>"], "cat"), small, tmp_path / "bad", {})
     assert not (tmp_path / "bad").exists() and not (tmp_path / "x").exists()
+
+
+def test_export_overwrite_removes_an_earlier_exports_files_and_only_those(tmp_path):
+    """A second export into the folder of a first (export --overwrite) leaves the files of this one only: the first
+    one's token files of other tokens go; files that are not an export's (by their own header) stay, a copy of the
+    concept's learned_embeds and a safetensors named like a token included."""
+    model, out = tiny(), tmp_path / "export"
+    di.export_diffusers(di.ICO(model, ["<a1>", "<a2>"], "cat"), model, out, {"method": "ico"})
+    (out / "notes.txt").write_text("mine")
+    sdm.save_embeddings(out / "learned_embeds.safetensors", {"<a1>": torch.zeros(2, 32)}, "diffusers",
+                        {"class_word": "cat", "tokens": ["<a1>"]})  # training's file, copied here by the user
+    sdm.save_safetensors({"x": torch.zeros(1)}, out / "<z9>.safetensors", {"tokens": ["<z9>"]})  # not an export's
+    (out / "broken.safetensors").write_bytes(b"not safetensors")
+    assert di.is_ico_export(out / "<a2>.safetensors") and not di.is_ico_export(out / "learned_embeds.safetensors")
+    files = di.export_diffusers(di.ICO(model := tiny(), ["<b1>"], "dog"), model, out, {"method": "ico"})
+    assert {p.name for p in out.iterdir()} == {p.name for p in files} | {
+        "notes.txt", "learned_embeds.safetensors", "<z9>.safetensors", "broken.safetensors"}
+    assert {p.name for p in files} == {di.CUSTOM_DIFFUSION_WEIGHTS, "<b1>.safetensors"}
 
 
 def test_negative_gamma_needs_no_equals_sign(monkeypatch):

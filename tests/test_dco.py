@@ -715,6 +715,26 @@ def test_merge_renames_a_token_both_inputs_learned(setup, tmp_path, capsys):
     dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(merged), "--prompt", "a <dog> and a <cat>",
               "--steps", "1", "--output-dir", str(tmp_path / "s")])  # the embeddings beside the merged file, by their new names
     assert (tmp_path / "s" / "0000_00.png").exists()
+    # an old name in the prompt would be read as text: refused, naming the new names (renamed_from); so is the merged
+    # file's name after sample's own --token renames it, and both renames are followed through to the prompt's names
+    with pytest.raises(SystemExit, match=r"'<sks>' is a learned token's old name \(merge --token renamed it\).*"
+                                         r"write '<dog>' or '<cat>' instead"):
+        dco.main(["sample", "--pretrained-model", str(sd1), "--lora", str(merged), "--prompt", "a <sks> on the beach",
+                  "--steps", "1", "--output-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
+    model = sdm.StableDiffusion.from_pretrained(sd1)
+    loras = [dco.load_lora(merged, model.unet)]
+    ti = dco.LearnedTokens.load(tmp_path / "m.learned_embeds.safetensors", model, ["<rex>", "<tom>"])
+    old = dco.old_names(model, loras, tmp_path / "m.learned_embeds.safetensors", ["<rex>", "<tom>"])
+    assert old == {"<sks>": (["<rex>", "<tom>"], "merge --token"), "<dog>": (["<rex>"], "--token"), "<cat>": (["<tom>"], "--token")}
+    for prompt, said in (("a <sks>", "write '<rex>' or '<tom>' instead"), ("a <dog> and a <tom>", r"'<dog>' .*\(--token renamed it\)")):
+        with pytest.raises(ValueError, match=said):
+            dco.check_tokens([merged], loras, ti, prompt, old)
+    dco.check_tokens([merged], loras, ti, "a <rex> and a <tom> in the snow", old)  # the new names pass
+    # a word of the vocabulary cannot be a new token: merge refuses it before any work, as train and sample do
+    with pytest.raises(SystemExit, match=r"--token 'cat' is already a token of the vocabulary; choose a new placeholder"):
+        run("--token", "<dog>", "cat", "--overwrite")
+    assert dco.read_embeddings(tmp_path / "m.learned_embeds.safetensors")[0] == ["<dog>", "<cat>"]  # untouched
 
 
 def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
@@ -1193,7 +1213,11 @@ def test_a1111_embeddings_are_named_by_their_file_and_token_renames_at_sampling(
     run("renamed", "--embeddings", str(tmp_path / "run" / "learned_embeds.safetensors"), "--token", "<rex>", "--prompt", "a <rex> in the snow")
     plain = np.asarray(Image.open(tmp_path / "plain" / "0000_00.png"))
     assert all(np.array_equal(plain, np.asarray(Image.open(tmp_path / d / "0000_00.png"))) for d in ("a1111", "renamed"))
+    with pytest.raises(SystemExit, match=r"'<dog>' is a learned token's old name \(--token renamed it\).*write '<rex>' instead"):
+        run("refused", "--embeddings", str(tmp_path / "run" / "learned_embeds.safetensors"), "--token", "<rex>", "--prompt", "a <dog>")
     torch.save({"string_to_param": {"*": torch.randn(1, w)}}, tmp_path / "dog.pt")  # named after a word of the vocabulary
+    run("word", "--guidance", "cfg", "--embeddings", str(tmp_path / "dog.pt"), "--token", "<d>", "--prompt", "a <d> and a dog")
+    assert (tmp_path / "word" / "0000_00.png").exists()  # its old name is that word, and a prompt may use the word
     for extra, said in ((["--embeddings", str(tmp_path / "dog.pt")], "'dog' is already a token.*name it with --token"),
                         (["--embeddings", str(tmp_path / "dog.pt"), "--token", "<a>", "<b>"], "one distinct name per token"),
                         (["--token", "<a>"], "--token names the tokens of an embeddings file, and none is loaded")):
