@@ -330,7 +330,7 @@ def read_metadata(folder) -> dict:
         with safe_open(str(path), "pt") as f:
             raw = f.metadata()
         meta = {k: json.loads(v) if k in ("tokens", "base_probe", "n_prefix", "n_suffix", "steps", "seed", "resolution",
-                                          "max_train_steps", "batch", "learning_rates") else v for k, v in raw.items()}
+                                          "max_train_steps", "batch", "learning_rates", "clip_skip") else v for k, v in raw.items()}
         if not meta["tokens"] or not meta["class_word"]:
             raise KeyError("tokens")
         if not (Path(folder) / "learned_embeds.safetensors").is_file():
@@ -731,7 +731,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     device = sdm.pick_device(args.device)
     if model is None:
         model = sdm.load_model(args.pretrained_model, args.mixed_precision, "fp32" if args.mixed_precision == "fp16" else "",
-                               device, args.variant, args.compile, args.channels_last, args.vae)
+                               device, args.variant, args.compile, args.channels_last, args.vae, args.clip_skip)
     model.requires_grad_(False)
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     for part in ("prefix", "suffix") if args.contexts else ():  # the code's rule: init words set the length (card 2.2)
@@ -788,7 +788,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     opt = make_optimizer(ico, args)
     base = args.pretrained_model  # absolute when it is a local path: `sample` may run from another folder
     meta = {"method": "ico" if args.contexts else "cd-template", "base_model": str(Path(base).resolve()) if base and Path(base).exists() else base,
-            "base_probe": base_probe(model).tolist(), "seed": args.seed, "resolution": size,
+            "base_probe": base_probe(model).tolist(), "seed": args.seed, "resolution": size, "clip_skip": args.clip_skip,
             "max_train_steps": args.max_train_steps, "batch": [args.train_batch_size, args.gradient_accumulation_steps],
             # the effective rates, after --scale-lr: V rows and K/V, then the contexts (10x by default)
             "learning_rates": dict(zip(("kv_and_tokens", "contexts"), [g["lr"] for g in opt.param_groups]))}
@@ -820,8 +820,10 @@ def run_sample(a: DCIArgs):
     meta = read_metadata(a.concept)
     device = sdm.pick_device(a.device)
     model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant,
-                           a.compile, a.channels_last, a.vae)
+                           a.compile, a.channels_last, a.vae, a.clip_skip)
     ico = ICO.load(a.concept, model)
+    if (trained := meta.get("clip_skip", 1)) != a.clip_skip:  # V and dW were learned on that layer's output
+        warnings.warn(f"this concept was trained with --clip-skip {trained}; sampling with --clip-skip {a.clip_skip}.")
     prompts = [p for p in [a.prompt, *(Path(a.prompt_file).read_text().splitlines() if a.prompt_file else [])] if p.strip()]
     if not prompts:
         raise ValueError("pass --prompt (with V, {} or the concept tokens) or --prompt-file.")

@@ -333,6 +333,8 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
         lora.tokens = [t for t in json.loads(meta.get("tokens", "[]")) if isinstance(t, str)]
     with contextlib.suppress(ValueError, TypeError):  # merge --token: the names they had before, one per token
         lora.renamed_from = [t for t in json.loads(meta.get("renamed_from", "[]")) if isinstance(t, str)]
+    with contextlib.suppress(ValueError, TypeError):  # ours, or kohya's ("None" when it trained without)
+        lora.clip_skip = int(meta.get("clip_skip") or meta.get("ss_clip_skip"))
     return lora
 
 
@@ -911,7 +913,8 @@ def train(a: DCOArgs) -> Path:
     if set(repeats) != {1}:  # kohya prints the same count: a folder name read wrongly shows here
         print(f"{len(images)} images, repeated as their folders say: {len(order.slots)} samples an epoch")
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
-    model = sdm.load_model(a.pretrained_model, half, "fp32", device, a.variant, a.compile, a.channels_last, a.vae)  # frozen parts in half, VAE fp32 (l.490)
+    model = sdm.load_model(a.pretrained_model, half, "fp32", device, a.variant, a.compile, a.channels_last, a.vae,
+                           a.clip_skip)  # frozen parts in half, VAE fp32 (l.490)
     res = a.resolution or model.cfg.image_size
     if res % model.size_multiple:
         raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {res}).")
@@ -974,13 +977,14 @@ def train(a: DCOArgs) -> Path:
     tensors = {f"lora.{k}": v for k, v in lora.state_dict(keep_vars=True).items()}
     tensors.update({f"tokens.{k}": v for k, v in (ti.state_dict(keep_vars=True).items() if ti else [])}, **order.state())
     meta = {"base_model": a.pretrained_model or "toy", "rank": a.rank, "lora_alpha": a.lora_alpha or a.rank,
-            "dco_beta": a.dco_beta, "seed": a.seed, "tokens": tokens, "initializer_tokens": inits}
+            "dco_beta": a.dco_beta, "seed": a.seed, "tokens": tokens, "initializer_tokens": inits, "clip_skip": a.clip_skip}
 
     def save(folder):
         folder = Path(folder)  # checkpoint-N/, or the run folder after the last step
         step = a.max_train_steps if folder == Path(a.output_dir) else int(folder.name.split("-")[1])
         save_lora(folder / "pytorch_lora_weights.safetensors", model.unet, [lora], "peft", {**meta, "step": step})
-        save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", {**meta, "step": step, "ss_steps": step})
+        save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", {**meta, "step": step, "ss_steps": step,
+                                                                                    "ss_clip_skip": str(a.clip_skip)})
         if ti is not None:
             ti.save(folder / "learned_embeds.safetensors", {"base_model": meta["base_model"]})
             ti.save_per_token(folder, {"base_model": meta["base_model"]})
@@ -1124,8 +1128,11 @@ def main(argv=None):
                 raise ValueError(f"{len(a.lora)} LoRAs but {len(a.lora_scale)} --lora-scale values; give one per LoRA (or none: 1 each).")
             out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # save_image makes it: a refusal leaves none
             model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, a.device, a.variant,
-                                   a.compile, a.channels_last, a.vae)
+                                   a.compile, a.channels_last, a.vae, a.clip_skip)
             loras, found = load_adapters(model, a.lora, a.lora_scale)
+            for p, lora in zip(a.lora, loras):  # its text conditioning was that layer's (kohya's files say ss_clip_skip)
+                if (trained := getattr(lora, "clip_skip", None)) not in (None, a.clip_skip):
+                    warnings.warn(f"'{p}' was trained with --clip-skip {trained}; sampling with --clip-skip {a.clip_skip}.")
             files = list({Path(f).resolve(): f for f in a.embeddings or found}.values())  # given ones over those found
             if len(files) > 1:
                 raise ValueError("give one embeddings file (several token sets cannot share the new-token ids).")

@@ -787,3 +787,19 @@ def test_each_prompt_of_a_file_is_its_own_seeded_batch(model_dirs, base, tmp_pat
     assert [r["aux_prompt"] for r in rows] == ["a dog on the grass"] * 2 + ["a dog at night"] * 2
     assert all(np.array_equal(pixels("both", 2 + i), pixels("alone", i)) for i in range(2))
     assert not np.array_equal(pixels("alone", 0), pixels("alone", 1))  # the batch's images differ
+
+
+def test_clip_skip_reaches_train_and_sample_and_is_recorded(model_dirs, tmp_path, monkeypatch):
+    """--clip-skip was parsed (and checked on resume) but never reached the model: V and dW are learned on that layer's
+    output, so the concept records it and sampling with another value warns."""
+    sd, _ = model_dirs
+    skips, real = [], sdm.load_model
+    monkeypatch.setattr(sdm, "load_model", lambda *a, **k: skips.append(a[8]) or real(*a, **k))
+    di.main(["train", "--pretrained-model", str(sd), "--images", str(folder_of_images(tmp_path / "refs", 1)), "--class-word", "cat",
+             "--output-dir", str(tmp_path / "run"), "--max-train-steps", "1", "--clip-skip", "2"])
+    assert di.read_metadata(tmp_path / "run")["clip_skip"] == 2
+    sample = ["sample", "--concept", str(tmp_path / "run"), "--prompt", "a V cat", "--steps", "2", "--no-dci"]
+    with pytest.warns(UserWarning, match="trained with --clip-skip 2; sampling with --clip-skip 1"):
+        di.main([*sample, "--output-dir", str(tmp_path / "s1")])
+    di.main([*sample, "--output-dir", str(tmp_path / "s2"), "--clip-skip", "2"])
+    assert skips == [2, 1, 2]

@@ -1224,3 +1224,24 @@ def test_a1111_embeddings_are_named_by_their_file_and_token_renames_at_sampling(
         with pytest.raises(SystemExit, match=said):
             run("refused", "--guidance", "cfg", "--prompt", "a <a> dog", *extra)
     assert not (tmp_path / "refused").exists()
+
+
+def test_clip_skip_reaches_train_and_sample_and_is_recorded_as_kohya_does(setup, tmp_path, monkeypatch):
+    """--clip-skip was parsed (and checked on resume) but never reached the model; a LoRA's text conditioning is that
+    layer's, so its files say it (kohya's ss_clip_skip, which A1111 users read) and sampling with another value warns."""
+    root, sd1, _ = setup
+    skips, real = [], sdm.load_model
+    monkeypatch.setattr(sdm, "load_model", lambda *a, **k: skips.append(a[8]) or real(*a, **k))
+    dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions", str(root / "config.json"),
+              "--config-name", "dreambooth", "--output-dir", str(tmp_path / "run"), "--rank", "2", "--max-train-steps", "1",
+              "--clip-skip", "2"])
+    kohya, peft = (safe_open(str(tmp_path / "run" / f), "pt").metadata() for f in ("lora_kohya.safetensors", "pytorch_lora_weights.safetensors"))
+    assert (kohya["ss_clip_skip"], peft["clip_skip"]) == ("2", "2")
+    sample = ["sample", "--pretrained-model", str(sd1), "--lora", str(tmp_path / "run"), "--prompt", "a dog", "--guidance", "cfg",
+              "--steps", "1"]
+    with pytest.warns(UserWarning, match="trained with --clip-skip 2; sampling with --clip-skip 1"):
+        dco.main([*sample, "--output-dir", str(tmp_path / "s1")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dco.main([*sample, "--output-dir", str(tmp_path / "s2"), "--clip-skip", "2"])
+    assert skips == [2, 1, 2]
