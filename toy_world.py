@@ -1156,24 +1156,38 @@ def _render_chunk(args):
     return start, imgs, caps
 
 
-def pretrain_data(out, n, seed=0, size=64, workers=2):
+def pretrain_data(out, n, seed=0, size=64, workers=2, overwrite=False):
     """N pretraining scenes as one uint8 array (images.npy, memory-mapped by the stages) plus
     captions.json; rendered once, since every stage reads them several times."""
     from multiprocessing import Pool
 
+    if n < 1:
+        raise SystemExit(f"--n must be at least 1 (got {n}).")
+    # What an interrupted run leaves (captions.json comes first, temporary files) is taken over, so a rerun goes on;
+    # finished data (images.npy) or anything else needs --overwrite, as every stage's output folder does.
+    held = {f for f in os.listdir(out) if f != "captions.json" and not f.endswith(".tmp")} if os.path.isdir(out) else set()
+    if held and not overwrite:
+        raise SystemExit(f"{out} already holds {'pretraining data' if 'images.npy' in held else 'other files'}; pass "
+                         "--overwrite to render it again, or choose a new folder.")
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, ".images.npy.tmp")
-    arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, size, size, 3))
-    captions = [None] * n
-    chunks = [(seed, s, min(s + 1000, n), size) for s in range(0, n, 1000)]
-    with Pool(workers) as pool:
-        for start, imgs, caps in tqdm(pool.imap_unordered(_render_chunk, chunks), total=len(chunks),
-                                      desc="render"):
-            arr[start:start + len(imgs)], captions[start:start + len(caps)] = imgs, caps
-    arr.flush()
-    del arr
-    atomic_write(os.path.join(out, "captions.json"), json.dumps(captions).encode())
-    os.replace(tmp, os.path.join(out, "images.npy"))  # last: `pretrain` takes images.npy for finished data
+    tmp, images = os.path.join(out, ".images.npy.tmp"), os.path.join(out, "images.npy")
+    try:
+        arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, size, size, 3))
+        captions = [None] * n
+        chunks = [(seed, s, min(s + 1000, n), size) for s in range(0, n, 1000)]
+        with Pool(workers) as pool:
+            for start, imgs, caps in tqdm(pool.imap_unordered(_render_chunk, chunks), total=len(chunks),
+                                          desc="render"):
+                arr[start:start + len(imgs)], captions[start:start + len(caps)] = imgs, caps
+        arr.flush()
+        del arr
+        if os.path.exists(images):  # --overwrite: the old images go before the new captions, never beside them
+            os.unlink(images)
+        atomic_write(os.path.join(out, "captions.json"), json.dumps(captions).encode())
+        os.replace(tmp, images)  # last: `pretrain` takes images.npy for finished data
+    finally:  # a crash leaves no multi-GB temporary file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_pretrain_data(folder):
@@ -1539,7 +1553,7 @@ def eval_base(model_dir=None, n=256, steps=25, guidance_scale=5.0, seed=123, out
 
 def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2, device=""):
     """Every stage in order, each resumable and skipped once finished: data, CLIP, VAE, and the UNet in
-    the shipped model's two phases (SHIPPED_UNET_STEPS)."""
+    the shipped model's two phases (SHIPPED_UNET_STEPS); then the final checkpoint goes to `export`."""
     check_export(export)  # before the hours of the earlier stages
     torch.set_num_threads(threads)
     data = os.path.join(work, "data")
@@ -1551,10 +1565,17 @@ def pretrain(work="outputs/toy", n=200_000, export=TOY_DIR, threads=2, device=""
         a = cls(**common, output_dir=os.path.join(work, name))
         if not os.path.isfile(os.path.join(a.output_dir, done)):
             fn(a)
-    unet = UnetArgs(**common, output_dir=os.path.join(work, "unet"), export=export)
+    # The phases export nothing and the end exports the final checkpoint: a stop in phase 2 leaves the old model in
+    # `export`, never phase 1's, and a stop between the last checkpoint and the export is exported on the rerun. A phase
+    # is done once a complete checkpoint (find_checkpoint's rule: its training state is written last) reaches its steps.
+    unet = UnetArgs(**common, output_dir=os.path.join(work, "unet"), export="")
     for steps in SHIPPED_UNET_STEPS:
-        if not os.path.isdir(os.path.join(unet.output_dir, f"checkpoint-{steps}")):
+        latest = sdm.find_checkpoint(unet.output_dir, "latest")
+        if latest is None or int(latest.name.split("-")[1]) < steps:
             train_unet(sdm.replace(unet, max_train_steps=steps))
+    if export:  # the checkpoint, not the run folder, whose files a stop before the loop's final save leaves at phase 1
+        export_model(os.path.join(unet.output_dir, f"checkpoint-{SHIPPED_UNET_STEPS[-1]}"), export)
+        print(f"wrote the toy model to {export}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1623,6 +1644,7 @@ def _main(argv):
     c.add_argument("--n", type=int, default=200_000)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--overwrite", action="store_true", help="render again into a folder that holds data")
     c = sub.add_parser("pretrain", help="every stage: data, CLIP, VAE, UNet; rerun to resume")
     c.add_argument("--work", default="outputs/toy")
     c.add_argument("--n", type=int, default=200_000)
@@ -1673,7 +1695,7 @@ def _main(argv):
     if a.cmd == "init-sd":
         init_sd(a.out, a.seed)
     elif a.cmd == "pretrain-data":
-        pretrain_data(a.out, a.n, a.seed, workers=a.workers)
+        pretrain_data(a.out, a.n, a.seed, workers=a.workers, overwrite=a.overwrite)
     elif a.cmd == "pretrain":
         pretrain(a.work, a.n, a.export, a.threads, a.device)
     elif a.cmd == "eval-base":

@@ -24,6 +24,8 @@ def test_pretraining_stages_run_end_to_end_and_load(tmp_path):
     tw.train_vae(tw.VaeArgs(output_dir=str(work / "vae"), train_batch_size=4, **common))
     tw.train_unet(tw.UnetArgs(output_dir=str(work / "unet"), train_batch_size=4, validation_prompt="", export=str(work / "sd"), **common))
     model = sdm.StableDiffusion.from_pretrained(work / "sd")
+    # the final checkpoint holds the model train-unet exports, byte for byte (what `pretrain` exports)
+    assert all((work / "unet" / "checkpoint-2" / f).read_bytes() == (work / "sd" / f).read_bytes() for f in tw.MODEL_FILES)
     assert model.cfg.unet == tw.TOY_SD.unet and model.vae.scale_factor != tw.TOY_SD.vae.scale_factor  # measured scale
     assert len([m for m in model.unet.modules() if isinstance(m, sdm.BasicTransformerBlock)]) == 16
     assert model.unet.output_blocks[10][1].transformer_blocks[0].attn2.name == "output_blocks.10.1.transformer_blocks.0.attn2"
@@ -53,28 +55,72 @@ def toy_sample():
     return np.concatenate([np.asarray(im) for im in sdm.tensor_to_images(x)], axis=1)
 
 
-def test_pretrain_runs_each_stage_once_and_the_unet_in_the_shipped_two_phases(tmp_path, monkeypatch):
-    """`pretrain` = the shipped recipe: CLIP, VAE, UNet to 2400, the same run resumed to 7600; a rerun
-    skips what is finished (stages stubbed: this pins the order and the skipping, not the training)."""
-    calls = []
-
+def stub_stages(monkeypatch, calls):
+    """pretrain's stages as stubs that record their arguments and write what marks them finished (the UNet: a complete
+    checkpoint, its model files saying which step they are of)."""
     def stage(name, done):
         def run(a):
             calls.append((name, a.max_train_steps, a.resume, getattr(a, "export", None), a.device))
-            path = Path(a.output_dir) / done.format(steps=a.max_train_steps)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            if name == "unet":
+                ckpt = Path(a.output_dir) / f"checkpoint-{a.max_train_steps}"
+                ckpt.mkdir(parents=True, exist_ok=True)
+                for f in [*tw.MODEL_FILES, "training_state.safetensors"]:
+                    (ckpt / f).write_text(str(a.max_train_steps))
+                return
+            (Path(a.output_dir) / done).parent.mkdir(parents=True, exist_ok=True)
+            (Path(a.output_dir) / done).touch()
         return run
 
     monkeypatch.setattr(tw, "pretrain_data", lambda out, n: (Path(out).mkdir(parents=True), (Path(out) / "images.npy").touch()))
     monkeypatch.setattr(tw, "train_clip", stage("clip", "text_encoder.safetensors"))
     monkeypatch.setattr(tw, "train_vae", stage("vae", "vae.safetensors"))
-    monkeypatch.setattr(tw, "train_unet", stage("unet", "checkpoint-{steps}/x"))
-    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1, device="cpu")
+    monkeypatch.setattr(tw, "train_unet", stage("unet", ""))
+
+
+def test_pretrain_runs_each_stage_once_and_the_unet_in_the_shipped_two_phases(tmp_path, monkeypatch):
+    """`pretrain` = the shipped recipe: CLIP, VAE, UNet to 2400, the same run resumed to 7600; a rerun
+    skips what is finished (stages stubbed: this pins the order and the skipping, not the training). The phases export
+    nothing (phase 1 wrote its model over the shipped one, which a stop in phase 2 left there); the final checkpoint
+    is exported at the end, on a rerun too when the first run stopped before the export."""
+    calls, sd = [], tmp_path / "sd"
+    stub_stages(monkeypatch, calls)
+    export_model = tw.export_model
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt  # a stop after the final checkpoint, before the export
+
+    monkeypatch.setattr(tw, "export_model", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tw.pretrain(str(tmp_path), n=8, export=str(sd), threads=1, device="cpu")
     assert calls == [("clip", 600, "latest", None, "cpu"), ("vae", 6000, "latest", None, "cpu"),
-                     ("unet", 2400, "latest", str(tmp_path / "sd"), "cpu"), ("unet", 7600, "latest", str(tmp_path / "sd"), "cpu")]
-    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1)
-    assert len(calls) == 4
+                     ("unet", 2400, "latest", "", "cpu"), ("unet", 7600, "latest", "", "cpu")]
+    assert not sd.exists()
+    monkeypatch.setattr(tw, "export_model", export_model)
+    tw.pretrain(str(tmp_path), n=8, export=str(sd), threads=1)
+    assert len(calls) == 4  # nothing trained again, and the final checkpoint exported
+    assert {f: (sd / f).read_text() for f in tw.MODEL_FILES} == dict.fromkeys(tw.MODEL_FILES, "7600")
+    tw.pretrain(str(tmp_path), n=8, export="", threads=1)  # --export "": the run folder only
+    assert len(calls) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["clip", "data", "sd", "unet", "vae"]
+
+
+def test_pretrain_counts_a_unet_phase_done_only_at_a_complete_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint-N folder without its training state (written last: the write was cut off) counted as a finished
+    phase, so phase 2 resumed from checkpoint-2000 (or the export copied a half-written checkpoint-7600)."""
+    calls, unet = [], tmp_path / "unet"
+    stub_stages(monkeypatch, calls)
+    for stage, f in (("data", "images.npy"), ("clip", "text_encoder.safetensors"), ("vae", "vae.safetensors")):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / f).touch()
+    for step, files in ((2000, [*tw.MODEL_FILES, "training_state.safetensors"]), (2400, tw.MODEL_FILES[:2])):
+        (unet / f"checkpoint-{step}").mkdir(parents=True)
+        for f in files:
+            (unet / f"checkpoint-{step}" / f).write_text(str(step))
+    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1, device="cpu")
+    assert [c[1] for c in calls] == [2400, 7600]
+    (unet / "checkpoint-7600" / "training_state.safetensors").unlink()  # the final checkpoint, cut off
+    (tmp_path / "sd" / "unet.safetensors").write_text("old")
+    tw.pretrain(str(tmp_path), n=8, export=str(tmp_path / "sd"), threads=1, device="cpu")
+    assert [c[1] for c in calls] == [2400, 7600, 7600] and (tmp_path / "sd" / "unet.safetensors").read_text() == "7600"
 
 
 @pytest.mark.skipif(not (Path(tw.TOY_DIR) / "config.json").exists(), reason="the toy model is not trained yet")

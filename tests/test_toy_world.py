@@ -435,3 +435,36 @@ def test_clip_i_of_a_concept_folder_uses_its_own_references(tmp_path):
     assert sim == pytest.approx(float(clip.embed_images(refs[:1])[0] @ mean), abs=1e-6)
     builtin = clip.image_similarity(refs[:1], [tw.CONCEPTS[0]])[0]  # make-concepts' defaults: other references
     assert abs(builtin - sim) > 1e-4
+
+
+def test_pretrain_data_refuses_finished_data_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """pretrain-data wrote over finished data unasked, left its .images.npy.tmp (2.4 GB at 200k) after a crash, and took
+    --n 0. Now: one sentence for each refusal before anything is written; an interrupted run's leftovers are taken over."""
+    data = tmp_path / "data"
+    with pytest.raises(SystemExit, match="--n must be at least 1"):
+        tw.main(["pretrain-data", "--out", str(data), "--n", "0"])
+    assert not data.exists()
+    tw.main(["pretrain-data", "--out", str(data), "--n", "3", "--workers", "1"])
+    arr, captions = tw.load_pretrain_data(str(data))
+    assert sorted(os.listdir(data)) == ["captions.json", "images.npy"] and len(captions) == len(arr) == 3
+    assert captions[1] == tw.make_sample(0, 1)[3]["caption"] and np.array_equal(arr[1], tw.make_sample(0, 1)[1])
+    before = {f: (data / f).read_bytes() for f in os.listdir(data)}
+    with pytest.raises(SystemExit, match="already holds pretraining data; pass --overwrite"):
+        tw.main(["pretrain-data", "--out", str(data), "--n", "3", "--seed", "1", "--workers", "1"])
+    assert {f: (data / f).read_bytes() for f in os.listdir(data)} == before
+
+    def crash(path, data):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tw, "atomic_write", crash)  # after the render, before captions.json and images.npy
+    with pytest.raises(KeyboardInterrupt):
+        tw.pretrain_data(str(data), 3, seed=1, workers=1, overwrite=True)
+    assert os.listdir(data) == ["captions.json"]  # no temporary file, and the old captions never beside new images
+    monkeypatch.undo()
+    (data / ".images.npy.tmp").write_bytes(b"cut")  # what a killed run leaves: taken over without --overwrite
+    tw.pretrain_data(str(data), 3, seed=1, workers=1)
+    assert json.loads((data / "captions.json").read_text())[1] == tw.make_sample(1, 1)[3]["caption"]
+    assert sorted(os.listdir(data)) == ["captions.json", "images.npy"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit, match="already holds other files"):
+        tw.pretrain_data(str(tmp_path / "mine"), 3, workers=1)
