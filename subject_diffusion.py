@@ -541,8 +541,7 @@ class Records(torch.utils.data.Dataset):
                     continue
                 sources.append(str(tar)), starts.append(starts[-1] + len(rows))
                 offsets.append(rows)
-        if index and scanned and write_index:
-            write_tar_index(index, {**cached, **{t: (_stamp(t), r) for t, r in scanned.items()}})
+        self._index = (index, {**cached, **{t: (_stamp(t), r) for t, r in scanned.items()}}) if index and scanned else None
         self.sources, self.starts = sources, np.array(starts)
         self.offsets = np.concatenate(offsets) if offsets else np.zeros((0, 6), np.int64)
         self.shards = [range(a, b) for a, b in zip(starts, starts[1:])]
@@ -550,6 +549,12 @@ class Records(torch.utils.data.Dataset):
             raise ValueError(f"no training records in {', '.join(map(str, paths))}; write {{key}}.png/.json"
                              "(/.mask.png) or {key}.jpg/.json/.png files, or .tar shards of them (python toy_world.py make-records).")
         self.tokenizer = sdm.CLIPTokenizer()
+        self.save_index() if write_index else None  # after the check: refused data leave no index behind
+
+    def save_index(self):
+        """Write the shard index, when this Records scanned a shard the index did not hold (train: once the data passed)."""
+        if self._index:
+            write_tar_index(*self._index)
 
     def _say(self, msg, key):
         if self.verbose and key not in self._warned:
@@ -874,7 +879,7 @@ OFFICIAL_PARTS = ("unet", "clip_text", "mlp", "proj")  # train.py saves unet_/cl
 def export_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder, metadata: dict | None = None) -> None:
     """unet/ clip_text/ mlp/ proj/, each model.safetensors; the headers keep our training facts
     (drop_objects above all: it decides the unconditional branch at sampling, §9.7)."""
-    keep = {k: v for k, v in (metadata or {}).items() if k in ("base_model", "image_encoder", "drop_objects", "step")}
+    keep = {k: v for k, v in (metadata or {}).items() if k in ("base_model", "image_encoder", "drop_objects", "clip_skip", "step")}
     for part, state in zip(OFFICIAL_PARTS, (widened_state_dict(method, unet), method.text_encoder.state_dict(),
                                             method.mlp.state_dict(), method.grounding.state_dict())):
         sdm.save_safetensors(state, Path(folder) / part / "model.safetensors", {"format": "pt", **keep})
@@ -1034,9 +1039,6 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     main, out = rank == 0, Path(cfg.output_dir)
     with together(world, device):  # every check and load: each process's own files and memory, so agreed on
         sd, vision, method, model, resume_from = prepare(cfg, device, out)
-    with together(world, device):  # once all passed: a refused run (here or on another process) removes nothing
-        if main:
-            sdm.start_run(out, cfg, resume_from, keep=("records_index.npz",))  # the shard index stays: it checks its tars
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -1048,17 +1050,22 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     tensors = dict(method.state_dict(keep_vars=True))
     R = cfg.resolution or sd.cfg.image_size
     records = lambda: Records(cfg.data, cfg, R, R // sd.vae.downsample_factor, sd.cfg.vae.z_channels, vision.cfg.image_size,
-                              sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=main)
-    with together(world, device):  # rank 0 indexes the shards first and writes the index the others read
+                              sd.cfg.text.pad_id, verbose=main, index=out / "records_index.npz", write_index=False)
+    with together(world, device):  # rank 0 indexes the shards first and writes the index the others read ...
         start = sdm.load_checkpoint(resume_from, tensors, opt, sched, None, scaler, elastic(resume_from, cfg, world)) if resume_from else 0
-        data = records() if main else None
+        if main:
+            data = records()
+            sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
+            data.save_index()  # ... once the data passed the checks: a refused run leaves no index (a new folder) behind
     with together(world, device):  # the sampler's check too: 'fewer records than one global batch' came after args.json
-        data = data if data is not None else records()
-        sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
+        if not main:
+            data = records()
+            sampler = ShardSampler(data.shards, world, rank, cfg.seed, micro_global, start * accum * cfg.train_batch_size)
     with together(world, device):
-        if main:  # after the checkpoint's and the data's checks: a refused run leaves the folder's args.json as it was
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "args.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
+        if main:  # after every check (the checkpoint's, the data's, on all processes): a refused run removes and changes nothing
+            sdm.start_run(out, cfg, resume_from, keep=("records_index.npz",))  # the shard index stays: it checks its tars
+            args = json.dumps({**asdict(cfg), "world_size": world}, indent=1)
+            sdm.atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(args))
             print("config: " + json.dumps({**asdict(cfg), "world_size": world}), file=sys.stderr)
             print(f"resumed from {resume_from} at step {start}", file=sys.stderr) if resume_from else None
             sdm.trim_log(out, start) if resume_from else None  # first: a line cut by the stop would not parse
@@ -1071,7 +1078,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     loader = iter(torch.utils.data.DataLoader(data, cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                               pin_memory=cuda, persistent_workers=cfg.num_workers > 0))
     meta = {"base_model": cfg.pretrained_model, "image_encoder": cfg.image_encoder, "drop_objects": str(cfg.drop_objects),
-            "resolution": str(R)}
+            "resolution": str(R), "clip_skip": str(cfg.clip_skip)}
     amp = torch.autocast(torch.device(device).type, sdm.DTYPES[cfg.mixed_precision], enabled=cfg.mixed_precision != "no")
     from tqdm.auto import tqdm
 
@@ -1270,17 +1277,23 @@ def subject_image(subject: Subject, size: int):
     return sdm.image_to_tensor(Image.fromarray(canvas), size)
 
 
+def has_word(text: str, word: str) -> bool:
+    """`word` is in `text` as a whole word, any case: not inside a longer one ('star' is not in 'stars'), and words that
+    begin or end with punctuation count too (a \\b boundary after 'c++' or before '-x' needs a letter beside it)."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.I) is not None
+
+
 def fused_prompt(prompt: str, entities: list[str], tokenize):
     """The ids of "<prompt>, the <entity> is sks" per subject (card §5), or one sentence for a prompt that cannot
     carry its subjects: one holding 'sks' already, one without an entity word, one the clauses push past 77 tokens.
     train checks its --validation-prompt with it before the first step (it failed at the first validation)."""
-    if re.search(r"\bsks\b", prompt, re.I):
+    if has_word(prompt, "sks"):
         raise ValueError(f"the prompt '{prompt}' already contains 'sks', the token Subject-Diffusion replaces with the "
                          "subject's image embedding; rephrase it.")
     for e in entities:
         if not e.strip():
             raise ValueError("each subject needs its entity word, the word of the prompt it is (e.g. --entity dog).")
-        if not re.search(rf"\b{re.escape(e)}\b", prompt, re.I):
+        if not has_word(prompt, e):
             raise ValueError(f"the entity word '{e}' is not in the prompt '{prompt}'; each subject is tied to "
                              f"a word of the prompt (e.g. 'a {e} on the beach').")
     with warnings.catch_warnings():
@@ -1400,6 +1413,9 @@ def sample_main(a: SampleConfig) -> None:
             raise ValueError(f"--mask '{path}' is empty: white (or opaque) pixels mark the subject.")
     sd, vision, method, meta = load_trained(a.weights, a.pretrained_model, a.image_encoder, a.precision, a.device,
                                             a.compile, a.channels_last, a.vae_precision, a.variant, a.vae, a.clip_skip)
+    if a.clip_skip != (trained := int(meta.get("clip_skip", "1"))):  # 1: official weights, and ours before it was recorded
+        warnings.warn(f"--clip-skip {a.clip_skip} differs from the {trained} these weights were trained with; "
+                      f"pass --clip-skip {trained}.", stacklevel=2)
     H, W = a.height or sd.cfg.image_size, a.width or sd.cfg.image_size
     subjects = []
     for i, (image, word, mask) in enumerate(zip(refs, words, masks)):

@@ -4,9 +4,12 @@ import copy
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -673,7 +676,7 @@ def test_command_line_mistakes_found_by_use_are_one_sentence_and_write_nothing(t
                         (["--output-dir", str(tmp_path / "t"), "--train-batch-size", "32"], r"fewer records \(16\) than one global batch")):
         with pytest.raises(SystemExit, match=said):
             sdx.main([*train, *extra])
-    assert not (tmp_path / "t" / "args.json").exists()  # the batch check came after args.json
+    assert not (tmp_path / "t").exists()  # the batch check came after args.json, and the shard index was written before it
     w = tmp_path / "w"
     sdx.save_method(method_for(sd, vision), w / "checkpoint-3", {"base_model": str(root / "model"), "step": "3"})
     ref = ROOT / "assets" / "readme" / "world.png"
@@ -977,6 +980,69 @@ def test_the_training_target_follows_the_base_models_prediction_type(tiny, monke
     assert_close(got["eps"], batch["noise"].pow(2).mean(), what="eps target")
     assert_close(got["v"], v.pow(2).mean(), what="v target")
     assert abs(got["v"] - got["eps"]) > 0.01
+
+
+def test_clip_skip_reaches_the_fused_text_encoder_and_sample_warns_when_it_differs(tiny, tmp_path, monkeypatch):
+    """--clip-skip sets the text encoder's skip in load_model; the method's fused encoder is a deep copy made after it,
+    so it must carry the skip, the weights' header records it, and sample says when its --clip-skip is another.
+    args.json goes through atomic_write (it was a plain write_text), the shard index once the data passed."""
+    _, _, root = tiny
+    written = []
+    real = sdm.atomic_write
+    monkeypatch.setattr(sdm, "atomic_write", lambda path, write: written.append(Path(path).name) or real(path, write))
+    method = sdx.train(sdm.parse_args(sdx.TrainConfig, [
+        "--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "1",
+        "--checkpointing-steps", "0", *FAST, "--clip-skip", "2", "--output-dir", str(tmp_path / "run")]))
+    assert method.text_encoder.skip == 2
+    from safetensors import safe_open
+    for name in ("subject_diffusion", "text_encoder"):
+        with safe_open(str(tmp_path / "run" / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata()["clip_skip"] == "2"
+    assert "args.json" in written and json.loads((tmp_path / "run" / "args.json").read_text())["clip_skip"] == 2
+    assert (tmp_path / "run" / "records_index.npz").is_file()
+    sd, _, back, meta = sdx.load_trained(tmp_path / "run", clip_skip=2)
+    assert sd.text_encoder.skip == back.text_encoder.skip == 2 and meta["clip_skip"] == "2"
+    sdx.export_official(back, sd.unet, tmp_path / "export", meta)  # the official layout keeps it too
+    assert sdx.official_metadata(tmp_path / "export")["clip_skip"] == "2"
+    ref = ROOT / "assets" / "readme" / "world.png"
+    sample = ["sample", "--weights", str(tmp_path / "run"), "--subject", str(ref), "--entity", "star", "--prompt", "a star", "--steps", "1"]
+    with pytest.warns(UserWarning, match="^--clip-skip 1 differs from the 2 these weights were trained with; pass --clip-skip 2"):
+        sdx.main([*sample, "--output-dir", str(tmp_path / "s1")])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="--clip-skip")
+        sdx.main([*sample, "--clip-skip", "2", "--output-dir", str(tmp_path / "s2")])
+    assert len(list((tmp_path / "s2").glob("*.png"))) == 1
+
+
+def test_a_run_refused_at_the_data_step_leaves_the_folder_as_it_was(tiny, tmp_path):
+    """The shard index was written before the sampler's check, and --overwrite removed the earlier run's files before
+    the data checks: a refused run left a new folder with records_index.npz, or an old one emptied."""
+    _, _, root = tiny
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "log.jsonl").write_text('{"step": 1}\n')
+    (old / "args.json").write_text("{}")
+    for out, extra in ((tmp_path / "new", []), (old, ["--overwrite"])):
+        with pytest.raises(SystemExit, match=r"fewer records \(16\) than one global batch"):
+            sdx.main(["train", "--pretrained-model", str(root / "model"), "--data", str(root / "tars"), "--max-train-steps", "1",
+                      *FAST, "--train-batch-size", "32", "--output-dir", str(out), *extra])
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in old.iterdir()) == ["args.json", "log.jsonl"] and (old / "args.json").read_text() == "{}"
+
+
+def test_entity_words_match_as_whole_words_also_with_punctuation(tiny):
+    """A \\b boundary never matched after 'c++' (two non-word characters); words with letters at both ends keep the rule:
+    not inside a longer word, beside punctuation yes."""
+    tok = tiny[0].tokenize
+    for prompt, word in (("a c++ book on a desk", "c++"), ("r2-d2 in the desert", "r2-d2"), ("a C++ mug", "c++"),
+                         ("a star, at night", "star"), ("a star-shaped cookie", "star"), ("A STAR", "star")):
+        assert (sdx.fused_prompt(prompt, [word], tok) == sdx.SKS_ID).sum() == 1, (prompt, word)
+    for prompt, word in (("stars at night", "star"), ("a c++x book", "c++"), ("xr2-d2 robot", "r2-d2"), ("a superstar", "star")):
+        with pytest.raises(ValueError, match=f"the entity word '{re.escape(word)}' is not in the prompt"):
+            sdx.fused_prompt(prompt, [word], tok)
+    with pytest.raises(ValueError, match="already contains 'sks'"):
+        sdx.fused_prompt("a photo of (sks) star", ["star"], tok)
+    assert (sdx.fused_prompt("the sksx star", ["star"], tok) == sdx.SKS_ID).sum() == 1
 
 
 def test_a_bf16_mixed_precision_step_runs_on_cpu(tiny, tmp_path):
