@@ -369,6 +369,12 @@ def official_folder(folder) -> Path:
     return sub if not any(folder.glob("cross_attention*.pt")) and any(sub.glob("cross_attention*.pt")) else folder
 
 
+def _load_embeddings(path) -> dict:
+    """An EmbeddingManager pickle (embeddings_gs-N.pt), read with the weights-only unpickler."""
+    with torch.serialization.safe_globals([(_ParameterDict, "torch.nn.modules.container.ParameterDict")]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_official(folder, step: str = "") -> tuple[dict, dict, int]:
     """(image-block state dict, {string: rows}, step) from a release folder or its log folder (cross_attention-399.pt
     and embeddings_gs-399.pt; `step` picks another, "" the highest; the unnumbered cross_attention.pt + embeddings.pt,
@@ -389,9 +395,7 @@ def load_official(folder, step: str = "") -> tuple[dict, dict, int]:
                                 f"(steps with both: {', '.join(str(k) if k >= 0 else 'unnumbered' for k in pairs) or 'none'}).")
     files = blocks[want], embeds[want]
     try:
-        blocks = torch.load(files[0], map_location="cpu", weights_only=True)
-        with torch.serialization.safe_globals([(_ParameterDict, "torch.nn.modules.container.ParameterDict")]):
-            emb = torch.load(files[1], map_location="cpu", weights_only=True)
+        blocks, emb = torch.load(files[0], map_location="cpu", weights_only=True), _load_embeddings(files[1])
         rows = {k: (v[None] if v.ndim == 1 else v).float() for k, v in dict(emb["string_to_param"]).items()}
         return {k: v.float() for k, v in blocks.items()}, rows, want
     except Exception as e:  # a truncated or foreign pickle fails in many ways (UnpicklingError, RuntimeError, KeyError ...)
@@ -409,12 +413,40 @@ def save_official(vico: ViCo, folder, step: int, star_id: int) -> Path:
         raise ValueError("this concept was trained without the visual condition (plain textual inversion): it has no image "
                          "blocks for the official format; export --format vico for its learned_embeds files.")
     folder = Path(folder) / "checkpoints"
-    emb = {"string_to_token": {"*": torch.tensor(star_id)},
+    emb = {"string_to_token": {"*": torch.tensor(star_id)}, "written_by": EXPORT_MARK,  # EmbeddingManager.load reads 2 keys
            "string_to_param": nn.ParameterDict({"*": nn.Parameter(vico.embeddings.detach().float().cpu().clone())})}
     blocks = {k: v.detach().cpu().clone() for k, v in official_state_dict(vico).items()}
     sdm.atomic_write(folder / f"cross_attention-{step}.pt", lambda tmp: torch.save(blocks, tmp))
     sdm.atomic_write(folder / f"embeddings_gs-{step}.pt", lambda tmp: torch.save(emb, tmp))
     return folder
+
+
+EXPORT_MARK = "vico.py export"  # in the embeddings pickle save_official writes: what a later --overwrite may remove
+
+
+def earlier_official(out, step: int | None) -> tuple[list[Path], list[Path]]:
+    """An export's view of its --output-dir: (the files an earlier `export --format official` wrote in out/checkpoints/
+    for another step than `step` (None: any), known by the mark in their embeddings_gs-N.pt; the official files
+    there that no export of ours wrote, a training log's, at the top as well, which `sample --concept` would read
+    instead of or beside the new ones)."""
+    out, ours, other = Path(out), [], []
+    for where in (out, out / "checkpoints"):
+        for p in sorted(where.glob("*.pt")) if where.is_dir() else ():
+            m = re.fullmatch(r"(cross_attention|embeddings_gs)-(\d+)\.pt", p.name)
+            if m and where != out and int(m[2]) == step:
+                continue  # the new export replaces it
+            if m and where != out and _is_export(where / f"embeddings_gs-{m[2]}.pt"):
+                ours.append(p)
+            elif m or p.name.startswith(("cross_attention", "embeddings")):
+                other.append(p)
+    return ours, other
+
+
+def _is_export(path) -> bool:
+    try:
+        return _load_embeddings(path).get("written_by") == EXPORT_MARK
+    except Exception:  # missing, or not a pickle of ours
+        return False
 
 
 def _checkpoints(folder) -> list[int]:
@@ -824,6 +856,7 @@ def export_cli(argv) -> None:
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
     model = sdm.load_model(a.pretrained_model, variant=a.variant)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
+    in_place = Path(a.concept).resolve() in (out.resolve(), (out / "checkpoints").resolve())  # its files stay
     if a.format == "official":
         # named by the last global step, as the official code names them: the weights after 400 steps -> 399; a concept
         # that records no step (converted from the unnumbered official files) -> 399, the paper's checkpoint
@@ -831,11 +864,20 @@ def export_cli(argv) -> None:
         if vico.mask_mode != "renorm":  # the official SpatialTransformer always masks, renormalising over the object
             warnings.warn(f"this concept was trained with --mask-mode {vico.mask_mode}; the official code samples it with its "
                           "own mask (renorm), which it was not trained for.")
+        ours, other = earlier_official(out, step)
+        other += [out / "vico.safetensors"] if (out / "vico.safetensors").exists() and not in_place else []  # read first
+        if other:
+            raise ValueError(f"--overwrite: '{out}' holds {', '.join(str(p.relative_to(out)) for p in other)}, which no earlier "
+                             f"official export wrote and `sample --concept` would read instead of or beside step {step}; move "
+                             "them away or choose another --output-dir.")
         where = save_official(vico, out, step, model.tokenizer.token_id("*"))
         print(f"official scripts: scripts/vico_txt2img.py --ft_path {out} --load_step {step} (files in {where})")
     else:
         kept = {k: v for k, v in vico.metadata.items() if k in TRAINING_METADATA}  # ours -> ours; official: its step
+        ours = earlier_official(out, None)[0]  # our vico.safetensors is read first; the official scripts would take these
         save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})
+    for p in [] if in_place else ours:  # after the new files are in place: a failed export leaves the earlier one whole
+        p.unlink()
     print(f"wrote {a.format} files to {out}")
 
 

@@ -639,6 +639,43 @@ def test_command_line_refusals_leave_no_output_folder(model, model_dir, tmp_path
         assert not out.exists() or what == "non-finite loss", what  # training keeps its args.json and log (DESIGN)
 
 
+def test_export_overwrite_removes_an_earlier_official_export_and_refuses_files_it_did_not_write(model, model_dir, tmp_path):
+    late, early = make_vico(model), make_vico(model)
+    with torch.no_grad():
+        early.embeddings.add_(1.0)
+    vico.save_concept(late, tmp_path / "late", {"step": 6})
+    vico.save_concept(early, tmp_path / "early", {"step": 3})
+    out, ck = tmp_path / "out", tmp_path / "out" / "checkpoints"
+    export = ["export", "--pretrained-model", str(model_dir), "--output-dir", str(out)]
+    vico.main([*export, "--concept", str(tmp_path / "late"), "--format", "official"])
+    (ck / "last.ckpt").write_bytes(b"a user's file")
+    vico.main([*export, "--concept", str(tmp_path / "early"), "--format", "official", "--overwrite"])
+    # step 5 would have been the highest, so sample --concept read the later concept; now only step 2 is there
+    assert sorted(p.name for p in ck.iterdir()) == ["cross_attention-2.pt", "embeddings_gs-2.pt", "last.ckpt"]
+    assert torch.equal(vico.load_concept(sdm.load_model(str(model_dir)), out).embeddings, early.embeddings)
+    # official files no export of ours wrote (a training log's, unmarked): refused before anything is written
+    blocks, emb = vico.load_official(out)[:2]
+    torch.save(blocks, ck / "cross_attention-9.pt")
+    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": emb}, ck / "embeddings_gs-9.pt")
+    with pytest.raises(SystemExit) as e:
+        vico.main([*export, "--concept", str(tmp_path / "late"), "--format", "official", "--overwrite"])
+    assert "holds checkpoints/cross_attention-9.pt, checkpoints/embeddings_gs-9.pt, which no earlier official export" in str(e.value)
+    assert sorted(p.name for p in ck.iterdir()) == ["cross_attention-2.pt", "cross_attention-9.pt", "embeddings_gs-2.pt",
+                                                  "embeddings_gs-9.pt", "last.ckpt"]
+    # --format vico over it: our official files go (the official scripts would still read them), the others stay
+    vico.main([*export, "--concept", str(tmp_path / "late"), "--format", "vico", "--overwrite"])
+    assert sorted(p.name for p in ck.iterdir()) == ["cross_attention-9.pt", "embeddings_gs-9.pt", "last.ckpt"]
+    # a vico.safetensors there is read before official files: an official export over it is refused
+    with pytest.raises(SystemExit, match="vico.safetensors, which no earlier official export wrote"):
+        vico.main([*export, "--concept", str(tmp_path / "late"), "--format", "official", "--overwrite"])
+    # in place (its own folder): the concept it reads is not stale, and what it was read from stays
+    vico.main([*export, "--concept", str(tmp_path / "late"), "--format", "official", "--output-dir", str(tmp_path / "late"),
+               "--overwrite"])
+    vico.main([*export, "--concept", str(tmp_path / "late"), "--format", "vico", "--output-dir", str(tmp_path / "late"),
+               "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "late" / "checkpoints").iterdir()) == ["cross_attention-5.pt", "embeddings_gs-5.pt"]
+
+
 def test_two_concepts_share_the_blocks_and_sample_together(model, tmp_path, monkeypatch, hf_tokenizer_dir):
     a, b = write_images(tmp_path / "a", 2), write_images(tmp_path / "b", 1, size=24)
     args = vico.ViCoArgs(images=[str(a), str(b)], init_word=["dog", "cat"], output_dir=str(tmp_path / "run"), max_train_steps=2,
