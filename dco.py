@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import html
 import json
 import math
 import re
@@ -429,7 +430,7 @@ class LearnedTokens(nn.Module):
     def base_prompt(self, prompt: str) -> str:
         """The prompt with every new token replaced by its initializer word (the reference model's prompt)."""
         for tok, word in zip(self.tokens, self.initializers):
-            if tok in prompt and word is None:
+            if word is None and tok in learned_in(prompt, self.tokens):
                 raise ValueError(f"the embeddings do not say which word '{tok}' started from (a plain textual-inversion "
                                  "file); pass --base-prompt with the class word in its place, or --guidance cfg.")
         return in_words(prompt, self.tokens, self.initializers)
@@ -471,11 +472,40 @@ class LearnedTokens(nn.Module):
             raise ValueError(f"embeddings '{path}': {str(e).rstrip('.')}; at sampling, name it with --token.") from None
 
 
+def token_spans(text: str, tokens) -> list[tuple[int, int, str]]:
+    """(start, end, token) of each learned token where CLIP's tokenizer reads one in `text` (HTML-unescaped as it does):
+    new tokens match verbatim, case included, anywhere, even inside a word ("<sks>foo" is <sks> + foo), leftmost
+    first and the longest there ("sks2" is one token when both sks and sks2 are), as the tokenizers library matches
+    its added tokens (a substring test would also find sks in sks2)."""
+    spans, i, longest = [], 0, sorted({t for t in tokens if t}, key=len, reverse=True)
+    while i < len(text):
+        if t := next((t for t in longest if text.startswith(t, i)), None):
+            spans.append((i, i + len(t), t))
+        i += len(t) if t else 1
+    return spans
+
+
+def clip_text(text: str) -> str:
+    return html.unescape(html.unescape(text))  # what CLIPTokenizer.tokenize reads
+
+
+def learned_in(text: str, tokens) -> list[str]:
+    """The learned tokens the tokenizer reads in `text`, each once, in order."""
+    return list(dict.fromkeys(t for _, _, t in token_spans(clip_text(text), tokens)))
+
+
+def replace_tokens(text: str, new: dict) -> str:
+    """`text` as the tokenizer reads it, with each learned token (the keys) where it reads one replaced by new[token]."""
+    text, out, last = clip_text(text), [], 0
+    for start, end, tok in token_spans(text, new):
+        out += [text[last:start], new[tok]]
+        last = end
+    return "".join(out) + text[last:]
+
+
 def in_words(prompt: str, tokens, words) -> str:
     """The base prompt: each learned token replaced by the word it started from (none: dropped)."""
-    for tok, word in zip(tokens, words):
-        prompt = prompt.replace(tok, word or "")
-    return prompt
+    return replace_tokens(prompt, {t: w or "" for t, w in zip(tokens, words)})
 
 
 def write_embeddings(path, tokens: list[str], rows: list[torch.Tensor], initializers: list, metadata: dict | None = None) -> None:
@@ -778,10 +808,10 @@ def load_data(a: DCOArgs):
     bases = [in_words(p, tokens, inits) if b is None else b for p, b in zip(prompts, bases)]
     if tokens:
         for p in prompts:
-            if not any(t in p for t in tokens):
+            if not learned_in(p, tokens):
                 raise ValueError(f"the prompt '{p}' contains none of the learned tokens {tokens}; put the token in every caption.")
         for p in bases:
-            if any(t in p for t in tokens):
+            if learned_in(p, tokens):
                 raise ValueError(f"the base prompt '{p}' contains a learned token; base prompts use the class word.")
     return images, prompts, bases if tokens else prompts, tokens, inits, repeats
 
@@ -874,7 +904,7 @@ def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | Non
         raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")
     extra = tokens.extra if tokens is not None else (None, None)
     cond = model.encode_prompt(prompts, (h, w), extra)
-    in_negative = [t for t in (tokens.tokens if tokens is not None else []) if t in negative]
+    in_negative = learned_in(negative, tokens.tokens if tokens is not None else [])
     if in_negative and guidance == "consistency":  # u is the pretrained model's, which cannot read the new rows
         raise ValueError(f"the negative prompt is for the pretrained model, which has no '{in_negative[0]}'; "
                          "write the class word there instead, or use --guidance cfg.")
@@ -886,7 +916,7 @@ def sample(model, loras, prompts, base_prompts=None, tokens: LearnedTokens | Non
     elif guidance == "consistency":
         if base_prompts is None:
             base_prompts = [tokens.base_prompt(p) for p in prompts] if tokens is not None else prompts
-        learned = [t for t in (tokens.tokens if tokens is not None else []) if any(t in p for p in base_prompts)]
+        learned = [t for p in base_prompts for t in learned_in(p, tokens.tokens if tokens is not None else [])]
         if learned:
             raise ValueError(f"the base prompt is for the pretrained model, which has no '{learned[0]}'; "
                              "write the class word there instead.")
@@ -1099,15 +1129,15 @@ def old_names(model, loras, embeddings, names: list[str]) -> dict[str, tuple[lis
 def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str, renamed: dict | None = None) -> None:
     """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently; so would a
     token's old name after a rename (`renamed`: old_names)."""
-    rest = text
-    for t in sorted(tokens.tokens if tokens is not None else [], key=len, reverse=True):  # "<sks>" is not in "<sks2>"
-        rest = rest.replace(t, " ")
-    for old, (new, how) in (renamed or {}).items():
-        if old in rest:
-            raise ValueError(f"'{old}' is a learned token's old name ({how} renamed it), which the prompt would read as "
-                             f"text; write {' or '.join(repr(n) for n in new)} instead.")
+    loaded = tokens.tokens if tokens is not None else []
+    rest = replace_tokens(text, {t: " " for t in loaded})  # what the loaded tokens leave as text
+    renamed = renamed or {}
+    if old := learned_in(rest, renamed):  # as the tokenizer that still had the old names would have read them
+        new, how = renamed[old[0]]
+        raise ValueError(f"'{old[0]}' is a learned token's old name ({how} renamed it), which the prompt would read as "
+                         f"text; write {' or '.join(repr(n) for n in new)} instead.")
     for p, lora in zip(paths, loras):
-        if missing := [t for t in lora.tokens if t in text and (tokens is None or t not in tokens.tokens)]:
+        if missing := [t for t in learned_in(rest, lora.tokens) if t not in loaded]:
             raise ValueError(f"'{p}' was trained with the learned token(s) {missing}, whose embeddings are not loaded "
                              f"(the prompt would read '{missing[0]}' as text); give its learned_embeds.safetensors "
                              "with --embeddings.")

@@ -3,6 +3,7 @@
 import json
 import warnings
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -735,6 +736,23 @@ def test_merge_renames_a_token_both_inputs_learned(setup, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--token 'cat' is already a token of the vocabulary; choose a new placeholder"):
         run("--token", "<dog>", "cat", "--overwrite")
     assert dco.read_embeddings(tmp_path / "m.learned_embeds.safetensors")[0] == ["<dog>", "<cat>"]  # untouched
+
+
+def test_learned_tokens_are_found_where_the_tokenizer_reads_them():
+    # added tokens match verbatim anywhere, inside words too (zqxfoo is zqx + foo), the longest at the leftmost place
+    # (zqx2 is one token, not zqx + 2), case included, after HTML unescaping; the checks must find exactly those
+    tok, tokens = sdm.CLIPTokenizer(), ["zqx", "zqx2", "<a>"]
+    first = tok.add_tokens(tokens)[0]
+    for text in ("a zqxfoo dog", "fooZQX", "a zqx2 and a zqx", "zqx2zqx", "x<a>2", "&lt;a&gt; on sand", "a <A>", "zq x"):
+        read = [tokens[i - first] for i in tok.tokenize(text) if i >= first]
+        assert dco.learned_in(text, tokens) == list(dict.fromkeys(read)), text
+    assert dco.in_words("a zqx2 and a zqxfoo", ["zqx", "zqx2"], ["dog", "cat"]) == "a cat and a dogfoo"  # was "a dog2 ..."
+    lora = SimpleNamespace(tokens=["zqx", "zqx2"])
+    dco.check_tokens(["l"], [lora], SimpleNamespace(tokens=["zqx2"]), "a zqx2 on the beach")  # zqx is not in zqx2
+    with pytest.raises(ValueError, match=r"learned token\(s\) \['zqx'\], whose embeddings are not loaded"):
+        dco.check_tokens(["l"], [lora], SimpleNamespace(tokens=["zqx2"]), "a zqxfoo on the beach")  # it is in zqxfoo
+    with pytest.raises(ValueError, match="'<a>' is a learned token's old name"):
+        dco.check_tokens([], [], None, "x &lt;a&gt; y", {"<a>": (["<b>"], "merge --token")})
 
 
 def test_bad_input_gets_one_clear_sentence(setup, tmp_path):
