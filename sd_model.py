@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gzip
+import hashlib
 import html
 import json
 import math
@@ -34,6 +36,7 @@ import sys
 import types
 import typing
 import warnings
+from collections import OrderedDict
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -47,6 +50,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent
 VOCAB_PATH = ROOT / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's BPE merges (MIT)
@@ -483,13 +487,9 @@ class GEGLU(nn.Module):
         return x * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
+class FeedForward(nn.Sequential):  # a Sequential in a Sequential: the checkpoint's ff.net.0 / ff.net.2 keys
     def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
-
-    def forward(self, x):
-        return self.net(x)
+        super().__init__(OrderedDict(net=nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -540,22 +540,14 @@ class SpatialTransformer(nn.Module):
         return x + self.proj_out(rearrange(t, "b (h w) c -> b c h w", h=h, w=w).contiguous())
 
 
-class Downsample(nn.Module):
+class Downsample(nn.Sequential):  # key op.*
     def __init__(self, ch: int):
-        super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.op(x)
+        super().__init__(OrderedDict(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1)))
 
 
-class Upsample(nn.Module):
+class Upsample(nn.Sequential):  # nearest x2, then a 3x3 conv (key conv.*)
     def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        super().__init__(OrderedDict(up=nn.Upsample(scale_factor=2.0, mode="nearest"), conv=nn.Conv2d(ch, ch, 3, padding=1)))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -722,22 +714,14 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class VAEDownsample(nn.Module):
+class VAEDownsample(nn.Sequential):  # LDM pads right/bottom only, then a valid conv (key conv.*)
     def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only, then a valid conv
+        super().__init__(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)), conv=nn.Conv2d(ch, ch, 3, stride=2)))
 
 
-class VAEMid(nn.Module):
+class VAEMid(nn.Sequential):  # keys mid.block_1, mid.attn_1, mid.block_2
     def __init__(self, ch: int, groups: int):
-        super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
+        super().__init__(OrderedDict(block_1=ResnetBlock(ch, ch, groups), attn_1=AttnBlock(ch, groups), block_2=ResnetBlock(ch, ch, groups)))
 
 
 class VAELevel(nn.Module):
@@ -920,7 +904,7 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
     final = ac[0] if sampler == "ddim" else 1.0
     x, x0_last, a_last = x.float(), None, None
     draw = generator if callable(generator) else lambda x: torch.randn(x.shape, generator=generator, device=x.device)
-    for i, t in enumerate(_progress(ts, progress, desc=sampler)):
+    for i, t in enumerate(tqdm(ts, desc=sampler, disable=not progress)):
         eps, x0 = schedule.eps_x0(model_fn(x, t, i), x, t)
         a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else final)
         if sampler == "ddim":
@@ -936,11 +920,6 @@ def sample_loop(model_fn, x, schedule: NoiseSchedule, steps: int = 50, sampler: 
         callback(i, t, x_new, x0) if callback is not None else None
         x = x_new
     return x
-
-
-def _progress(it, enabled=True, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(it, **kw) if enabled else it
 
 
 # ---- 8. StableDiffusion: load, encode prompts and images, sample.
@@ -1301,9 +1280,30 @@ def save_checkpoint(folder, step: int, tensors: dict, optimizer, scheduler=None,
     save_safetensors(state, Path(folder) / "training_state.safetensors", {k: json.dumps(v, default=lambda o: None) for k, v in meta.items()})
 
 
-def _settings(args) -> dict | None:  # paths (values naming files that exist, alone or in a list) are left out: folders move
+def weights_digest(path) -> str:
+    """What a resume knows --pretrained-model and --vae by: a moved folder resumes, other weights of the same shapes do not."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
+    return _digest(tuple((str(f), str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=16)  # each file's name, size and 64 KiB at 64 even places (a single file's VAE too), read once
+def _digest(files: tuple) -> str:  # while its size and mtime stay (every checkpoint asks)
+    h = hashlib.sha256()
+    for path, name, size, _ in files:
+        with open(path, "rb") as fh:
+            h.update(f"{name}:{size}".encode())
+            for i in range(64):
+                fh.seek(i * max(0, size - 2**16) // 63)
+                h.update(fh.read(2**16))
+    return "weights " + h.hexdigest()[:16]
+
+
+def _settings(args) -> dict | None:  # paths (files that exist, alone or in a list) are left out, as folders move; the weights
     is_path = lambda v: any(isinstance(x, str) and x and Path(x).exists() for x in (v if isinstance(v, list) else [v]))
-    return None if args is None else json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in RESUME_FREE and not is_path(v)}))
+    model = lambda k, v: k in ("pretrained_model", "vae") and is_path(v)  # of --pretrained-model and --vae by content
+    return None if args is None else json.loads(json.dumps({k: weights_digest(v) if model(k, v) else v for k, v in asdict(args).items()
+                                                            if k not in RESUME_FREE and (model(k, v) or not is_path(v))}))
 
 
 def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=None, scaler=None, args=None) -> int:
@@ -1316,7 +1316,7 @@ def load_checkpoint(folder, tensors: dict, optimizer, scheduler=None, generator=
     state, meta = load_file(str(path)), {k: json.loads(v) for k, v in safe_open(str(path), "pt").metadata().items()}
     saved, here = {k[6:]: tuple(v.shape) for k, v in state.items() if k.startswith("param.")}, {k: tuple(v.shape) for k, v in tensors.items()}
     for k, now in (_settings(args).items() if meta.get("args") and args is not None else ()):  # paths: skipped on either side
-        if k in meta["args"]:
+        if k in meta["args"] and (meta["args"][k] or not str(now).startswith("weights ")):  # (older checkpoints: no digest)
             saved["--" + k.replace("_", "-")], here["--" + k.replace("_", "-")] = meta["args"][k], now
     if bad := next((k for k in sorted(saved.keys() | here.keys()) if saved.get(k) != here.get(k)), None):
         raise ValueError(f"'{folder}' was trained with other settings ({bad}: {saved.get(bad, 'absent')} there, {here.get(bad, 'absent')} "
@@ -1373,7 +1373,7 @@ def train_loop(args: TrainArgs, optimizer, tensors: dict, loss_fn, save_fn, gene
     print("config: " + json.dumps(asdict(args)) + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), file=sys.stderr)
     amp = torch.autocast(torch.device(device).type, DTYPES[args.mixed_precision], enabled=args.mixed_precision != "no")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    bar, last_good = _progress(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps), resume_from
+    bar, last_good = tqdm(range(step, args.max_train_steps), desc="train", initial=step, total=args.max_train_steps), resume_from
     for step in bar:
         mean = {}  # the logs of a step: means over its micro-batches, as the loss it optimised is
         for _ in range(args.gradient_accumulation_steps):

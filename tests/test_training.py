@@ -103,6 +103,37 @@ def test_resuming_past_max_train_steps_or_with_other_settings_is_one_sentence_an
     assert sorted(p.name for p in (tmp_path / "p").glob("checkpoint-*")) == ["checkpoint-3"]
 
 
+def test_a_resume_knows_the_base_model_and_vae_by_their_weights_not_their_paths(tmp_path):
+    """Paths are free on resume (folders move), so another base model or --vae of the same shapes went on silently,
+    training the rest of the run against other weights; their content is what a checkpoint now records."""
+    base, vae = tmp_path / "base", tmp_path / "vae.safetensors"
+    sdm.save_safetensors({"w": torch.arange(50000.0)}, base / "unet" / "diffusion_pytorch_model.safetensors")
+    sdm.save_safetensors({"v": torch.ones(10)}, vae)
+    (base / "model_index.json").write_text("{}")  # not weights: free to change
+    kw = dict(max_train_steps=4, checkpointing_steps=2)
+    run(ToyArgs(output_dir=str(tmp_path / "r"), pretrained_model=str(base), vae=str(vae), max_train_steps=2, checkpointing_steps=2))
+    moved = tmp_path / "moved"
+    base.rename(moved), (moved / "model_index.json").write_text('{"a": 1}')
+    torch.manual_seed(0)
+    run(ToyArgs(output_dir=str(tmp_path / "r"), pretrained_model=str(moved), vae=str(vae), resume="latest", max_train_steps=3,
+                checkpointing_steps=1))  # the same weights elsewhere: resumes
+    other = torch.arange(50000.0)
+    other[25000] = -1.0  # one value deep inside: same size, same header
+    sdm.save_safetensors({"w": other}, moved / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=r"checkpoint-3' was trained with other settings \(--pretrained-model: weights [0-9a-f]{16} "
+                                         r"there, weights [0-9a-f]{16} here\)"):
+        run(ToyArgs(output_dir=str(tmp_path / "r"), pretrained_model=str(moved), vae=str(vae), resume="latest", **kw))
+    sdm.save_safetensors({"w": torch.arange(50000.0)}, moved / "unet" / "diffusion_pytorch_model.safetensors")  # back again
+    sdm.save_safetensors({"v": torch.zeros(10)}, vae)
+    with pytest.raises(ValueError, match=r"\(--vae: weights [0-9a-f]{16} there, weights [0-9a-f]{16} here\)"):
+        run(ToyArgs(output_dir=str(tmp_path / "r"), pretrained_model=str(moved), vae=str(vae), resume="latest", **kw))
+    with pytest.raises(ValueError, match=r"\(--vae: weights [0-9a-f]{16} there,  here\)"):  # the model's own VAE instead
+        run(ToyArgs(output_dir=str(tmp_path / "r"), pretrained_model=str(moved), resume="latest", **kw))
+    # a checkpoint that recorded no weights (the toy default "", or an older checkpoint) resumes with a path given
+    run(ToyArgs(output_dir=str(tmp_path / "t"), max_train_steps=2, checkpointing_steps=2))
+    run(ToyArgs(output_dir=str(tmp_path / "t"), pretrained_model=str(moved), resume="latest", **kw))
+
+
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match=r"at step 3; the last good checkpoint is .*checkpoint-2"):
         run(ToyArgs(output_dir=str(tmp_path), max_train_steps=6, checkpointing_steps=2), nan_at=4)
