@@ -366,7 +366,7 @@ SKIPS = {
     "bad_mask": "a record's label map (mask.png, or the png beside a jpg) is not a one-channel label map of its image's size; the record is skipped",
     "no_boxes": "a record has no object boxes; it is skipped (every training image needs a subject box)",
     "box_outside": "an object's box is missing, outside its image or empty; that object is ignored",
-    "entity_missing": "an object's label is not a word of the caption; that object is ignored",
+    "entity_missing": "an object's label is not one whole word of the caption; that object is ignored",
     "box_filtered": "an object's box is outside the area/aspect limits (--min-box-area ...); that object is ignored",
     "no_subject": "a record has no usable subject left; it is skipped",
     "caption_sks": "a caption already contains 'sks', the token that carries the image; the record is skipped",
@@ -625,7 +625,6 @@ class Records(torch.utils.data.Dataset):
         logit = lambda o: o.get("logit") if isinstance(o, dict) and isinstance(o.get("logit"), (int, float)) else None
         if any(logit(o) is not None for o in objects):  # the official order: descending detector logit
             objects = sorted(objects, key=lambda o: -logit(o) if logit(o) is not None else math.inf)  # stable
-        words = set(re.findall(r"[\w']+", rec["caption"].lower()))
         for o in objects:
             box = _box(o)
             x1, y1, x2, y2 = (0, 0, 0, 0) if box is None else np.clip(box, 0, [W, H, W, H])
@@ -634,7 +633,8 @@ class Records(torch.utils.data.Dataset):
                 shown = str(o.get("box") if isinstance(o, dict) else o)[:60]
                 self._say(SKIPS["box_outside"] + f" (first: box {shown} in a {W}x{H} image).", "box_outside")
                 continue
-            if str(o.get("label", "")).lower() not in words:
+            label = str(o.get("label", "")).strip()  # one word (the card), matched by the sampler's own rule
+            if not label or label.split() != [label] or not has_word(rec["caption"], label):
                 skips["entity_missing"] += 1
                 continue
             area, aspect = (x2 - x1) * (y2 - y1) / (W * H), (x2 - x1) / (y2 - y1)
@@ -646,7 +646,7 @@ class Records(torch.utils.data.Dataset):
             if any(inter(b) / min((x2 - x1) * (y2 - y1), (b[2] - b[0]) * (b[3] - b[1])) > 0.8 for b, _, _ in chosen):
                 continue
             value = o.get("value")  # a label-map value; anything else falls back to the box as the mask
-            chosen.append(((x1, y1, x2, y2), str(o["label"]), value if isinstance(value, (int, float)) else None))
+            chosen.append(((x1, y1, x2, y2), label, value if isinstance(value, (int, float)) else None))
         if not chosen:
             raise Skip("no_subject")
         return chosen

@@ -1030,6 +1030,29 @@ def test_a_run_refused_at_the_data_step_leaves_the_folder_as_it_was(tiny, tmp_pa
     assert sorted(p.name for p in old.iterdir()) == ["args.json", "log.jsonl"] and (old / "args.json").read_text() == "{}"
 
 
+def test_training_labels_follow_the_samplers_whole_word_rule(tiny, tmp_path):
+    """A label is kept when it is one word the caption holds by has_word's rule (the one sampling uses), so 'c++' and
+    'r2-d2' are kept (a findall of \\w+ split them); a word inside a longer one or a label of two words is not (the card)."""
+    _, _, root = tiny
+    good = json.loads((root / "loose" / "000000.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps(good))
+    (tmp_path / "a.png").write_bytes((root / "loose" / "000000.png").read_bytes())
+    cfg = sdx.TrainConfig(data=[str(tmp_path)], min_box_area=0.01)
+    data = sdx.Records(cfg.data, cfg, 32, 16, 4, 32, 49407)
+    obj = {**good["objects"][0], "value": None, "box": [8, 8, 40, 40]}
+    for caption, label, kept in (("a c++ book on a desk", "c++", True), ("r2-d2 in the desert", "r2-d2", True),
+                                 ("A Star, at night", "star", True), ("stars at night", "star", False),
+                                 ("a teddy bear on a bed", "teddy bear", False), ("a star", " ", False)):
+        skips = dict.fromkeys(sdx.SKIPS, 0)
+        rec = {**good, "caption": caption, "objects": [{**obj, "label": label}]}
+        if kept:
+            assert [lab for _, lab, _ in data.subjects(rec, 64, 64, skips)] == [label], caption
+        else:
+            with pytest.raises(sdx.Skip):
+                data.subjects(rec, 64, 64, skips)
+            assert skips["entity_missing"] == 1, caption
+
+
 def test_entity_words_match_as_whole_words_also_with_punctuation(tiny):
     """A \\b boundary never matched after 'c++' (two non-word characters); words with letters at both ends keep the rule:
     not inside a longer word, beside punctuation yes."""
