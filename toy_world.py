@@ -70,6 +70,7 @@ model present, `eval` also reports CLIP-T (image vs the prompt with the class wo
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import io
@@ -1175,9 +1176,9 @@ def pretrain_data(out, n, seed=0, size=64, workers=2, overwrite=False):
         arr = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, size, size, 3))
         captions = [None] * n
         chunks = [(seed, s, min(s + 1000, n), size) for s in range(0, n, 1000)]
-        with Pool(workers) as pool:
-            for start, imgs, caps in tqdm(pool.imap_unordered(_render_chunk, chunks), total=len(chunks),
-                                          desc="render"):
+        with Pool(workers) if workers else contextlib.nullcontext() as pool:  # 0: here, as a DataLoader's workers
+            for start, imgs, caps in tqdm((pool.imap_unordered if pool else map)(_render_chunk, chunks),
+                                          total=len(chunks), desc="render"):
                 arr[start:start + len(imgs)], captions[start:start + len(caps)] = imgs, caps
         arr.flush()
         del arr
@@ -1614,6 +1615,10 @@ STAGES = {"train-clip": (ClipArgs, train_clip, {"hard_negatives"}),
                                                 "latent_images", "export"})}
 
 
+# The floor of every integer flag of the commands below (the training stages check theirs in sdm.parse_args).
+FLOORS = {"n": 1, "workers": 0, "threads": 1, "shard_size": 1, "n_refs": 1, "per_prompt": 1, "steps": 1, "n_train": 1}
+
+
 def main(argv=None):
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
@@ -1643,7 +1648,7 @@ def _main(argv):
     c.add_argument("--out", default="outputs/toy/data")
     c.add_argument("--n", type=int, default=200_000)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--workers", type=int, default=2, help="render processes (0: in this process)")
     c.add_argument("--overwrite", action="store_true", help="render again into a folder that holds data")
     c = sub.add_parser("pretrain", help="every stage: data, CLIP, VAE, UNet; rerun to resume")
     c.add_argument("--work", default="outputs/toy")
@@ -1691,6 +1696,9 @@ def _main(argv):
     a = p.parse_args(argv)
     if getattr(a, "size", 64) < 32:
         raise SystemExit("--size must be at least 32: below that small objects vanish.")
+    for flag, floor in FLOORS.items():  # before anything is written: --n 0 wrote empty files, --threads 0 a traceback
+        if (v := getattr(a, flag, None)) is not None and v < floor:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be at least {floor} (got {v}).")
 
     if a.cmd == "init-sd":
         init_sd(a.out, a.seed)

@@ -468,3 +468,27 @@ def test_pretrain_data_refuses_finished_data_and_leaves_no_temporary_file(tmp_pa
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match="already holds other files"):
         tw.pretrain_data(str(tmp_path / "mine"), 3, workers=1)
+
+
+@pytest.mark.parametrize("argv", [["pretrain-data", "--n", "3", "--workers", "-1"], ["make-data", "--n", "0"],
+                                  ["make-records", "--n", "2", "--shard-size", "0"], ["make-concepts", "--n-refs", "0"],
+                                  ["make-oracle", "--per-prompt", "0"], ["train-probes", "--n-train", "0"],
+                                  ["train-probes", "--threads", "0"], ["train-probes", "--steps", "0"],
+                                  ["eval-base", "--n", "0"], ["pretrain", "--threads", "0"]])
+def test_integer_flags_below_their_floor_are_one_sentence_before_anything_is_written(tmp_path, argv):
+    """--n 0 wrote an empty captions.jsonl, --n-refs 0 concepts without references, --threads 0 and --n-train 0 were
+    tracebacks, --workers 0 was Pool's own 'Number of processes must be at least 1'."""
+    out = tmp_path / "out"
+    where = {"pretrain": "--work", "train-probes": "--out", "eval-base": "--out"}.get(argv[0], "--out")
+    flag = argv[-2]
+    with pytest.raises(SystemExit, match=f"^{flag} must be at least [01] \\(got -?[0-9]+\\)\\.$"):
+        tw.main([*argv, where, str(out)])
+    assert not out.exists()
+
+
+def test_pretrain_data_renders_in_this_process_with_zero_workers(tmp_path):
+    """--workers 0 renders here (a DataLoader's convention; no fork, so it runs where processes cannot), the same data."""
+    tw.pretrain_data(str(tmp_path / "a"), 3, workers=0)
+    tw.pretrain_data(str(tmp_path / "b"), 3, workers=2)
+    (a, ca), (b, cb) = tw.load_pretrain_data(str(tmp_path / "a")), tw.load_pretrain_data(str(tmp_path / "b"))
+    assert np.array_equal(a, b) and ca == cb
