@@ -336,13 +336,13 @@ def load_image_blocks(vico: ViCo, sd: dict, what: str) -> None:
             v.copy_(sd[k])
 
 
-def save_concept(vico: ViCo, folder, metadata: dict) -> None:
+def save_concept(vico: ViCo, folder, metadata: dict) -> list[Path]:
     """vico.safetensors (blocks under the official keys + `token_embeddings`), and S* in the diffusers
     (learned_embeds.safetensors, {token: (1, d)}) and A1111 (a1111/<token>.safetensors, emb_params; A1111
     names an embedding after its file, so the folder keeps the name typeable)
     formats. diffusers' loader takes one token per file, so two concepts write <token>.learned_embeds
-    .safetensors each (load them with load_textual_inversion([file1, file2]))."""
-    folder = Path(folder)
+    .safetensors each (load them with load_textual_inversion([file1, file2])). Returns the files written."""
+    folder, written = Path(folder), [Path(folder) / "vico.safetensors"]
     rows = vico.embeddings.detach().float()
     meta = {"method": "vico", "placeholders": vico.placeholders, "layers": vico.layers, "mask_mode": vico.mask_mode, **metadata}
     sdm.save_safetensors({**official_state_dict(vico), "token_embeddings": rows}, folder / "vico.safetensors", meta)
@@ -351,6 +351,33 @@ def save_concept(vico: ViCo, folder, metadata: dict) -> None:
         diffusers_name = "learned_embeds" if len(vico.placeholders) == 1 else f"{name}.learned_embeds"
         sdm.save_embeddings(folder / f"{diffusers_name}.safetensors", {p: rows[i : i + 1]}, "diffusers", meta)
         sdm.save_embeddings(folder / "a1111" / f"{name}.safetensors", {p: rows[i : i + 1]}, "a1111", {**meta, "token": p})
+        written += [folder / f"{diffusers_name}.safetensors", folder / "a1111" / f"{name}.safetensors"]
+    return written
+
+
+def concept_files(folder) -> list[Path]:
+    """The files an earlier `save_concept` wrote in `folder` (their metadata says method vico): what a new concept there
+    replaces. Left behind, an old vico.safetensors is read as the folder's finished concept, and an old token's
+    learned_embeds file sits beside the new ones."""
+    from safetensors import safe_open
+
+    def ours(p):
+        try:
+            with safe_open(str(p), "pt") as f:
+                return (f.metadata() or {}).get("method") == "vico"
+        except Exception:  # not a safetensors file: not ours
+            return False
+    folder = Path(folder)
+    found = [folder / "vico.safetensors", *sorted(folder.glob("*learned_embeds.safetensors")), *sorted(folder.glob("a1111/*.safetensors"))]
+    return [p for p in found if p.is_file() and ours(p)]
+
+
+def remove_files(paths) -> None:
+    """Unlink `paths`, and a1111/ when that leaves it empty."""
+    for p in paths:
+        p.unlink(missing_ok=True)
+        if p.parent.name == "a1111" and not any(p.parent.iterdir()):
+            p.parent.rmdir()
 
 
 class _ParameterDict(dict):
@@ -449,6 +476,22 @@ def _is_export(path) -> bool:
         return False
 
 
+def _written_by(folder) -> str:
+    """The method another script of this project recorded in a safetensors file of `folder` ("" if none): a DCO, DCI or
+    Subject-Diffusion run given as --concept."""
+    from safetensors import safe_open
+
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(p), "pt") as f:
+                method = (f.metadata() or {}).get("method", "")
+        except Exception:  # not a safetensors file
+            continue
+        if method and method != "vico":
+            return method
+    return ""
+
+
 def _checkpoints(folder) -> list[int]:
     """The N of our run folder's checkpoint-N/ that hold a concept, in order."""
     numbers = (q.parent.name.removeprefix("checkpoint-") for q in Path(folder).glob("checkpoint-*/vico.safetensors"))
@@ -483,6 +526,10 @@ def load_concept(model: sdm.StableDiffusion, folder, placeholder: str = "S*", st
             raise ValueError(f"'{folder}' holds {len(emb)} official placeholders {list(emb)}; the official code trains one ('*').")
         rows, phs, mode, vis, official = next(iter(emb.values())), [placeholder], "renorm", True, True
         meta = {"step": json.dumps(number + 1)} if number >= 0 else {}  # file -399 holds the 400th step's weights
+    elif other := _written_by(folder):
+        raise FileNotFoundError(f"'{folder}' holds another method's output (its files say method {other}), not a ViCo concept "
+                                "(vico.safetensors, or the official cross_attention-*.pt + embeddings_gs-*.pt); sample it with "
+                                "that method's script, or give a folder `vico.py train` wrote.")
     elif found := _checkpoints(folder):
         # a run stopped before its end: only its checkpoints hold a concept
         raise FileNotFoundError(f"'{folder}' holds no finished concept, only checkpoints {', '.join(map(str, found))}; "
@@ -647,6 +694,18 @@ def draw_batch(g, counts: list[int], n_templates: int, batch: int):
     return out
 
 
+def init_token(tokenizer, word: str) -> int:
+    """The id of --init-word, or one sentence: S* starts from a pretrained token's embedding (card 8), so the
+    tokenizer's "or add it as a new token" does not apply; the prompt's whole words that are one token each do."""
+    ids = tokenizer.tokenize(word)
+    if len(ids) == 1:
+        return ids[0]
+    words = [w for w in word.split() if len(tokenizer.tokenize(w)) == 1]
+    hint = f"one of its words ({' or '.join(repr(w) for w in words)})" if words else "a single-token word such as 'dog'"
+    raise ValueError(f"--init-word '{word}' is {len(ids)} CLIP tokens, not one; S* starts from one pretrained token's "
+                     f"embedding: give {hint}.")
+
+
 def make_optimizer(vico: ViCo, args: ViCoArgs) -> torch.optim.AdamW:
     """configure_optimizers (ddpm.py l.1469-1494): S* at the base LR times the total batch (scale_lr),
     the image blocks at a fixed 1e-5; AdamW's default weight decay 0.01 on both."""
@@ -691,7 +750,7 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     if size % model.size_multiple:
         raise ValueError(f"--resolution must be a multiple of {model.size_multiple} for this model (got {size}).")
     table = model.text_encoder.token_embedding
-    init_ids = [model.tokenizer.token_id(w) for w in args.init_word]  # one clear error if not one token
+    init_ids = [init_token(model.tokenizer, w) for w in args.init_word]
     for ph, w, i in zip(placeholders, args.init_word, init_ids):
         print(f"{ph} initialised from the token embedding of '{w}' (id {i})", file=sys.stderr)
     token_ids = add_placeholders(model, placeholders)
@@ -771,6 +830,13 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
     if args.validation_prompt and not shown:
         raise ValueError(f"the validation prompt has no concept token ({', '.join(placeholders)}) in its first 75 tokens.")
     tensors = {"embeddings": vico.embeddings, **{f"image_blocks.{k}": v for k, v in vico.image_blocks.state_dict(keep_vars=True).items()}}
+    resume_from = sdm.find_checkpoint(Path(args.output_dir), args.resume)
+    if resume_from is not None and (resume_from / "training_state.safetensors").exists() and not (resume_from / "vico.safetensors").exists():
+        # every checkpoint of ours holds its concept; without one it is another method's, whose settings differ first
+        raise ValueError(f"--resume: '{resume_from}' is not a ViCo checkpoint (no vico.safetensors; another method's run?); "
+                         "use a new --output-dir.")
+    if args.overwrite and resume_from is None:  # a new run: train_loop removes the earlier one's checkpoints,
+        remove_files(concept_files(args.output_dir))  # and its finished concept goes with them
     with vico.install(model.unet):
         sdm.train_loop(args, opt, tensors, loss_fn, save, torch.Generator().manual_seed(args.seed), validate, device=device,
                        metadata={"placeholders": placeholders, "layers": vico.layers})
@@ -793,6 +859,10 @@ class ViCoSampleArgs(sdm.SampleArgs):
 
 def read_reference(path):
     """A reference image as PIL RGB, or one sentence naming the file."""
+    if Path(path).is_dir():  # a training folder given whole: each reference is its own file (App. C concatenates them)
+        files = sorted(str(p) for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        example = f" (--reference {' '.join(files[:3])}{' ...' if len(files) > 3 else ''})" if files else ""
+        raise ValueError(f"reference image '{path}' is a folder; give its image files{example}.")
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference image '{path}' does not exist.")
     try:
@@ -801,7 +871,19 @@ def read_reference(path):
         raise ValueError(f"reference image '{path}' is not a readable image ({type(e).__name__}).") from e
 
 
+def check_concept_flag(concept: str) -> None:
+    """Before the model loads: an empty --concept was read as the current folder, a missing one as holding nothing."""
+    if not concept:
+        raise ValueError("give the trained concept with --concept DIR (a `vico.py train` --output-dir, or the official "
+                         "release's folder).")
+    if Path(concept).is_file():  # e.g. its vico.safetensors: the folder also holds the official files' pair, or checkpoints
+        raise ValueError(f"--concept takes the concept's folder, not a file: --concept {Path(concept).parent}")
+    if not Path(concept).is_dir():
+        raise FileNotFoundError(f"--concept '{concept}' does not exist.")
+
+
 def sample_cli(a: ViCoSampleArgs) -> None:
+    check_concept_flag(a.concept)
     ref_images = [read_reference(r) for r in a.reference]  # before the model: bad input fails in a second
     device = sdm.pick_device(a.device)
     model = sdm.load_model(a.pretrained_model, a.precision, a.vae_precision, device, a.variant, a.compile, a.channels_last, a.vae,
@@ -812,6 +894,9 @@ def sample_cli(a: ViCoSampleArgs) -> None:
     if ref_images and not vico.visual_condition:
         warnings.warn("this concept is plain textual inversion (trained with --no-visual-condition): "
                       "the --reference images are not used.")
+    if a.save_masks and not vico.visual_condition:
+        warnings.warn("this concept is plain textual inversion (trained with --no-visual-condition): it has no object masks; "
+                      "--save-masks writes none.")
     h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
     if h % model.size_multiple or w % model.size_multiple:
         raise ValueError(f"height and width must be multiples of {model.size_multiple} for this model (got {h}x{w}).")
@@ -840,8 +925,10 @@ def export_cli(argv) -> None:
     p = argparse.ArgumentParser(prog="vico.py export", description="convert a concept between our format and the official release's")
     p.add_argument("--concept", required=True, help="ours (vico.safetensors) or official (cross_attention-N.pt + embeddings_gs-N.pt, "
                    "or the log folder whose checkpoints/ holds them)")
-    p.add_argument("--format", choices=("vico", "official"), required=True,
-                   help="vico: vico.safetensors + diffusers/A1111 embeddings; official: OUTPUT/checkpoints/cross_attention-N.pt + "
+    # diffusers and a1111 name the token files the vico set holds (what --format asks for in the other methods' exports)
+    p.add_argument("--format", choices=("vico", "official", "diffusers", "a1111"), required=True,
+                   help="vico (or diffusers, a1111: the same set): vico.safetensors + S* as diffusers learned_embeds.safetensors "
+                        "and A1111 a1111/<token>.safetensors; official: OUTPUT/checkpoints/cross_attention-N.pt + "
                         "embeddings_gs-N.pt (the official scripts' --ft_path OUTPUT --load_step N)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--pretrained-model", default="", help="the base model the concept belongs to (default: the toy model)")
@@ -853,6 +940,7 @@ def export_cli(argv) -> None:
     a = p.parse_args(argv)
     if a.step and not a.step.isdecimal():  # a file number (cross_attention-399.pt) or our checkpoint-N
         raise ValueError(f"--step must be a checkpoint number such as 399 (got '{a.step}').")
+    check_concept_flag(a.concept)
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
     model = sdm.load_model(a.pretrained_model, variant=a.variant)
     vico = load_concept(model, a.concept, a.placeholder, a.step)
@@ -875,9 +963,12 @@ def export_cli(argv) -> None:
     else:
         kept = {k: v for k, v in vico.metadata.items() if k in TRAINING_METADATA}  # ours -> ours; official: its step
         ours = earlier_official(out, None)[0]  # our vico.safetensors is read first; the official scripts would take these
-        save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})
-    for p in [] if in_place else ours:  # after the new files are in place: a failed export leaves the earlier one whole
-        p.unlink()
+        earlier = concept_files(out)  # an earlier concept's token files that the new one does not write over
+        written = save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})
+        ours += [p for p in earlier if p not in written]
+        print("diffusers (pipe.load_textual_inversion): " + ", ".join(str(p) for p in written[1::2])
+              + "; A1111 (its embeddings folder): " + ", ".join(str(p) for p in written[2::2]))
+    remove_files([] if in_place else ours)  # after the new files are in place: a failed export leaves the earlier one whole
     print(f"wrote {a.format} files to {out}")
 
 

@@ -723,6 +723,10 @@ def test_references_for_a_textual_inversion_concept_are_named_unused(model_dir, 
         vico.main(["sample", "--pretrained-model", str(model_dir), "--concept", str(run), "--reference", str(imgs / "0.png"),
                    "--prompt", "a photo of S*", "--steps", "1", "--output-dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "0000_00.png").exists()
+    with pytest.warns(UserWarning, match="it has no object masks; --save-masks writes none"):  # it wrote none, silently
+        vico.main(["sample", "--pretrained-model", str(model_dir), "--concept", str(run), "--save-masks",
+                   "--prompt", "a photo of S*", "--steps", "1", "--output-dir", str(tmp_path / "out2")])
+    assert (tmp_path / "out2" / "0000_00.png").exists() and not (tmp_path / "out2" / "masks").exists()
 
 
 def test_the_concepts_in_a_prompt_are_found_by_token_not_by_substring(model):
@@ -846,3 +850,101 @@ def test_a_placeholder_typed_another_way_is_named_in_the_refusal(model):
         with pytest.raises(ValueError, match=hint), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tokenizer's own warning about the cut
             vico.generate(model, v, prompt, steps=1, progress=False)
+
+
+def test_train_overwrite_removes_the_earlier_runs_concept_files(model, tmp_path):
+    """--overwrite removed the earlier run's checkpoints but kept its vico.safetensors, learned_embeds and a1111 files:
+    a new run that stopped early left the old concept as the folder's finished one (what sample --concept reads),
+    and a two-concept run over a one-concept one left the old S*'s learned_embeds.safetensors beside its own."""
+    images, run = write_images(tmp_path / "imgs", 2), tmp_path / "run"
+    run_train(model, run, 1, images=images)
+    (run / "notes.txt").write_text("the user's")
+    with pytest.raises(FloatingPointError):  # the new run stops at its first step
+        run_train(model, run, 1, images=images, reg_weight=float("inf"), overwrite=True)
+    assert not (run / "vico.safetensors").exists() and not (run / "learned_embeds.safetensors").exists()
+    assert not (run / "a1111").exists() and (run / "notes.txt").exists()
+    run_train(model, run, 1, images=images, overwrite=True)
+    vico.train(vico.ViCoArgs(images=[str(images)] * 2, init_word=["dog"] * 2, output_dir=str(run), max_train_steps=1,
+                             checkpointing_steps=1, overwrite=True), model)
+    assert sorted(p.name for p in run.glob("*.safetensors")) == ["S1star.learned_embeds.safetensors",
+                                                                 "S2star.learned_embeds.safetensors", "vico.safetensors"]
+    assert sorted(p.name for p in (run / "a1111").iterdir()) == ["S1star.safetensors", "S2star.safetensors"]
+
+
+def test_export_overwrite_replaces_an_earlier_vico_export_whole(model, model_dir, tmp_path):
+    """--format vico over a one-concept export kept that concept's learned_embeds.safetensors and a1111/Sstar beside
+    the two new tokens' files; the user's own files stay."""
+    vico.save_concept(make_vico(model), tmp_path / "one", {})
+    vico.save_concept(make_vico(model, ("S1*", "S2*")), tmp_path / "two", {})
+    out = tmp_path / "out"
+    export = ["export", "--pretrained-model", str(model_dir), "--format", "vico", "--output-dir", str(out)]
+    vico.main([*export, "--concept", str(tmp_path / "one")])
+    (out / "a1111" / "mine.pt").write_bytes(b"a user's file")
+    vico.main([*export, "--concept", str(tmp_path / "two"), "--overwrite"])
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["S1star.learned_embeds.safetensors",
+                                                                 "S2star.learned_embeds.safetensors", "vico.safetensors"]
+    assert sorted(p.name for p in (out / "a1111").iterdir()) == ["S1star.safetensors", "S2star.safetensors", "mine.pt"]
+
+
+def test_sample_names_a_missing_concept_flag_a_missing_concept_and_a_reference_folder(model_dir, tmp_path):
+    """No --concept read as '.' ("'.' holds no ViCo concept"), a missing folder as one holding nothing, and a folder
+    given as --reference as a file that does not exist."""
+    refs = write_images(tmp_path / "imgs", 2)
+    sample = ["sample", "--pretrained-model", str(model_dir), "--prompt", "a S*", "--output-dir", str(tmp_path / "out")]
+    cases = {"no --concept": ([*sample, "--reference", str(refs / "0.png")], r"give the trained concept with --concept DIR"),
+             "missing": ([*sample, "--concept", str(tmp_path / "nope"), "--reference", str(refs / "0.png")],
+                         r"--concept '.*nope' does not exist"),
+             "folder": ([*sample, "--concept", str(tmp_path), "--reference", str(refs)],
+                        r"reference image '.*imgs' is a folder; give its image files \(--reference .*0.png .*1.png\)")}
+    vico.save_concept(make_vico(sdm.load_model(str(model_dir))), tmp_path / "c", {})
+    cases["a file"] = ([*sample, "--concept", str(tmp_path / "c" / "vico.safetensors"), "--reference", str(refs / "0.png")],
+                       f"--concept takes the concept's folder, not a file: --concept {tmp_path / 'c'}$")
+    for what, (argv, msg) in cases.items():
+        with pytest.raises(SystemExit, match=msg):
+            vico.main(argv)
+    with pytest.raises(SystemExit, match=r"--concept '.*nope' does not exist"):
+        vico.main(["export", "--concept", str(tmp_path / "nope"), "--format", "vico", "--output-dir", str(tmp_path / "e")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "e").exists()
+
+
+def test_an_init_word_of_several_tokens_is_refused_with_advice_that_fits_it(model, tmp_path):
+    """The tokenizer's advice, "or add it as a new token", does not fit an init word: a new token has no pretrained
+    embedding for S* to start from."""
+    images = write_images(tmp_path / "imgs", 1)
+    for word, said in (("teddy bear", r"--init-word 'teddy bear' is 2 CLIP tokens, not one; .*one of its words \('teddy' or 'bear'\)"),
+                       ("qwertyuiopasdf", r"--init-word 'qwertyuiopasdf' is \d+ CLIP tokens, not one; .*single-token word such as 'dog'\.$"),
+                       ("", r"--init-word '' is 0 CLIP tokens")):
+        with pytest.raises(ValueError, match=said) as e:
+            vico.train(vico.ViCoArgs(images=[str(images)], init_word=[word], output_dir=str(tmp_path / "run")), model)
+        assert "new token" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_export_takes_the_diffusers_and_a1111_format_names(model, model_dir, tmp_path, capsys):
+    """`--format diffusers` (as dci_ico's export names it) or `a1111` was an argparse refusal; both name the token
+    files of the vico set, which is written whole, and the command says which file is which."""
+    v = make_vico(model)
+    vico.save_concept(v, tmp_path / "c", {})
+    for fmt in ("diffusers", "a1111"):
+        out = tmp_path / fmt
+        vico.main(["export", "--pretrained-model", str(model_dir), "--concept", str(tmp_path / "c"), "--format", fmt,
+                   "--output-dir", str(out)])
+        assert torch.equal(sdm.load_embeddings(out / "learned_embeds.safetensors")["S*"], v.embeddings.detach())
+        assert torch.equal(sdm.load_embeddings(out / "a1111" / "Sstar.safetensors")["emb_params"], v.embeddings.detach())
+        said = capsys.readouterr().out
+        assert f"diffusers (pipe.load_textual_inversion): {out / 'learned_embeds.safetensors'}" in said
+        assert f"A1111 (its embeddings folder): {out / 'a1111' / 'Sstar.safetensors'}" in said
+
+
+def test_another_methods_run_is_named_as_such_in_sample_and_resume(model, tmp_path):
+    """A DCO run's folder as --concept was "holds no ViCo concept", and as a --resume latest folder "trained with other
+    settings (--learning-rate ...)": both now say it is another method's."""
+    run = tmp_path / "dco"
+    (run / "checkpoint-2").mkdir(parents=True)
+    sdm.save_safetensors({"w": torch.zeros(1)}, run / "pytorch_lora_weights.safetensors", {"method": "dco"})
+    sdm.save_safetensors({"param.lora": torch.zeros(1)}, run / "checkpoint-2" / "training_state.safetensors",
+                         {"step": json.dumps(2), "args": json.dumps({"learning_rate": 5e-5})})
+    with pytest.raises(FileNotFoundError, match="holds another method's output \\(its files say method dco\\)"):
+        vico.load_concept(model, run)
+    with pytest.raises(ValueError, match="checkpoint-2' is not a ViCo checkpoint"):
+        run_train(model, run, 4, images=write_images(tmp_path / "imgs", 1), resume="latest")
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoint-2", "pytorch_lora_weights.safetensors", "training_state.safetensors"]
