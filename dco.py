@@ -298,6 +298,12 @@ def load_lora(path, unet, name: str = "default") -> LoRA:
     if te:
         raise ValueError(f"'{path}' also trains the text encoder ('{te[0]}', ...); this loader reads UNet LoRAs only "
                          "(DCO's LoRA is UNet-only): save the UNet part alone, or drop the text-encoder keys.")
+    if not any(re.search(r"\.(lora_[AB]|lora[._](down|up))\.weight$", k) for k in sd):  # no LoRA at all: say what it is
+        kind = ("learned token embeddings; give it with --embeddings" if meta.get("format") in ("diffusers", "a1111") else
+                "a training state; give its checkpoint folder" if any(k.startswith("param.") for k in sd) else
+                f"another method's weights (its metadata says method={meta['method']})" if meta.get("method", "dco") != "dco" else "")
+        if kind:
+            raise ValueError(f"'{path}' holds no LoRA but {kind}.")
     keys = {}
     for k in sd:
         m = re.match(r"(?:unet\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$|(.+)\.alpha$", k)
@@ -438,19 +444,27 @@ class LearnedTokens(nn.Module):
     def save(self, path, metadata: dict | None = None) -> None:
         write_embeddings(path, self.tokens, [r.detach() for r in self.rows], self.initializers, metadata)
 
-    def save_per_token(self, folder, metadata: dict | None = None) -> None:
+    def save_per_token(self, folder, metadata: dict | None = None) -> list[Path]:
         """Each token alone, for tools that read one token a file. A1111 names an embedding after its file, so
         a1111/<name>.safetensors (SD 1.x `emb_params`; SDXL `clip_l` + `clip_g`, as A1111 and ComfyUI read it);
-        with several tokens also <name>.learned_embeds.safetensors for diffusers' load_textual_inversion."""
+        with several tokens also <name>.learned_embeds.safetensors for diffusers' load_textual_inversion.
+        Returns the files written."""
+        written, names = [], []
         for i, t in enumerate(self.tokens):
             name, rows = re.sub(r"[^\w-]", "_", t).strip("_") or f"token{i}", [r[i : i + 1].detach() for r in self.rows]
+            name = name if name not in names else f"{name}_{i}"  # <dog> and [dog] are both "dog": one file overwrote the other
+            names.append(name)
+            a1111 = Path(folder) / "a1111" / f"{name}.safetensors"
             if len(rows) > 1:
-                write_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", [t], rows, self.initializers[i : i + 1], metadata)
+                write_embeddings(a1111, [t], rows, self.initializers[i : i + 1], metadata)
             else:
-                sdm.save_embeddings(Path(folder) / "a1111" / f"{name}.safetensors", {t: rows[0]}, "a1111",
+                sdm.save_embeddings(a1111, {t: rows[0]}, "a1111",
                                     {**(metadata or {}), "token": t, "initializer_tokens": self.initializers[i : i + 1]})
+            written.append(a1111)
             if len(self.tokens) > 1:
-                write_embeddings(Path(folder) / f"{name}.learned_embeds.safetensors", [t], rows, self.initializers[i : i + 1], metadata)
+                written.append(Path(folder) / f"{name}.learned_embeds.safetensors")
+                write_embeddings(written[-1], [t], rows, self.initializers[i : i + 1], metadata)
+        return written
 
     @classmethod
     def load(cls, path, model, names: list[str] | None = None) -> "LearnedTokens":
@@ -663,10 +677,13 @@ def read_captions(path, config_name: str = "") -> dict:
         if (config_name or next(iter(d))) not in d:
             raise ValueError(f"captions file '{path}' has no config '{config_name}'; it has {', '.join(d)}.")
         d = d[config_name or next(iter(d))]
-    for key in ("images", "prompts", "base_prompts"):  # strings, or a clear sentence instead of a TypeError later
-        optional = key == "base_prompts"  # a row may lack one: only learned tokens need them (load_data says so)
+    # strings, or a clear sentence instead of a TypeError later; a row may lack its base prompt (only learned tokens
+    # need them, and load_data says so)
+    for key in ("images", "prompts", "base_prompts", "inserting_tokens", "initializer_tokens"):
+        optional = key == "base_prompts"
         if key in d and not (isinstance(d[key], list) and all(isinstance(x, str) or optional and x is None for x in d[key])):
-            raise ValueError(f"captions file '{path}': {key} must be a list of strings, one per image.")
+            each = "one per learned token (e.g. [\"<dog>\"])" if key.endswith("tokens") else "one per image"
+            raise ValueError(f"captions file '{path}': {key} must be a list of strings, {each}.")
     return d
 
 
@@ -787,7 +804,10 @@ def load_data(a: DCOArgs):
             images.append(sdm.load_image(found))
         if a.images:
             listed = {Path(n).name for n in names}
-            extra = [n for n, _ in sdm.load_image_folder(a.images) if n not in listed]
+            with warnings.catch_warnings():  # the captions file beside the images (the README's layout) is not an image
+                if Path(a.captions).resolve().parent == Path(a.images).resolve():
+                    warnings.filterwarnings("ignore", f"skipping '{re.escape(Path(a.captions).name)}'")
+                extra = [n for n, _ in sdm.load_image_folder(a.images) if n not in listed]
             if extra:
                 raise ValueError(f"'{a.images}' has images with no caption in '{a.captions}': {', '.join(extra)}; "
                                  "caption them or move them out.")
@@ -805,6 +825,10 @@ def load_data(a: DCOArgs):
         tokens, inits = a.inserting_tokens, a.initializer_tokens
     if len(tokens) != len(inits):
         raise ValueError(f"{len(tokens)} inserting tokens but {len(inits)} initializer tokens; give one initializer per token.")
+    if any(not str(t).strip() for t in tokens) or len(set(tokens)) < len(tokens):  # were a "contains none of ['']" or a
+        said = "an empty one" if any(not str(t).strip() for t in tokens) else \
+            f"'{next(t for t in tokens if tokens.count(t) > 1)}' twice"  # message about the tokenizer's added tokens
+        raise ValueError(f"the inserting tokens {tokens} hold {said}; give each learned token once, as a non-empty string.")
     bases = [in_words(p, tokens, inits) if b is None else b for p, b in zip(prompts, bases)]
     if tokens:
         for p in prompts:
@@ -863,6 +887,25 @@ def check_resume(a: DCOArgs, slots: torch.Tensor) -> None:
     if not torch.equal(order.sort().values, slots.sort().values):
         raise ValueError(f"checkpoint '{ckpt}' repeated its images other numbers of times an epoch (kohya's N_prompt "
                          "folder names); resume with the same folder names, or start a new run.")
+
+
+def remove_stale_tokens(folder: Path, kept: list[Path]) -> None:
+    """Token files an earlier run wrote into this folder and this one did not (--overwrite keeps final outputs until
+    they are replaced): left there, `sample --lora FOLDER` read the old run's learned_embeds with the new LoRA.
+    Only the files `train` writes go (initializer_tokens in their metadata, and no `merged`: a merge's output beside
+    its LoRA stays), so a user's own embeddings stay."""
+    from safetensors import safe_open
+
+    def ours(p):
+        with contextlib.suppress(Exception), safe_open(str(p), "pt") as f:
+            return "initializer_tokens" in (meta := f.metadata() or {}) and "merged" not in meta
+        return False
+
+    for p in [folder / "learned_embeds.safetensors", *folder.glob("*.learned_embeds.safetensors"), *folder.glob("a1111/*.safetensors")]:
+        if p.is_file() and p not in kept and ours(p):
+            p.unlink()
+    with contextlib.suppress(OSError):
+        (folder / "a1111").rmdir()  # only when empty
 
 
 def to_training_tensor(img, res: int):
@@ -1015,9 +1058,11 @@ def train(a: DCOArgs) -> Path:
         save_lora(folder / "pytorch_lora_weights.safetensors", model.unet, [lora], "peft", {**meta, "step": step})
         save_lora(folder / "lora_kohya.safetensors", model.unet, [lora], "kohya", {**meta, "step": step, "ss_steps": step,
                                                                                     "ss_clip_skip": str(a.clip_skip)})
+        kept = []
         if ti is not None:
-            ti.save(folder / "learned_embeds.safetensors", {"base_model": meta["base_model"]})
-            ti.save_per_token(folder, {"base_model": meta["base_model"]})
+            ti.save(kept := folder / "learned_embeds.safetensors", {"base_model": meta["base_model"]})
+            kept = [kept, *ti.save_per_token(folder, {"base_model": meta["base_model"]})]
+        remove_stale_tokens(folder, kept)
 
     def validate():
         n = a.num_validation_images
@@ -1129,17 +1174,19 @@ def old_names(model, loras, embeddings, names: list[str]) -> dict[str, tuple[lis
 def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str, renamed: dict | None = None) -> None:
     """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently; so would a
     token's old name after a rename (`renamed`: old_names)."""
-    loaded = tokens.tokens if tokens is not None else []
-    rest = replace_tokens(text, {t: " " for t in loaded})  # what the loaded tokens leave as text
-    renamed = renamed or {}
-    if old := learned_in(rest, renamed):  # as the tokenizer that still had the old names would have read them
+    loaded, renamed = (tokens.tokens if tokens is not None else []), renamed or {}
+
+    def unread(names):  # what a tokenizer that also knew `names` reads as one of them: with <s> loaded and <s>2 not,
+        return [t for t in learned_in(text, [*loaded, *names]) if t not in loaded]  # "<s>2" is not <s> + "2" then
+
+    if old := unread(renamed):  # as the tokenizer that still had the old names would have read them
         new, how = renamed[old[0]]
-        raise ValueError(f"'{old[0]}' is a learned token's old name ({how} renamed it), which the prompt would read as "
-                         f"text; write {' or '.join(repr(n) for n in new)} instead.")
+        raise ValueError(f"'{old[0]}' is a learned token's old name ({how} renamed it), which the prompt would not read "
+                         f"as that token; write {' or '.join(repr(n) for n in new)} instead.")
     for p, lora in zip(paths, loras):
-        if missing := [t for t in learned_in(rest, lora.tokens) if t not in loaded]:
+        if missing := unread(lora.tokens):
             raise ValueError(f"'{p}' was trained with the learned token(s) {missing}, whose embeddings are not loaded "
-                             f"(the prompt would read '{missing[0]}' as text); give its learned_embeds.safetensors "
+                             f"(the prompt would not read '{missing[0]}' as that token); give its learned_embeds.safetensors "
                              "with --embeddings.")
 
 
@@ -1164,13 +1211,18 @@ def main(argv=None):
                 if (trained := getattr(lora, "clip_skip", None)) not in (None, a.clip_skip):
                     warnings.warn(f"'{p}' was trained with --clip-skip {trained}; sampling with --clip-skip {a.clip_skip}.")
             files = list({Path(f).resolve(): f for f in a.embeddings or found}.values())  # given ones over those found
-            if len(files) > 1:
-                raise ValueError("give one embeddings file (several token sets cannot share the new-token ids).")
+            if len(files) > 1:  # several token sets cannot share the new-token ids
+                raise ValueError(f"{len(files)} embeddings files ({', '.join(map(str, files))}) and sampling reads one; "
+                                 + ("give one." if a.embeddings else "merge the LoRAs first (dco.py merge puts their "
+                                    "tokens in one file), or pick one with --embeddings."))
             if a.token and not files:
                 raise ValueError("--token names the tokens of an embeddings file, and none is loaded; give --embeddings.")
             tokens = LearnedTokens.load(files[0], model, a.token) if files else None
             renamed = old_names(model, loras, files[0] if files else None, a.token)
             check_tokens(a.lora, loras, tokens, " ".join((a.prompt, a.base_prompt, a.negative_prompt)), renamed)
+            if tokens is not None and not learned_in(a.prompt, tokens.tokens):  # a typo ("<Dog>") is read as text
+                warnings.warn(f"the prompt holds none of the learned tokens {tokens.tokens} (they match verbatim, case "
+                              "included); it is sampled as plain text.")
             h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
             g = torch.Generator(model.device).manual_seed(a.seed)
             with install(model.unet, *loras):
@@ -1183,6 +1235,9 @@ def main(argv=None):
             a = sdm.parse_args(MergeArgs, rest, argparse.ArgumentParser(prog="dco.py merge", description=merge.__doc__.split("\n")[0]))
             if len(a.lora) < 2:
                 raise ValueError("give two or more LoRAs to merge with --lora A B ...")
+            if a.method == "sum" and (given := [f for f, v in (("--density", a.density != 1), ("--rank", a.rank)) if v]):
+                raise ValueError(f"{' and '.join(given)} would be ignored: they shape a ties_svd merge, and the default "
+                                 "--method sum adds the LoRAs exactly; add --method ties_svd, or drop them.")
             if Path(a.output).is_dir() or not a.output.endswith(".safetensors"):
                 raise ValueError(f"--output '{a.output}' must be a .safetensors file path, e.g. merged_lora.safetensors.")
             if Path(a.output).exists() and not a.overwrite:

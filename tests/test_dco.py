@@ -1263,3 +1263,107 @@ def test_clip_skip_reaches_train_and_sample_and_is_recorded_as_kohya_does(setup,
         warnings.simplefilter("error")
         dco.main([*sample, "--output-dir", str(tmp_path / "s2"), "--clip-skip", "2"])
     assert skips == [2, 1, 2]
+
+
+# ---- the user walk (2026-12-07): outputs of an earlier run, captions beside the images, tokens, foreign files ---------
+
+
+def test_overwrite_removes_the_earlier_runs_token_files_and_nothing_else(setup, tmp_path):
+    """--overwrite keeps the earlier run's final outputs until they are replaced, but a run with other (or no) tokens
+    does not replace its token files: `sample --lora FOLDER` then read the old run's <dog> with the new LoRA."""
+    root, sd1, _ = setup
+    out = tmp_path / "run"
+    dco.train(train_args(root, sd1, out, max_train_steps=1, inserting_tokens=["<dog>", "<dog>2"], initializer_tokens=["dog", "cat"],
+                         captions="", images=str(root / "images"), instance_prompt="a <dog> and a <dog>2"))
+    assert (out / "dog_2.learned_embeds.safetensors").is_file() and (out / "a1111" / "dog.safetensors").is_file()
+    mine = dco.LearnedTokens.from_initializers(tiny(), ["<own>"], ["dog"])
+    sdm.save_embeddings(out / "own.safetensors", {"<own>": mine.rows[0]})  # the user's file, not ours
+    model = tiny()
+    dco.save_lora(out / "m.safetensors", model.unet, [dco.LoRA.create(model.unet, 2)])
+    mine.save(out / "m.learned_embeds.safetensors", {"merged": ["a", "b"]})  # a merge's output beside its LoRA
+    dco.train(train_args(root, sd1, out, max_train_steps=1, config_name="dreambooth", overwrite=True))  # no tokens now
+    assert sorted(p.name for p in out.iterdir() if "embeds" in p.name or p.name in ("a1111", "own.safetensors")) == \
+        ["m.learned_embeds.safetensors", "own.safetensors"]
+    assert dco.embeddings_beside(out, dco.load_lora(out, tiny().unet)) is None
+    dco.train(train_args(root, sd1, out, max_train_steps=1, overwrite=True))  # <dog> again: one token, its files only
+    assert sorted(p.name for p in (out / "a1111").iterdir()) == ["dog.safetensors"] and not (out / "dog.learned_embeds.safetensors").exists()
+
+
+def test_tokens_whose_file_names_clash_each_get_a_file(tmp_path):
+    """<dog> and [dog] are both 'dog' as a file name: the second overwrote the first's a1111 and per-token files."""
+    ti = dco.LearnedTokens.from_initializers(tiny(), ["<dog>", "[dog]"], ["dog", "cat"])
+    written = ti.save_per_token(tmp_path)
+    assert len(set(written)) == 4 and all(p.is_file() for p in written)
+    assert sorted(dco.read_embeddings(p)[0][0] for p in written if p.parent.name == "a1111") == ["<dog>", "[dog]"]
+
+
+def test_captions_beside_the_images_and_token_lists_that_cannot_work(setup, tmp_path):
+    """The README puts captions.json in the image folder: it was reported as an unreadable image. Learned tokens given
+    twice, empty, or as a string instead of a list got messages about other things (the tokenizer's added tokens,
+    "none of the learned tokens ['']", 5 inserting tokens for "<dog>")."""
+    root, _, _ = setup
+    folder = tmp_path / "imgs"
+    names = write_images(folder)
+    caps = {"images": names, "prompts": [f"a <dog> {i}" for i in range(3)], "inserting_tokens": ["<dog>"], "initializer_tokens": ["dog"]}
+    for name in ("captions.json", "metadata.jsonl"):
+        text = json.dumps(caps) if name.endswith("json") else "\n".join(json.dumps({"image": n, "prompt": p}) for n, p in zip(names, caps["prompts"]))
+        (folder / name).write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = dco.load_data(dco.DCOArgs(images=str(folder), captions=str(folder / name), inserting_tokens=["<dog>"],
+                                            initializer_tokens=["dog"]))
+        assert got[2] == ["a dog 0", "a dog 1", "a dog 2"]
+        (folder / name).unlink()
+    a = lambda **kw: dco.DCOArgs(images=str(folder), instance_prompt="a <dog> and <cat>", **kw)
+    with pytest.raises(ValueError, match=r"hold '<dog>' twice; give each learned token once"):
+        dco.load_data(a(inserting_tokens=["<dog>", "<dog>"], initializer_tokens=["dog", "dog"]))
+    with pytest.raises(ValueError, match="hold an empty one"):
+        dco.load_data(a(inserting_tokens=["<dog>", " "], initializer_tokens=["dog", "cat"]))
+    (tmp_path / "c.json").write_text(json.dumps({**caps, "inserting_tokens": "<dog>"}))
+    with pytest.raises(ValueError, match=r"inserting_tokens must be a list of strings, one per learned token"):
+        dco.load_data(dco.DCOArgs(images=str(folder), captions=str(tmp_path / "c.json")))
+
+
+def test_sample_warns_on_a_prompt_without_the_tokens_and_files_that_are_no_lora(setup, tmp_path):
+    """A prompt holding none of the loaded tokens (a typo: '<Dog>') was sampled as text without a word; two LoRAs that
+    each bring embeddings said "give one embeddings file" to a user who gave none; another method's file, an embeddings
+    file or a training state given as --lora was "unexpected key '...'"."""
+    root, sd1, _ = setup
+    for name in ("a", "b"):
+        dco.train(train_args(root, sd1, tmp_path / name, max_train_steps=1, checkpointing_steps=1))
+    run = lambda out, *extra: dco.main(["sample", "--pretrained-model", str(sd1), "--steps", "1", "--output-dir", str(tmp_path / out), *extra])
+    with pytest.warns(UserWarning, match=r"the prompt holds none of the learned tokens \['<dog>'\].*case included"):
+        run("typo", "--lora", str(tmp_path / "a"), "--prompt", "a <Dog> on the snow")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run("fine", "--lora", str(tmp_path / "a"), "--prompt", "a <dog> on the snow")
+    with pytest.raises(SystemExit, match="2 embeddings files .* merge the LoRAs first"):
+        run("two", "--lora", str(tmp_path / "a"), str(tmp_path / "b"), "--prompt", "a <dog>")
+    unet = tiny().unet
+    vico_like = tmp_path / "vico.safetensors"
+    sdm.save_safetensors({"image_cross_attention.to_k.weight": torch.zeros(2, 2)}, vico_like, {"method": "vico"})
+    for f, said in ((vico_like, "another method's weights .*method=vico"),
+                    (tmp_path / "a" / "learned_embeds.safetensors", "learned token embeddings; give it with --embeddings"),
+                    (tmp_path / "a" / "a1111" / "dog.safetensors", "learned token embeddings"),
+                    (tmp_path / "a" / "checkpoint-1" / "training_state.safetensors", "a training state; give its checkpoint folder")):
+        with pytest.raises(ValueError, match=f"holds no LoRA but {said}"):
+            dco.load_lora(f, unet)
+
+
+def test_merge_refuses_ties_knobs_under_sum(tmp_path):
+    """--density / --rank without --method ties_svd were ignored: a plain sum was written as if trimmed."""
+    for extra, said in ((["--density", "0.5"], "--density would be ignored"), (["--rank", "8", "--density", "0.2"], "--density and --rank")):
+        with pytest.raises(SystemExit, match=f"{said}.*add --method ties_svd"):
+            dco.main(["merge", "--lora", "a", "b", "--output", str(tmp_path / "m.safetensors"), *extra])
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_token_that_extends_a_loaded_one_is_not_read_as_it():
+    """With <s> loaded and a LoRA's <s>2 not (one token's a1111 or per-token file), "a <s>2" passed the checks and
+    was read as <s> + "2": the loaded tokens were blanked out before looking for the missing ones."""
+    lora = SimpleNamespace(tokens=["<s>", "<s>2"])
+    dco.check_tokens(["l"], [lora], SimpleNamespace(tokens=["<s>"]), "a <s> and a 2")
+    with pytest.raises(ValueError, match=r"learned token\(s\) \['<s>2'\], whose embeddings are not loaded"):
+        dco.check_tokens(["l"], [lora], SimpleNamespace(tokens=["<s>"]), "a <s>2 on wood")
+    with pytest.raises(ValueError, match="'<s>2' is a learned token's old name .*write '<b>'"):
+        dco.check_tokens([], [], SimpleNamespace(tokens=["<s>", "<b>"]), "a <s>2 on wood", {"<s>2": (["<b>"], "merge --token")})
