@@ -322,8 +322,22 @@ def base_probe(model) -> torch.Tensor:
 def read_metadata(folder) -> dict:
     from safetensors import safe_open
 
-    path = Path(folder) / "kv_deltas.safetensors"
-    if not path.exists():
+    folder = Path(folder)
+    path = folder / "kv_deltas.safetensors"
+    if not folder.exists():
+        raise FileNotFoundError(f"--concept '{folder}' does not exist.")
+    if folder.is_file():  # e.g. its kv_deltas.safetensors
+        raise ValueError(f"--concept '{folder}' is a file; pass its folder: --concept {folder.parent}")
+    if not path.exists():  # say what the folder is instead, where we can tell
+        done = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()
+                and all((p / f).is_file() for f in ("kv_deltas.safetensors", "learned_embeds.safetensors"))]
+        if done:  # a run stopped before its final save
+            last = max(done, key=lambda p: int(p.name[11:]))
+            raise FileNotFoundError(f"'{folder}' is an unfinished run (no final kv_deltas.safetensors); use its latest "
+                                    f"checkpoint, --concept '{last}', or finish it with `train ... --resume latest`.")
+        if (folder / CUSTOM_DIFFUSION_WEIGHTS).exists():
+            raise ValueError(f"'{folder}' is a diffusers export (full K/V weights, for diffusers only); pass the training "
+                             "folder it was exported from.")
         raise FileNotFoundError(f"'{folder}' holds no ICO concept (kv_deltas.safetensors is missing); "
                                 "pass the output folder of `dci_ico.py train` or one of its checkpoint-N folders.")
     try:
@@ -480,6 +494,9 @@ def pick_aux_noun(model, class_word: str, nouns=AUX_NOUNS, prompts=()) -> str:
     "a bag next to a bag", whose two bags the auxiliary branch could not tell apart."""
     words = {w for text in [class_word, *prompts] for w in re.findall(r"[a-z]+", text.lower())}
     cands = [n for n in nouns if n not in words]
+    if not cands:
+        raise ValueError(f"every preset auxiliary noun ({', '.join(nouns)}) is in the class word or the prompt; "
+                         "choose one with --aux-noun.")
     pooled = model.text_encoder(model.tokenize([f"a photo of a {w}" for w in [class_word, *cands]]))[1].float()
     return cands[int(F.cosine_similarity(pooled[:1], pooled[1:]).argmax())]
 
@@ -517,6 +534,9 @@ def make_branches(model, ico: ICO, prompts: list[str], aux_noun: str) -> Branche
     phrase, noun = ico.token_ids + ico.noun_ids, tok.tokenize(aux_noun)
     if not noun or aux_noun.strip().lower() == ico.class_word.lower() or noun == ico.noun_ids:
         raise ValueError(f"the auxiliary noun must be a word other than the class word '{ico.class_word}' (got '{aux_noun}').")
+    if set(noun) & set(ico.token_ids):  # the auxiliary branch would draw the concept, and S_a would hold V
+        raise ValueError(f"the auxiliary noun '{aux_noun}' holds the concept's tokens {ico.tokens}; give a common noun "
+                         "(e.g. dog).")
     check_prompts(model, ico, prompts, need_noun=True)
     b = len(prompts)
     rows, aux_prompts, masks = [], [], torch.zeros(4, b, tok.length, dtype=torch.bool)
@@ -814,32 +834,64 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
 # ---- 5. Command line.
 
 
+def read_prompt_file(path: str) -> list[str]:
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--prompt-file '{path}' does not exist (one prompt a line).")
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-file '{path}' is not a UTF-8 text file (one prompt a line).") from None
+
+
+def earlier_samples(out: Path) -> set[Path]:
+    """The images (and mask overlays) an earlier `sample` wrote to `out`, as its samples.jsonl lists them: what
+    --overwrite removes when this run does not rewrite them. Anything else there stays."""
+    try:
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
+        names = [r["file"] for r in rows]
+    except Exception:  # none, or not ours
+        return set()
+    ours = [n for n in names if isinstance(n, str) and re.fullmatch(r"\d+_\d+\.png", n)]  # our names, no paths
+    return {out / m for n in ours for m in (n, n.replace(".png", "_masks.png")) if (out / m).is_file()}
+
+
 def run_sample(a: DCIArgs):
     if not a.concept:
         raise ValueError("pass --concept DIR, the output folder of `dci_ico.py train`.")
     meta = read_metadata(a.concept)
+    lines = read_prompt_file(a.prompt_file)  # bad input fails before the model loads
+    sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)
     device = sdm.pick_device(a.device)
     model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant,
                            a.compile, a.channels_last, a.vae, a.clip_skip)
     ico = ICO.load(a.concept, model)
     if (trained := meta.get("clip_skip", 1)) != a.clip_skip:  # V and dW were learned on that layer's output
         warnings.warn(f"this concept was trained with --clip-skip {trained}; sampling with --clip-skip {a.clip_skip}.")
-    prompts = [p for p in [a.prompt, *(Path(a.prompt_file).read_text().splitlines() if a.prompt_file else [])] if p.strip()]
+    prompts = [p for p in [a.prompt, *lines] if p.strip()]
     if not prompts:
         raise ValueError("pass --prompt (with V, {} or the concept tokens) or --prompt-file.")
     prompts = [resolve_prompt(p, ico) for p in prompts]
     check_sampling(model, a.steps, a.sampler, a.tau, a.gamma, a.height or model.cfg.image_size, a.width or model.cfg.image_size)
     window = a.dci and any(in_window(t, a.tau, model.schedule.cfg.num_train_timesteps) for t in model.schedule.timesteps(a.steps))
     check_prompts(model, ico, prompts, need_noun=window)  # bad prompts fail before anything is written
-    if window and a.aux_noun:  # every prompt: a longer one may push its auxiliary prompt over 77 tokens
-        make_branches(model, ico, prompts, a.aux_noun)
+    # every prompt's auxiliary prompt, before anything is written: a longer prompt may push it over 77 tokens, and the
+    # automatic noun may find every preset noun in a prompt
+    nouns = {p: a.aux_noun or pick_aux_noun(model, ico.class_word, prompts=[p]) for p in prompts} if window else {}
+    for p, noun in nouns.items():
+        make_branches(model, ico, [p], noun)
+    if a.save_masks and not window:
+        warnings.warn("--save-masks: no step is in the DCI window (--no-dci, --tau 0, or steps that all have "
+                      "t/1000 <= 1 - tau), so there are no masks to save.")
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite)
-    rows, f = [], model.vae.downsample_factor
+    earlier = earlier_samples(out) if a.overwrite else set()
+    rows, written, f = [], set(), model.vae.downsample_factor
     # One batch of --batch-size a prompt, each from --seed (sample.py's --from-file loop): a prompt's images are the same
     # alone or in a file, and the UNet batch does not grow with the file (it held every prompt's images at once).
     for p in prompts:
         record = {} if a.save_masks else None
-        images, aux = sample(model, ico, [p] * a.batch_size, aux_noun=a.aux_noun, dci=a.dci, tau=a.tau, gamma=a.gamma,
+        images, aux = sample(model, ico, [p] * a.batch_size, aux_noun=nouns.get(p, ""), dci=a.dci, tau=a.tau, gamma=a.gamma,
                              share_guidance=a.share_guidance, share_noise=a.share_noise, steps=a.steps, sampler=a.sampler,
                              eta=a.eta, guidance_scale=a.guidance_scale, negative_prompt=a.negative_prompt,
                              height=a.height or None, width=a.width or None,
@@ -847,11 +899,15 @@ def run_sample(a: DCIArgs):
         for j, img in enumerate(sdm.tensor_to_images(images)):
             name = f"{a.seed:04d}_{len(rows):02d}"
             sdm.save_image(img, out / f"{name}.png")
+            written.add(out / f"{name}.png")
             if record:
                 sdm.save_image(mask_overlays(img, record, j, (images.shape[-2] // f, images.shape[-1] // f)), out / f"{name}_masks.png")
+                written.add(out / f"{name}_masks.png")
             rows.append({"file": f"{name}.png", "prompt": p, "aux_prompt": aux[j] if aux else None, "seed": a.seed})
     sdm.atomic_write(out / "samples.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     sdm.atomic_write(out / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(a), indent=1)))
+    for stale in earlier - written:  # after the new files are in place: the earlier run's files this one did not rewrite
+        stale.unlink()
     aux = rows[0]["aux_prompt"]
     print(f"wrote {len(rows)} image(s) to {out}" + (f"; auxiliary prompt: '{aux}'" if aux else ""))
 

@@ -803,3 +803,46 @@ def test_clip_skip_reaches_train_and_sample_and_is_recorded(model_dirs, tmp_path
         di.main([*sample, "--output-dir", str(tmp_path / "s1")])
     di.main([*sample, "--output-dir", str(tmp_path / "s2"), "--clip-skip", "2"])
     assert skips == [2, 1, 2]
+
+
+def test_sample_refusals_before_anything_is_written_and_overwrite_leaves_no_earlier_images(model_dirs, base, tmp_path, capsys):
+    """A user walk's findings: an auxiliary noun holding the concept's own tokens put the concept in the auxiliary
+    branch; a prompt naming every preset noun was an IndexError after the output folder existed; a missing
+    --prompt-file was a bare [Errno 2]; --concept naming nothing, a file, an unfinished run or an export all read
+    "kv_deltas.safetensors is missing"; --save-masks without a window said nothing; and --overwrite left an earlier
+    run's images (and masks) beside the new ones, which samples.jsonl no longer lists."""
+    sd, _ = model_dirs
+    concept = tmp_path / "concept"
+    trained_ico(copy.deepcopy(base)).save(concept, {"base_model": str(sd), "base_probe": di.base_probe(base).tolist()})
+    bad = tmp_path / "bad"
+    sample = ["sample", "--concept", str(concept), "--prompt", "a V cat", "--steps", "4"]
+    unfinished, export = tmp_path / "unfinished", tmp_path / "export"
+    for n in (2, 4):
+        (unfinished / f"checkpoint-{n}").mkdir(parents=True)
+        for f in ("kv_deltas.safetensors", "learned_embeds.safetensors"):
+            (unfinished / f"checkpoint-{n}" / f).write_bytes((concept / f).read_bytes())
+    (unfinished / "checkpoint-6").mkdir()  # cut before its files were written
+    export.mkdir()
+    (export / di.CUSTOM_DIFFUSION_WEIGHTS).write_bytes(b"")
+    nouns = " ".join(n for n in di.AUX_NOUNS if n != "cat")
+    errors = {"aux noun = V": (["--aux-noun", "<new1>"], "holds the concept's tokens"),
+              "every preset noun": (["--prompt", f"a V cat with a {nouns}"], "every preset auxiliary noun .* --aux-noun"),
+              "prompt file": (["--prompt-file", str(tmp_path / "nope.txt")], "--prompt-file '.*nope.txt' does not exist"),
+              "no concept": (["--concept", str(tmp_path / "nope")], "--concept '.*nope' does not exist"),
+              "a file": (["--concept", str(concept / "kv_deltas.safetensors")], "is a file; pass its folder"),
+              "unfinished run": (["--concept", str(unfinished)], "unfinished run .*checkpoint-4'"),
+              "export": (["--concept", str(export)], "diffusers export")}
+    for what, (extra, msg) in errors.items():
+        with pytest.raises(SystemExit) as e, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            di.main([*sample, *extra, "--output-dir", str(bad)])
+        assert re.search(msg, str(e.value)) and not bad.exists(), (what, str(e.value))
+    with pytest.warns(UserWarning, match="--save-masks: no step is in the DCI window"):
+        di.main([*sample, "--no-dci", "--save-masks", "--output-dir", str(tmp_path / "plain")])
+    out = tmp_path / "out"
+    di.main([*sample, "--aux-noun", "dog", "--batch-size", "3", "--save-masks", "--output-dir", str(out)])
+    (out / "mine.png").write_bytes(b"a file of the user's")
+    di.main([*sample, "--aux-noun", "dog", "--prompt", "a V cat at night", "--output-dir", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "args.json", "mine.png", "samples.jsonl"]
+    assert [json.loads(l)["prompt"] for l in (out / "samples.jsonl").read_text().splitlines()] == [
+        "a <new1> <new2> <new3> cat at night"]
