@@ -359,17 +359,20 @@ def concept_files(folder) -> list[Path]:
     """The files an earlier `save_concept` wrote in `folder` (their metadata says method vico): what a new concept there
     replaces. Left behind, an old vico.safetensors is read as the folder's finished concept, and an old token's
     learned_embeds file sits beside the new ones."""
-    from safetensors import safe_open
-
-    def ours(p):
-        try:
-            with safe_open(str(p), "pt") as f:
-                return (f.metadata() or {}).get("method") == "vico"
-        except Exception:  # not a safetensors file: not ours
-            return False
     folder = Path(folder)
     found = [folder / "vico.safetensors", *sorted(folder.glob("*learned_embeds.safetensors")), *sorted(folder.glob("a1111/*.safetensors"))]
-    return [p for p in found if p.is_file() and ours(p)]
+    return [p for p in found if p.is_file() and _method(p) == "vico"]
+
+
+def _method(path) -> str:
+    """The method a safetensors file's metadata names ("" for none, or for a file that is not safetensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("method", "")
+    except Exception:  # not a safetensors file
+        return ""
 
 
 def remove_files(paths) -> None:
@@ -479,17 +482,7 @@ def _is_export(path) -> bool:
 def _written_by(folder) -> str:
     """The method another script of this project recorded in a safetensors file of `folder` ("" if none): a DCO, DCI or
     Subject-Diffusion run given as --concept."""
-    from safetensors import safe_open
-
-    for p in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(p), "pt") as f:
-                method = (f.metadata() or {}).get("method", "")
-        except Exception:  # not a safetensors file
-            continue
-        if method and method != "vico":
-            return method
-    return ""
+    return next((m for p in sorted(Path(folder).glob("*.safetensors")) if (m := _method(p)) not in ("", "vico")), "")
 
 
 def _checkpoints(folder) -> list[int]:
