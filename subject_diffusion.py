@@ -634,7 +634,7 @@ class Records(torch.utils.data.Dataset):
                 self._say(SKIPS["box_outside"] + f" (first: box {shown} in a {W}x{H} image).", "box_outside")
                 continue
             label = str(o.get("label", "")).strip()  # one word (the card), matched by the sampler's own rule
-            if not label or label.split() != [label] or not has_word(rec["caption"], label):
+            if label.split() != [label] or not has_word(rec["caption"], label):  # "" splits to []
                 skips["entity_missing"] += 1
                 continue
             area, aspect = (x2 - x1) * (y2 - y1) / (W * H), (x2 - x1) / (y2 - y1)
