@@ -806,7 +806,9 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
 
     def save(folder):
         name = Path(folder).name
-        save_concept(vico, folder, {**meta, "step": int(name.split("-")[1]) if name.startswith("checkpoint-") else args.max_train_steps})
+        earlier = concept_files(folder)  # an earlier run's (--overwrite keeps final outputs until they are replaced)
+        written = save_concept(vico, folder, {**meta, "step": int(name.split("-")[1]) if name.startswith("checkpoint-") else args.max_train_steps})
+        remove_files([p for p in earlier if p not in written])  # e.g. a one-concept run's S* files under a two-concept one
 
     # every concept the validation prompt names gets its first image as reference (App. J: "S1* next to S2*")
     # by token, as `generate` finds them: a substring test took an S* cut at 77 tokens, and the run failed at its
@@ -828,8 +830,6 @@ def train(args: ViCoArgs, model: sdm.StableDiffusion | None = None) -> ViCo:
         # every checkpoint of ours holds its concept; without one it is another method's, whose settings differ first
         raise ValueError(f"--resume: '{resume_from}' is not a ViCo checkpoint (no vico.safetensors; another method's run?); "
                          "use a new --output-dir.")
-    if args.overwrite and resume_from is None:  # a new run: train_loop removes the earlier one's checkpoints,
-        remove_files(concept_files(args.output_dir))  # and its finished concept goes with them
     with vico.install(model.unet):
         sdm.train_loop(args, opt, tensors, loss_fn, save, torch.Generator().manual_seed(args.seed), validate, device=device,
                        metadata={"placeholders": placeholders, "layers": vico.layers})

@@ -853,17 +853,16 @@ def test_a_placeholder_typed_another_way_is_named_in_the_refusal(model):
 
 
 def test_train_overwrite_removes_the_earlier_runs_concept_files(model, tmp_path):
-    """--overwrite removed the earlier run's checkpoints but kept its vico.safetensors, learned_embeds and a1111 files:
-    a new run that stopped early left the old concept as the folder's finished one (what sample --concept reads),
-    and a two-concept run over a one-concept one left the old S*'s learned_embeds.safetensors beside its own."""
+    """A two-concept run over a one-concept one left the old S*'s learned_embeds.safetensors and a1111/Sstar beside its
+    own. As in every method, the earlier run's final files stay until the new run replaces them (a new run that stops
+    early leaves them whole), and then the ones it did not rewrite go; the user's files stay."""
     images, run = write_images(tmp_path / "imgs", 2), tmp_path / "run"
     run_train(model, run, 1, images=images)
     (run / "notes.txt").write_text("the user's")
+    before = {p: p.read_bytes() for p in [run / "vico.safetensors", run / "learned_embeds.safetensors", run / "a1111" / "Sstar.safetensors"]}
     with pytest.raises(FloatingPointError):  # the new run stops at its first step
         run_train(model, run, 1, images=images, reg_weight=float("inf"), overwrite=True)
-    assert not (run / "vico.safetensors").exists() and not (run / "learned_embeds.safetensors").exists()
-    assert not (run / "a1111").exists() and (run / "notes.txt").exists()
-    run_train(model, run, 1, images=images, overwrite=True)
+    assert {p: p.read_bytes() for p in before} == before and (run / "notes.txt").exists()
     vico.train(vico.ViCoArgs(images=[str(images)] * 2, init_word=["dog"] * 2, output_dir=str(run), max_train_steps=1,
                              checkpointing_steps=1, overwrite=True), model)
     assert sorted(p.name for p in run.glob("*.safetensors")) == ["S1star.learned_embeds.safetensors",
