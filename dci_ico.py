@@ -115,6 +115,7 @@ class ICOArgs(sdm.TrainArgs):
     checkpointing_steps: int = 100
     validation_steps: int = 100
     minima = {"n_prefix": 0, "n_suffix": 0, "max_images": 1, "context_lr_scale": 0, "weight_decay": 0}  # sdm.parse_args
+    aliases = {"tokens": ["modifier_token"], "init_tokens": ["initializer_token"], "weight_decay": ["adam_weight_decay"]}  # diffusers' CD
 
 
 @dataclass

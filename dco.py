@@ -96,6 +96,7 @@ class DCOArgs(sdm.TrainArgs):
     checkpointing_steps: int = 1000
     w_cons: float = 3.0  # validation images use consistency guidance with w_text = 7.5 (README)
     minima = {"rank": 1, "lora_alpha": 0, "snr_gamma": 0, "offset_noise": 0, "text_encoder_lr": 0, "adam_weight_decay": 0}
+    aliases = {"rank": ["network_dim"], "lora_alpha": ["network_alpha"], "offset_noise": ["noise_offset"]}  # kohya's spellings
 
 
 # ---- 2. LoRA as forward hooks: out = W x + s (alpha/r) B A x on the target Linears.

@@ -1232,12 +1232,12 @@ RESUME_FREE = {"resume", "overwrite", "output_dir", "device", "max_train_steps",
 
 def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
     """Dataclass fields -> dashed argparse flags with the same defaults (bools get --x / --no-x), also spelt with
-    underscores and, for three, as diffusers spells them. --config FILE.json sets defaults by field name (a run's
-    args.json works; keys that name no flag are reported and skipped); the command line overrides it."""
+    underscores and as diffusers or kohya spell them (a class adds its own: `aliases`). --config FILE.json sets
+    defaults by field name (a run's args.json works; keys naming no flag are reported and skipped); the command line wins."""
     parser, names, choices = parser or argparse.ArgumentParser(), {f.name for f in fields(cls)}, {**FLAG_CHOICES, **getattr(cls, "choices", {})}
     parser.add_argument("--config", default="", help="a JSON file of flags by field name (e.g. a run's args.json)")
-    aliases = {"pretrained_model": ["pretrained_model_name_or_path"], "resume": ["resume_from_checkpoint"],
-               "images": ["instance_data_dir", "train_data_dir"]}  # USERS.md 2c
+    aliases = {"pretrained_model": ["pretrained_model_name_or_path"], "resume": ["resume_from_checkpoint"], "checkpointing_steps": ["save_every_n_steps"],
+               "images": ["instance_data_dir", "train_data_dir"], **getattr(cls, "aliases", {})}  # USERS.md 2c; a method's own
     for f, typ in ((f, typing.get_type_hints(cls)[f.name]) for f in fields(cls)):
         flags = list(dict.fromkeys("--" + n for n in [f.name.replace("_", "-"), f.name, *aliases.get(f.name, [])]))
         default = f.default_factory() if f.default is MISSING else f.default
@@ -1261,7 +1261,7 @@ def parse_args(cls, argv=None, parser: argparse.ArgumentParser | None = None):
         if k in names and (v := getattr(args, k)) is not None and min(v if isinstance(v, list) else [v], default=lo) < lo:
             parser.error(f"--{k.replace('_', '-')} must be at least {lo} (got {v}).")
     if "eta" in names and args.eta != cls.eta and getattr(args, "sampler", "ddim") != "ddim":  # a method's default stays
-        parser.error(f"--eta applies to the DDIM sampler only, not {args.sampler}; use --sampler ddim or leave --eta at 0.")
+        parser.error(f"--eta applies to the DDIM sampler only, not {args.sampler}; use --sampler ddim or leave --eta out.")
     return args
 
 

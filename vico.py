@@ -96,6 +96,8 @@ class ViCoArgs(sdm.TrainArgs):
     seed: int = 23  # main.py --seed in the README's command
     cache_latents: bool = True  # encode each image once and sample its posterior every step (exact; --no-: every step)
     minima = {"image_lr": 0, "weight_decay": 0, "reg_weight": 0}  # floors checked by sdm.parse_args
+    aliases = {"placeholder": ["placeholder_token", "token_string"], "init_word": ["initializer_token"],  # diffusers', kohya's
+               "weight_decay": ["adam_weight_decay"]}
 
 
 # ---- 1. The parts of ViCo that are plain functions: layers, Otsu mask, regulariser, masked attention.

@@ -173,6 +173,20 @@ def test_a_flag_below_its_floor_or_outside_its_choices_is_one_sentence_at_parse_
     assert [round(f(s), 4) for s in (0, 1, 2, 7)] == [0.5, 1.0, 1.0, 0.3087]  # 0.5 (1 + cos(pi 5/8))
 
 
+def test_each_methods_flags_also_take_the_kohya_and_diffusers_names_users_type():
+    import dci_ico, dco, vico  # USERS.md 2c: kohya's --network_dim, diffusers' --placeholder_token, CD's --modifier_token
+
+    theirs = sdm.parse_args(dco.DCOArgs, ["--network_dim", "8", "--network_alpha", "4", "--noise_offset", "0.1",
+                                          "--save_every_n_steps", "7"])
+    assert theirs == sdm.parse_args(dco.DCOArgs, ["--rank", "8", "--lora-alpha", "4", "--offset-noise", "0.1",
+                                                  "--checkpointing-steps", "7"]) != dco.DCOArgs()
+    theirs = sdm.parse_args(vico.ViCoArgs, ["--placeholder_token", "S*", "--initializer_token", "dog", "--adam_weight_decay", "0.1"])
+    assert (theirs.placeholder, theirs.init_word, theirs.weight_decay) == (["S*"], ["dog"], 0.1)
+    assert sdm.parse_args(vico.ViCoArgs, ["--token_string", "S*"]).placeholder == ["S*"]
+    theirs = sdm.parse_args(dci_ico.ICOArgs, ["--modifier_token", "<a>+<b>", "--initializer_token", "ktn+pll"])
+    assert (theirs.tokens, theirs.init_tokens) == (["<a>+<b>"], ["ktn+pll"])  # split at "+" as the CD script does
+
+
 def test_diffusers_spellings_and_a_config_file(tmp_path, capsys):
     dashed = sdm.parse_args(ToyArgs, ["--pretrained-model", "m", "--max-train-steps", "7", "--resume", "latest",
                                       "--gradient-checkpointing", "--words", "x"])
