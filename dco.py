@@ -830,6 +830,12 @@ def load_data(a: DCOArgs):
         said = "an empty one" if any(not str(t).strip() for t in tokens) else \
             f"'{next(t for t in tokens if tokens.count(t) > 1)}' twice"  # message about the tokenizer's added tokens
         raise ValueError(f"the inserting tokens {tokens} hold {said}; give each learned token once, as a non-empty string.")
+    # the tokenizer takes "my dog" as one token, but reads it only where a prompt has exactly that text (also inside
+    # "amy doggy"), and sample's and merge's --token refuse such names: refused here too, before anything is written
+    if spaced := next((t for t in tokens if t != "".join(t.split())), None):
+        raise ValueError(f"the inserting token '{spaced}' holds a space, which sample --token and merge --token refuse "
+                         f"and CLIP reads as that token only where a prompt has exactly this text; give it without "
+                         f"spaces (e.g. '<{'_'.join(spaced.strip('<>').split())}>').")
     bases = [in_words(p, tokens, inits) if b is None else b for p, b in zip(prompts, bases)]
     if tokens:
         for p in prompts:
@@ -866,17 +872,34 @@ class EpochOrder:
         return {"data.order": self.order, "data.pos": self.pos}
 
 
-def check_resume(a: DCOArgs, slots: torch.Tensor) -> None:
+def check_resume(a: DCOArgs, slots: torch.Tensor, tokens: list[str] = ()) -> None:
     """`--resume` continues the checkpoint's image order, so it must have one, over these images and repeats (`slots`,
     EpochOrder's): checked before the model loads (otherwise a KeyError, a size mismatch inside
-    sd_model.load_checkpoint, or an index past the images)."""
+    sd_model.load_checkpoint, or an index past the images). `tokens`: this run's learned tokens, wherever given."""
     from safetensors import safe_open
 
     ckpt = sdm.find_checkpoint(Path(a.output_dir), a.resume)
     if ckpt is None or not (ckpt / "training_state.safetensors").is_file():
         return  # a fresh start, or load_checkpoint's own sentence
+    saved = None
     with safe_open(str(ckpt / "training_state.safetensors"), "pt") as f:
         order = f.get_tensor("param.data.order") if "param.data.order" in f.keys() else None
+        with contextlib.suppress(ValueError, TypeError):
+            saved = json.loads((f.metadata() or {}).get("args") or "null")
+    # tokens as flags in one run and from the captions file in the other: load_checkpoint compares the flags only, and
+    # said "--initializer-tokens: [] there, ['dog'] here" even where both runs learn the same tokens
+    if isinstance(saved, dict) and "inserting_tokens" in saved and bool(saved["inserting_tokens"]) != bool(a.inserting_tokens):
+        flagged, emb = saved["inserting_tokens"] or [], ckpt / "learned_embeds.safetensors"
+        before = flagged
+        with contextlib.suppress(ValueError, FileNotFoundError):  # from the file: the tokens its embeddings were saved as
+            before = before or (read_embeddings(emb)[0] if emb.is_file() else [])
+        source = lambda flag: "--inserting-tokens" if flag else "the captions file"
+        then = f"took its learned tokens {before} from {source(flagged)}" if before else "learned no tokens"
+        now = f"takes {list(tokens)} from {source(a.inserting_tokens)}" if tokens else "learns none"
+        fix = (("drop --inserting-tokens and --initializer-tokens, as that run did" if a.inserting_tokens else
+                f"give --inserting-tokens {' '.join(flagged)} --initializer-tokens {' '.join(saved.get('initializer_tokens') or [])}"
+                " as that run did") if before == list(tokens) else "resume with that run's tokens")
+        raise ValueError(f"checkpoint '{ckpt}' {then}, and this run {now}; {fix}, or start a new run.")
     if order is None:  # written when images were drawn with replacement: that stream cannot be continued exactly
         raise ValueError(f"checkpoint '{ckpt}' has no image order (it was written before dco.py drew each epoch's "
                          "images in a fresh order), so it cannot continue exactly; finish it with the dco.py that "
@@ -982,8 +1005,11 @@ def train(a: DCOArgs) -> Path:
     device = sdm.pick_device(a.device)
     torch.manual_seed(a.seed)
     images, prompts, bases, tokens, inits, repeats = load_data(a)  # bad input fails before the model loads
+    if tokens and a.validation_prompt and not learned_in(a.validation_prompt, tokens):  # as sample warns: a typo ("<Dog>")
+        warnings.warn(f"the validation prompt holds none of the learned tokens {tokens} (they match verbatim, case "
+                      "included); its images are sampled as plain text.")
     order = EpochOrder(len(images), repeats)
-    check_resume(a, order.slots)
+    check_resume(a, order.slots, tokens)
     if set(repeats) != {1}:  # kohya prints the same count: a folder name read wrongly shows here
         print(f"{len(images)} images, repeated as their folders say: {len(order.slots)} samples an epoch")
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision

@@ -1367,3 +1367,50 @@ def test_a_token_that_extends_a_loaded_one_is_not_read_as_it():
         dco.check_tokens(["l"], [lora], SimpleNamespace(tokens=["<s>"]), "a <s>2 on wood")
     with pytest.raises(ValueError, match="'<s>2' is a learned token's old name .*write '<b>'"):
         dco.check_tokens([], [], SimpleNamespace(tokens=["<s>", "<b>"]), "a <s>2 on wood", {"<s>2": (["<b>"], "merge --token")})
+
+
+
+def test_train_refuses_a_token_with_a_space_from_flag_or_file_before_writing(setup, tmp_path):
+    """A learned token "my dog" trained (CLIP's tokenizer takes it, and reads it even inside "amy doggy"), but sample's
+    and merge's --token refuse such names; train refuses it too, from the flag or the captions file, writing nothing."""
+    root, sd1, _ = setup
+    names = [f"{i:02d}.png" for i in range(3)]
+    (tmp_path / "c.json").write_text(json.dumps({"images": names, "prompts": ["a my dog on a ledge"] * 3,
+                                                 "inserting_tokens": ["my dog"], "initializer_tokens": ["dog"]}))
+    for extra in ([], ["--inserting-tokens", "my\tdog", "--initializer-tokens", "dog"]):
+        with pytest.raises(SystemExit, match=r"the inserting token 'my\sdog' holds a space, which sample --token .*'<my_dog>'"):
+            dco.main(["train", "--pretrained-model", str(sd1), "--images", str(root / "images"), "--captions",
+                      str(tmp_path / "c.json"), "--output-dir", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_warns_on_a_validation_prompt_without_the_learned_tokens(setup, tmp_path):
+    """sample warned on a prompt holding none of the learned tokens (a typo: '<Dog>'), train's --validation-prompt
+    not: its grids showed the plain text without a word."""
+    root, sd1, _ = setup
+    run = lambda out, prompt: dco.train(train_args(root, sd1, tmp_path / out, max_train_steps=1, checkpointing_steps=0,
+                                                   validation_prompt=prompt, num_validation_images=1))
+    with pytest.warns(UserWarning, match=r"the validation prompt holds none of the learned tokens \['<dog>'\].*case included"):
+        run("typo", "a <Dog> on the snow")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        run("fine", "a <dog> on the snow")
+
+
+def test_resume_names_tokens_given_by_flag_in_one_run_and_by_file_in_the_other(setup, tmp_path):
+    """Tokens from the captions file in one run and as --inserting-tokens in the other (the same tokens) were refused
+    as "--initializer-tokens: [] there, ['dog'] here"; now one sentence says where each run took them and what to do."""
+    root, sd1, _ = setup
+    caps = json.loads((root / "config.json").read_text())["full_ti"]
+    (tmp_path / "flat.json").write_text(json.dumps({k: caps[k] for k in ("images", "prompts")}))
+    flags = dict(inserting_tokens=["<dog>"], initializer_tokens=["dog"])
+    dco.train(train_args(root, sd1, tmp_path / "file", max_train_steps=1, checkpointing_steps=1))
+    with pytest.raises(ValueError, match=r"took its learned tokens \['<dog>'\] from the captions file, and this run takes "
+                                         r"\['<dog>'\] from --inserting-tokens; drop --inserting-tokens and --initializer-tokens"):
+        dco.train(train_args(root, sd1, tmp_path / "file", max_train_steps=2, resume="latest", **flags))
+    dco.train(train_args(root, sd1, tmp_path / "flag", captions=str(tmp_path / "flat.json"), config_name="",
+                         max_train_steps=1, checkpointing_steps=1, **flags))
+    with pytest.raises(ValueError, match=r"from --inserting-tokens, and this run takes \['<dog>'\] from the captions file; "
+                                         r"give --inserting-tokens <dog> --initializer-tokens dog as that run did"):
+        dco.train(train_args(root, sd1, tmp_path / "flag", max_train_steps=2, resume="latest"))
+    assert not any((tmp_path / d / "checkpoint-2").exists() for d in ("file", "flag"))
