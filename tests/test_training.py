@@ -174,7 +174,10 @@ def test_a_flag_below_its_floor_or_outside_its_choices_is_one_sentence_at_parse_
 
 
 def test_each_methods_flags_also_take_the_kohya_and_diffusers_names_users_type():
-    import dci_ico, dco, vico  # USERS.md 2c: kohya's --network_dim, diffusers' --placeholder_token, CD's --modifier_token
+    # USERS.md 2c: kohya's --network_dim, diffusers' --placeholder_token, Custom Diffusion's --modifier_token
+    import dci_ico
+    import dco
+    import vico
 
     theirs = sdm.parse_args(dco.DCOArgs, ["--network_dim", "8", "--network_alpha", "4", "--noise_offset", "0.1",
                                           "--save_every_n_steps", "7"])
