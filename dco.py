@@ -872,10 +872,10 @@ class EpochOrder:
         return {"data.order": self.order, "data.pos": self.pos}
 
 
-def check_resume(a: DCOArgs, slots: torch.Tensor, tokens: list[str] = ()) -> None:
+def check_resume(a: DCOArgs, slots: torch.Tensor) -> None:
     """`--resume` continues the checkpoint's image order, so it must have one, over these images and repeats (`slots`,
     EpochOrder's): checked before the model loads (otherwise a KeyError, a size mismatch inside
-    sd_model.load_checkpoint, or an index past the images). `tokens`: this run's learned tokens, wherever given."""
+    sd_model.load_checkpoint, or an index past the images)."""
     from safetensors import safe_open
 
     ckpt = sdm.find_checkpoint(Path(a.output_dir), a.resume)
@@ -886,20 +886,14 @@ def check_resume(a: DCOArgs, slots: torch.Tensor, tokens: list[str] = ()) -> Non
         order = f.get_tensor("param.data.order") if "param.data.order" in f.keys() else None
         with contextlib.suppress(ValueError, TypeError):
             saved = json.loads((f.metadata() or {}).get("args") or "null")
-    # tokens as flags in one run and from the captions file in the other: load_checkpoint compares the flags only, and
-    # said "--initializer-tokens: [] there, ['dog'] here" even where both runs learn the same tokens
+    # tokens as flags in one run and from the captions file in the other: load_checkpoint compares the flags, and said
+    # "--initializer-tokens: [] there, ['dog'] here" even where both runs learn the same tokens; say which flags to give
     if isinstance(saved, dict) and "inserting_tokens" in saved and bool(saved["inserting_tokens"]) != bool(a.inserting_tokens):
-        flagged, emb = saved["inserting_tokens"] or [], ckpt / "learned_embeds.safetensors"
-        before = flagged
-        with contextlib.suppress(ValueError, FileNotFoundError):  # from the file: the tokens its embeddings were saved as
-            before = before or (read_embeddings(emb)[0] if emb.is_file() else [])
-        source = lambda flag: "--inserting-tokens" if flag else "the captions file"
-        then = f"took its learned tokens {before} from {source(flagged)}" if before else "learned no tokens"
-        now = f"takes {list(tokens)} from {source(a.inserting_tokens)}" if tokens else "learns none"
-        fix = (("drop --inserting-tokens and --initializer-tokens, as that run did" if a.inserting_tokens else
-                f"give --inserting-tokens {' '.join(flagged)} --initializer-tokens {' '.join(saved.get('initializer_tokens') or [])}"
-                " as that run did") if before == list(tokens) else "resume with that run's tokens")
-        raise ValueError(f"checkpoint '{ckpt}' {then}, and this run {now}; {fix}, or start a new run.")
+        raise ValueError(f"checkpoint '{ckpt}' ran " + (
+            f"with --inserting-tokens {' '.join(saved['inserting_tokens'])} --initializer-tokens "
+            f"{' '.join(saved.get('initializer_tokens') or [])}, and this run without them; give them as that run did"
+            if saved["inserting_tokens"] else "without --inserting-tokens (its tokens, if any, from the captions file), and "
+            "this run with them; drop --inserting-tokens and --initializer-tokens as that run did") + ", or start a new run.")
     if order is None:  # written when images were drawn with replacement: that stream cannot be continued exactly
         raise ValueError(f"checkpoint '{ckpt}' has no image order (it was written before dco.py drew each epoch's "
                          "images in a fresh order), so it cannot continue exactly; finish it with the dco.py that "
@@ -1005,11 +999,9 @@ def train(a: DCOArgs) -> Path:
     device = sdm.pick_device(a.device)
     torch.manual_seed(a.seed)
     images, prompts, bases, tokens, inits, repeats = load_data(a)  # bad input fails before the model loads
-    if tokens and a.validation_prompt and not learned_in(a.validation_prompt, tokens):  # as sample warns: a typo ("<Dog>")
-        warnings.warn(f"the validation prompt holds none of the learned tokens {tokens} (they match verbatim, case "
-                      "included); its images are sampled as plain text.")
+    warn_without_tokens("the validation prompt", a.validation_prompt, tokens)
     order = EpochOrder(len(images), repeats)
-    check_resume(a, order.slots, tokens)
+    check_resume(a, order.slots)
     if set(repeats) != {1}:  # kohya prints the same count: a folder name read wrongly shows here
         print(f"{len(images)} images, repeated as their folders say: {len(order.slots)} samples an epoch")
     half = "fp32" if a.mixed_precision == "no" else a.mixed_precision
@@ -1198,6 +1190,13 @@ def old_names(model, loras, embeddings, names: list[str]) -> dict[str, tuple[lis
     return {old: (new, " and ".join(hows)) for old, (new, hows) in out.items()}
 
 
+def warn_without_tokens(what: str, prompt: str, tokens: list[str]) -> None:
+    """A prompt with none of the learned tokens (a typo such as "<Dog>") is sampled as plain text: said, not refused."""
+    if tokens and prompt and not learned_in(prompt, tokens):
+        warnings.warn(f"{what} holds none of the learned tokens {tokens} (they match verbatim, case included); it is "
+                      "sampled as plain text.")
+
+
 def check_tokens(paths, loras, tokens: "LearnedTokens | None", text: str, renamed: dict | None = None) -> None:
     """A LoRA's learned token in the prompt with no embeddings loaded would be read as plain text, silently; so would a
     token's old name after a rename (`renamed`: old_names)."""
@@ -1247,9 +1246,7 @@ def main(argv=None):
             tokens = LearnedTokens.load(files[0], model, a.token) if files else None
             renamed = old_names(model, loras, files[0] if files else None, a.token)
             check_tokens(a.lora, loras, tokens, " ".join((a.prompt, a.base_prompt, a.negative_prompt)), renamed)
-            if tokens is not None and not learned_in(a.prompt, tokens.tokens):  # a typo ("<Dog>") is read as text
-                warnings.warn(f"the prompt holds none of the learned tokens {tokens.tokens} (they match verbatim, case "
-                              "included); it is sampled as plain text.")
+            warn_without_tokens("the prompt", a.prompt, tokens.tokens if tokens is not None else [])
             h, w = a.height or model.cfg.image_size, a.width or model.cfg.image_size
             g = torch.Generator(model.device).manual_seed(a.seed)
             with install(model.unet, *loras):

@@ -1399,18 +1399,18 @@ def test_train_warns_on_a_validation_prompt_without_the_learned_tokens(setup, tm
 
 def test_resume_names_tokens_given_by_flag_in_one_run_and_by_file_in_the_other(setup, tmp_path):
     """Tokens from the captions file in one run and as --inserting-tokens in the other (the same tokens) were refused
-    as "--initializer-tokens: [] there, ['dog'] here"; now one sentence says where each run took them and what to do."""
+    as "--initializer-tokens: [] there, ['dog'] here"; now one sentence names the flags to give or drop."""
     root, sd1, _ = setup
     caps = json.loads((root / "config.json").read_text())["full_ti"]
     (tmp_path / "flat.json").write_text(json.dumps({k: caps[k] for k in ("images", "prompts")}))
     flags = dict(inserting_tokens=["<dog>"], initializer_tokens=["dog"])
     dco.train(train_args(root, sd1, tmp_path / "file", max_train_steps=1, checkpointing_steps=1))
-    with pytest.raises(ValueError, match=r"took its learned tokens \['<dog>'\] from the captions file, and this run takes "
-                                         r"\['<dog>'\] from --inserting-tokens; drop --inserting-tokens and --initializer-tokens"):
+    with pytest.raises(ValueError, match=r"ran without --inserting-tokens \(its tokens, if any, from the captions file\), and "
+                                         r"this run with them; drop --inserting-tokens and --initializer-tokens as that run did"):
         dco.train(train_args(root, sd1, tmp_path / "file", max_train_steps=2, resume="latest", **flags))
     dco.train(train_args(root, sd1, tmp_path / "flag", captions=str(tmp_path / "flat.json"), config_name="",
                          max_train_steps=1, checkpointing_steps=1, **flags))
-    with pytest.raises(ValueError, match=r"from --inserting-tokens, and this run takes \['<dog>'\] from the captions file; "
-                                         r"give --inserting-tokens <dog> --initializer-tokens dog as that run did"):
+    with pytest.raises(ValueError, match=r"ran with --inserting-tokens <dog> --initializer-tokens dog, and this run without "
+                                         r"them; give them as that run did"):
         dco.train(train_args(root, sd1, tmp_path / "flag", max_train_steps=2, resume="latest"))
     assert not any((tmp_path / d / "checkpoint-2").exists() for d in ("file", "flag"))
