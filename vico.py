@@ -961,8 +961,8 @@ def export_cli(argv) -> None:
         earlier = concept_files(out)  # an earlier concept's token files that the new one does not write over
         written = save_concept(vico, out, {"base_model": a.pretrained_model or "toy", **kept, "converted_from": str(a.concept)})
         ours += [p for p in earlier if p not in written]
-        print("diffusers (pipe.load_textual_inversion): " + ", ".join(str(p) for p in written[1::2])
-              + "; A1111 (its embeddings folder): " + ", ".join(str(p) for p in written[2::2]))
+        print("diffusers (pipe.load_textual_inversion): " + ", ".join(str(p) for p in written if p.name.endswith("learned_embeds.safetensors"))
+              + "; A1111 (its embeddings folder): " + ", ".join(str(p) for p in written if p.parent == out / "a1111"))
     remove_files([] if in_place else ours)  # after the new files are in place: a failed export leaves the earlier one whole
     print(f"wrote {a.format} files to {out}")
 

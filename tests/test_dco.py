@@ -1369,7 +1369,6 @@ def test_a_token_that_extends_a_loaded_one_is_not_read_as_it():
         dco.check_tokens([], [], SimpleNamespace(tokens=["<s>", "<b>"]), "a <s>2 on wood", {"<s>2": (["<b>"], "merge --token")})
 
 
-
 def test_train_refuses_a_token_with_a_space_from_flag_or_file_before_writing(setup, tmp_path):
     """A learned token "my dog" trained (CLIP's tokenizer takes it, and reads it even inside "amy doggy"), but sample's
     and merge's --token refuse such names; train refuses it too, from the flag or the captions file, writing nothing."""
