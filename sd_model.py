@@ -676,7 +676,7 @@ class AttentionLayer(NamedTuple):
 
 
 def attention_layers(unet: UNetModel, which: str = "attn2", latent_size: int = 64) -> list[AttentionLayer]:
-    """Every attention layer of the UNet, in forward order, with its place and resolution."""
+    """The UNet's attention layers (`which`: attn2, attn1 or both), in forward order, with place and resolution at `latent_size`."""
     places = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}
     pick = lambda block: (block.attn1, block.attn2) if which == "both" else (getattr(block, which),)
     return [AttentionLayer(a.name, a, places[name.split(".")[0]], latent_size // st.ds)
