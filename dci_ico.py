@@ -809,7 +809,7 @@ def train(args: ICOArgs, model: sdm.StableDiffusion | None = None):
     opt = make_optimizer(ico, args)
     base = args.pretrained_model  # absolute when it is a local path: `sample` may run from another folder
     meta = {"method": "ico" if args.contexts else "cd-template", "base_model": str(Path(base).resolve()) if base and Path(base).exists() else base,
-            "base_probe": base_probe(model).tolist(), "seed": args.seed, "resolution": size, "clip_skip": args.clip_skip,
+            "variant": args.variant, "base_probe": base_probe(model).tolist(), "seed": args.seed, "resolution": size, "clip_skip": args.clip_skip,
             "max_train_steps": args.max_train_steps, "batch": [args.train_batch_size, args.gradient_accumulation_steps],
             # the effective rates, after --scale-lr: V rows and K/V, then the contexts (10x by default)
             "learning_rates": dict(zip(("kv_and_tokens", "contexts"), [g["lr"] for g in opt.param_groups]))}
@@ -858,6 +858,12 @@ def earlier_samples(out: Path) -> set[Path]:
     return {out / m for n in ours for m in (n, n.replace(".png", "_masks.png")) if (out / m).is_file()}
 
 
+def recorded_base(a, meta: dict) -> tuple[str, str]:
+    """--pretrained-model and --variant, else the base model the concept records and its variant (an SD 2.x single
+    file needs one): a recorded variant belongs to the recorded base only."""
+    return (a.pretrained_model, a.variant) if a.pretrained_model else (meta["base_model"], a.variant or meta.get("variant", ""))
+
+
 def run_sample(a: DCIArgs):
     if not a.concept:
         raise ValueError("pass --concept DIR, the output folder of `dci_ico.py train`.")
@@ -865,7 +871,8 @@ def run_sample(a: DCIArgs):
     lines = read_prompt_file(a.prompt_file)  # bad input fails before the model loads
     sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)
     device = sdm.pick_device(a.device)
-    model = sdm.load_model(a.pretrained_model or meta["base_model"], a.precision, a.vae_precision, device, a.variant,
+    base, variant = recorded_base(a, meta)
+    model = sdm.load_model(base, a.precision, a.vae_precision, device, variant,
                            a.compile, a.channels_last, a.vae, a.clip_skip)
     ico = ICO.load(a.concept, model)
     if (trained := meta.get("clip_skip", 1)) != a.clip_skip:  # V and dW were learned on that layer's output
@@ -918,7 +925,8 @@ def run_export(a: ExportArgs):
         raise ValueError("pass --concept DIR (the output folder of `dci_ico.py train`) and --output-dir DIR.")
     meta = read_metadata(a.concept)
     out = sdm.prepare_output_dir(a.output_dir, a.overwrite, create=False)  # the writers make it: a refusal leaves none
-    model = sdm.load_model(a.pretrained_model or meta["base_model"], device="cpu", variant=a.variant)
+    base, variant = recorded_base(a, meta)
+    model = sdm.load_model(base, device="cpu", variant=variant)
     ico = ICO.load(a.concept, model)  # refuses another base model: W_base + dW needs the W_base dW was trained on
     files = export_diffusers(ico, model, out, {k: meta[k] for k in ("method", "base_model", "steps", "seed") if k in meta},
                              sdm.DTYPES[a.save_precision])

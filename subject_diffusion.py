@@ -879,7 +879,8 @@ OFFICIAL_PARTS = ("unet", "clip_text", "mlp", "proj")  # train.py saves unet_/cl
 def export_official(method: SubjectDiffusion, unet: sdm.UNetModel, folder, metadata: dict | None = None) -> None:
     """unet/ clip_text/ mlp/ proj/, each model.safetensors; the headers keep our training facts
     (drop_objects above all: it decides the unconditional branch at sampling, §9.7)."""
-    keep = {k: v for k, v in (metadata or {}).items() if k in ("base_model", "image_encoder", "drop_objects", "clip_skip", "step")}
+    keep = {k: v for k, v in (metadata or {}).items()
+            if k in ("base_model", "variant", "image_encoder", "drop_objects", "clip_skip", "step")}
     for part, state in zip(OFFICIAL_PARTS, (widened_state_dict(method, unet), method.text_encoder.state_dict(),
                                             method.mlp.state_dict(), method.grounding.state_dict())):
         sdm.save_safetensors(state, Path(folder) / part / "model.safetensors", {"format": "pt", **keep})
@@ -972,6 +973,7 @@ def load_trained(weights, pretrained_model: str = "", image_encoder: str = "", p
     else:
         meta = official_metadata(folder)
     device = sdm.pick_device(device)
+    variant = variant or ("" if pretrained_model else meta.get("variant", ""))  # the recorded one belongs to the recorded base
     sd = sdm.load_model(pretrained_model or meta.get("base_model", ""), precision, vae_precision or ("fp32" if precision == "fp16" else ""),
                         device, variant, compile, channels_last, vae, clip_skip)
     check_base(sd, pretrained_model or meta.get("base_model", ""))
@@ -1078,7 +1080,7 @@ def train(cfg: TrainConfig) -> SubjectDiffusion:
     loader = iter(torch.utils.data.DataLoader(data, cfg.train_batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                               pin_memory=cuda, persistent_workers=cfg.num_workers > 0))
     meta = {"base_model": cfg.pretrained_model, "image_encoder": cfg.image_encoder, "drop_objects": str(cfg.drop_objects),
-            "resolution": str(R), "clip_skip": str(cfg.clip_skip)}
+            "resolution": str(R), "clip_skip": str(cfg.clip_skip), "variant": cfg.variant}  # an SD 2.x single file needs it
     amp = torch.autocast(torch.device(device).type, sdm.DTYPES[cfg.mixed_precision], enabled=cfg.mixed_precision != "no")
     from tqdm.auto import tqdm
 
@@ -1459,10 +1461,11 @@ def main(argv=None):
             p.add_argument("--weights", required=True)
             p.add_argument("--out", required=True)
             p.add_argument("--pretrained-model", default="")
+            p.add_argument("--variant", default="", help="SD 2.x single files: sd21 (v) or sd21-base (eps); default: as trained")
             p.add_argument("--overwrite", action="store_true")  # the refusal names it
             e = p.parse_args(argv[1:])
             out = sdm.prepare_output_dir(e.out, e.overwrite, create=False)  # before the models load (it was said after them)
-            sd, _, method, meta = load_trained(e.weights, e.pretrained_model, device="cpu")
+            sd, _, method, meta = load_trained(e.weights, e.pretrained_model, device="cpu", variant=e.variant)
             tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
             try:  # the four parts appear together or not at all
                 export_official(method, sd.unet, tmp, meta)

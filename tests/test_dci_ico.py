@@ -805,6 +805,23 @@ def test_clip_skip_reaches_train_and_sample_and_is_recorded(model_dirs, tmp_path
     assert skips == [2, 1, 2]
 
 
+def test_the_variant_is_recorded_and_reaches_the_base_model_in_sample_and_export(model_dirs, tmp_path, monkeypatch):
+    """An SD 2.x single file does not say whether it predicts v or eps, so train needs --variant. sample and export load
+    the base the concept records, and now with the variant it records: they said "pass the variant" until it was typed
+    again. Under another --pretrained-model the recorded variant (its base's) is not used."""
+    sd, _ = model_dirs
+    seen, real = [], sdm.load_model
+    monkeypatch.setattr(sdm, "load_model", lambda *a, **k: seen.append(k.get("variant", a[4] if len(a) > 4 else "")) or real(*a, **k))
+    di.main(["train", "--pretrained-model", str(sd), "--variant", "tiny", "--images", str(folder_of_images(tmp_path / "refs", 1)),
+             "--class-word", "cat", "--output-dir", str(tmp_path / "run"), "--max-train-steps", "1"])
+    assert di.read_metadata(tmp_path / "run")["variant"] == "tiny"
+    sample = ["sample", "--concept", str(tmp_path / "run"), "--prompt", "a V cat", "--steps", "2", "--no-dci"]
+    di.main([*sample, "--output-dir", str(tmp_path / "s1")])
+    di.main(["export", "--concept", str(tmp_path / "run"), "--format", "diffusers", "--output-dir", str(tmp_path / "e")])
+    di.main([*sample, "--output-dir", str(tmp_path / "s2"), "--pretrained-model", str(sd)])
+    assert seen == ["tiny", "tiny", "tiny", ""]
+
+
 def test_sample_refusals_before_anything_is_written_and_overwrite_leaves_no_earlier_images(model_dirs, base, tmp_path, capsys):
     """A user walk's findings: an auxiliary noun holding the concept's own tokens put the concept in the auxiliary
     branch; a prompt naming every preset noun was an IndexError after the output folder existed; a missing

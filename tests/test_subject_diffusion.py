@@ -1014,6 +1014,24 @@ def test_clip_skip_reaches_the_fused_text_encoder_and_sample_warns_when_it_diffe
     assert len(list((tmp_path / "s2").glob("*.png"))) == 1
 
 
+def test_the_variant_is_recorded_and_reaches_the_model_in_sample_and_export(tiny, tmp_path, monkeypatch):
+    """An SD 2.x single file does not say whether it predicts v or eps, and the loader's refusal says to pass the variant.
+    train records --variant beside base_model, so that sample and export load the base as trained; export takes the
+    flag too (it had none, so such a run could not be exported), and the official layout keeps it."""
+    _, _, root = tiny
+    sdx.train(sdm.parse_args(sdx.TrainConfig, ["--pretrained-model", str(root / "model"), "--variant", "tiny", "--data",
+                                               str(root / "tars"), "--max-train-steps", "1", "--checkpointing-steps", "0", *FAST,
+                                               "--output-dir", str(tmp_path / "run")]))
+    seen, real = [], sdm.load_model
+    monkeypatch.setattr(sdm, "load_model", lambda path="", *a, **kw: seen.append(a[3]) or real(path, *a, **kw))
+    assert sdx.load_trained(tmp_path / "run")[3]["variant"] == "tiny" and seen == ["tiny"]
+    sdx.main(["export", "--weights", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    sdx.main(["export", "--weights", str(tmp_path / "run"), "--variant", "tiny", "--out", str(tmp_path / "export2")])
+    assert seen[1:] == ["tiny", "tiny"] and sdx.official_metadata(tmp_path / "export")["variant"] == "tiny"
+    sdx.load_trained(tmp_path / "run", str(root / "model"))  # another --pretrained-model: the recorded variant was its base's
+    assert seen[-1] == ""
+
+
 def test_a_run_refused_at_the_data_step_leaves_the_folder_as_it_was(tiny, tmp_path):
     """The shard index was written before the sampler's check, and --overwrite removed the earlier run's files before
     the data checks: a refused run left a new folder with records_index.npz, or an old one emptied."""
