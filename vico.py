@@ -1021,6 +1021,10 @@ def toy_benchmark(argv) -> None:
                     sdm.save_image(img, out / "images" / name)
                     rows.append({"file": name, "concept": cid, "prompt": prompt["id"], "method": method})
             timing[f"sample/{method}/{cid}"] = time.time() - t0
+    if (earlier := out / "images" / "manifest.jsonl").is_file():  # a run of other methods or concepts into this --out:
+        done = {(r["method"], r["concept"]) for r in rows}  # its rows stay, so that eval scores the union
+        rows = [r for r in map(json.loads, filter(str.strip, earlier.read_text().splitlines()))
+                if (r["method"], r["concept"]) not in done and (out / "images" / r["file"]).is_file()] + rows
     sdm.atomic_write(out / "images" / "manifest.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     sdm.atomic_write(out / "timing.json", lambda tmp: Path(tmp).write_text(json.dumps({**vars(a), **timing}, indent=1)))
     print(f"wrote {len(rows)} images; score them with: python toy_world.py eval --images {out / 'images'}")

@@ -757,6 +757,21 @@ def test_toy_masks_scores_each_layer_against_the_rendered_object(model_dir, tmp_
         vico.toy_masks(["--out", str(tmp_path), "--pretrained-model", str(model_dir), "--concepts", "polka_heart"])
 
 
+def test_toy_benchmark_runs_of_other_methods_into_one_out_keep_each_others_rows(model_dir, tmp_path):
+    """The README's second toy-benchmark (--methods vico vico-nomask into the first run's --out) rewrote the manifest
+    with its own rows only, so `toy_world.py eval` lost textual inversion's; a rerun of the same method replaces its rows."""
+    run = ["--out", str(tmp_path), "--pretrained-model", str(model_dir), "--concepts", "candy_star", "--steps", "1",
+           "--per-prompt", "1", "--sample-steps", "1"]
+    rows = lambda: [json.loads(line) for line in (tmp_path / "images" / "manifest.jsonl").read_text().splitlines()]
+    vico.toy_benchmark([*run, "--methods", "ti"])
+    n = len(rows())
+    vico.toy_benchmark([*run, "--methods", "vico", "ti"])
+    assert n > 0 and len(rows()) == 2 * n and {r["method"] for r in rows()} == {"ti", "vico"}
+    vico.toy_benchmark([*run, "--methods", "vico-nomask"])
+    assert len(rows()) == 3 * n and len({r["file"] for r in rows()}) == 3 * n
+    assert all((tmp_path / "images" / r["file"]).is_file() for r in rows())
+
+
 def test_the_reference_rows_stop_after_the_last_image_layer_exactly(model, monkeypatch):
     """card 15: what follows the last image layer (here `out`: the tiny UNet's last image layer is in its last
     output block; SD1.5's is output_blocks.11 and `out`) runs on the noisy rows only, and eps and the
