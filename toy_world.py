@@ -1616,7 +1616,8 @@ STAGES = {"train-clip": (ClipArgs, train_clip, {"hard_negatives"}),
 
 
 # The floor of every integer flag of the commands below (the training stages check theirs in sdm.parse_args).
-FLOORS = {"n": 1, "workers": 0, "threads": 1, "shard_size": 1, "n_refs": 1, "per_prompt": 1, "steps": 1, "n_train": 1}
+# --seed as theirs: NumPy refuses a negative seed, but only once the output folder exists.
+FLOORS = {"n": 1, "workers": 0, "threads": 1, "shard_size": 1, "n_refs": 1, "per_prompt": 1, "steps": 1, "n_train": 1, "seed": 0}
 
 
 def main(argv=None):

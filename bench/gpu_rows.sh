@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 PART=${1:?give a part: sample, train, scaling or sdxl}
 PY=${PYTHON:-python3}
 OUT=${OUT:?set OUT to the folder whose files come back}
+mkdir -p "$OUT"   # the device machine makes it; a CPU run here may name a new folder
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/bench_sd15_random}
 DEADLINE=${DEADLINE:-560}

@@ -37,6 +37,7 @@ PY
 fi
 
 OUT=${OUT:?set OUT to the folder whose files come back}
+mkdir -p "$OUT"   # the device machine makes it; a CPU run here may name a new folder
 W=${WORK:-/tmp/toy-retrain}
 DEVICE=${DEVICE:-cuda}
 N=${N:-200000}                   # pretraining scenes (the shipped run's 200,000)

@@ -130,3 +130,35 @@ def test_toy_caption_use_attention_and_clip_binding():
     rows = tcu.clip_binding(n=48)
     assert rows["color"]["prefers_own"] > 0.9 > rows["position"]["prefers_own"]
     assert rows["color"]["image_cosine"] < 0.7 < rows["position"]["image_cosine"]
+
+
+def test_toy_retrain_gpu_script_returns_a_model_that_join_puts_back(tmp_path):
+    """bench/toy_retrain_gpu.sh's plumbing at tiny sizes on the CPU, into an OUT that does not exist yet (the README's
+    `OUT=/tmp/r` on a fresh machine; the pack step used to fail there), then `join`: the model loads strictly."""
+    import os
+
+    import sd_model as sdm
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "toy_retrain_gpu.sh"
+    out, env = tmp_path / "out", {**os.environ, "DEVICE": "cpu", "N": "64", "CLIP_STEPS": "1", "UNET_STEPS": "1", "LATENTS": "64",
+                                  "THREADS": "2", "WORK": str(tmp_path / "work"), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(script)], env={**env, "OUT": str(out)}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert {"unet-1-of-2.safetensors", "unet-2-of-2.safetensors", "config.json", "report.tar"} <= set(os.listdir(out))
+    subprocess.run(["bash", str(script), "join", str(out), str(tmp_path / "model")], env=env, check=True, capture_output=True)
+    sdm.StableDiffusion.from_pretrained(tmp_path / "model")
+
+
+def test_gpu_rows_script_writes_its_report_into_a_new_out_folder(tmp_path):
+    """bench/gpu_rows.sh into an OUT that does not exist yet (the README's `OUT=/tmp/g` on a fresh machine): the report
+    used to be lost to tee's error. DEADLINE=0 skips every step, so only the plumbing runs."""
+    import os
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_rows.sh"
+    out = tmp_path / "g"
+    env = {**os.environ, "DEVICE": "cpu", "SMALL": "1", "DEADLINE": "0", "OUT": str(out), "WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(script), "sdxl"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = (out / "sdxl.txt").read_text()
+    assert "skipped" in report and "== done" in report

@@ -474,10 +474,13 @@ def test_pretrain_data_refuses_finished_data_and_leaves_no_temporary_file(tmp_pa
                                   ["make-records", "--n", "2", "--shard-size", "0"], ["make-concepts", "--n-refs", "0"],
                                   ["make-oracle", "--per-prompt", "0"], ["train-probes", "--n-train", "0"],
                                   ["train-probes", "--threads", "0"], ["train-probes", "--steps", "0"],
-                                  ["eval-base", "--n", "0"], ["pretrain", "--threads", "0"]])
+                                  ["eval-base", "--n", "0"], ["pretrain", "--threads", "0"],
+                                  ["make-data", "--n", "2", "--seed", "-1"], ["pretrain-data", "--n", "2", "--seed", "-1"],
+                                  ["make-concepts", "--seed", "-1"], ["train-probes", "--seed", "-1"], ["init-sd", "--seed", "-1"]])
 def test_integer_flags_below_their_floor_are_one_sentence_before_anything_is_written(tmp_path, argv):
     """--n 0 wrote an empty captions.jsonl, --n-refs 0 concepts without references, --threads 0 and --n-train 0 were
-    tracebacks, --workers 0 was Pool's own 'Number of processes must be at least 1'."""
+    tracebacks, --workers 0 was Pool's own 'Number of processes must be at least 1', --seed -1 NumPy's 'expected non-negative
+    integer' after the output folder was made."""
     out = tmp_path / "out"
     where = {"pretrain": "--work", "train-probes": "--out", "eval-base": "--out"}.get(argv[0], "--out")
     flag = argv[-2]
